@@ -1,0 +1,142 @@
+"""Model plumbing that holds for every architecture: where the decoder stack is, which linears to quantize,
+and how to name the rest in a rename-proof ``ignore`` list.
+
+Nothing here is per-model code. The decoder stack is the ``nn.ModuleList`` of the text model (the module
+``get_decoder()`` returns, or the one owning the text config) whose length is the text config's
+``num_hidden_layers``. Per-architecture facts, where one is ever needed, go in :data:`ARCH_FACTS` as data.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = [
+    "ARCH_FACTS",
+    "DecoderStack",
+    "NoDecoderStackError",
+    "find_decoder_stack",
+    "select_quant_targets",
+    "ignore_regexes",
+    "matches_any",
+]
+
+# model_type -> facts that generic discovery cannot infer. Keys understood: "decoder_layers" (dotted path of
+# the decoder ModuleList in memory). Empty while every supported family is found generically.
+ARCH_FACTS: dict[str, dict[str, str]] = {}
+
+
+class NoDecoderStackError(ValueError):
+    """The model has no language-model decoder stack that tlq_hf can find."""
+
+
+@dataclass(frozen=True)
+class DecoderStack:
+    """The decoder layers of the language model and where they live."""
+
+    path: str
+    layers: nn.ModuleList
+
+    def layer_prefix(self, index: int) -> str:
+        return f"{self.path}.{index}"
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    get_text = getattr(config, "get_text_config", None)
+    return get_text(decoder=True) if get_text is not None else config
+
+
+def find_decoder_stack(model: nn.Module) -> DecoderStack:
+    """Locate the language-model decoder layers of ``model`` (a transformers ``PreTrainedModel``)."""
+    config = getattr(model, "config", None)
+    facts = ARCH_FACTS.get(getattr(config, "model_type", ""), {})
+    if "decoder_layers" in facts:
+        return DecoderStack(facts["decoder_layers"], model.get_submodule(facts["decoder_layers"]))
+    text_config = _text_config(model)
+    n_layers = getattr(text_config, "num_hidden_layers", None)
+    if n_layers is None:
+        raise NoDecoderStackError(
+            f"{type(model).__name__} has no text config with `num_hidden_layers`: no language-model decoder "
+            "stack to quantize. tlq_hf quantizes transformers vision-language / causal LM models."
+        )
+    owners: list[nn.Module] = []
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            decoder = get_decoder()
+        except (AttributeError, NotImplementedError):
+            decoder = None
+        if isinstance(decoder, nn.Module):
+            owners.append(decoder)
+    owners += [m for m in model.modules() if getattr(m, "config", None) is text_config and m not in owners]
+    names = {id(m): n for n, m in model.named_modules()}
+    for owner in owners:
+        stacks = [
+            (n, m) for n, m in owner.named_children() if isinstance(m, nn.ModuleList) and len(m) == n_layers
+        ]
+        if len(stacks) == 1 and id(owner) in names:
+            child, layers = stacks[0]
+            prefix = names[id(owner)]
+            return DecoderStack(f"{prefix}.{child}" if prefix else child, layers)
+    raise NoDecoderStackError(
+        f"Could not find the language-model decoder stack of {type(model).__name__}: no module list of "
+        f"{n_layers} layers under the text model. Add its dotted path to tlq_hf.arch.ARCH_FACTS"
+        f"[{getattr(config, 'model_type', '?')!r}]['decoder_layers']."
+    )
+
+
+def _pattern(p: str) -> re.Pattern[str]:
+    return re.compile(p.removeprefix("re:"))
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """True if ``name`` matches one of ``patterns`` (regexes, anchored at the start, ``re:`` optional)."""
+    return any(_pattern(p).match(name) for p in patterns)
+
+
+def select_quant_targets(model: nn.Module, ignore: list[str] | None) -> dict[str, nn.Linear]:
+    """Linear modules to quantize, by in-memory name.
+
+    ``ignore=None``: exactly the ``nn.Linear`` modules inside the decoder stack. Otherwise every
+    ``nn.Linear`` of the model whose name matches none of ``ignore``.
+    """
+    if ignore is None:
+        stack = find_decoder_stack(model)
+        return {
+            f"{stack.path}.{n}": m for n, m in stack.layers.named_modules() if isinstance(m, nn.Linear)
+        }
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not matches_any(n, ignore)}
+
+
+def ignore_regexes(all_linears: Iterable[str], quantized: Iterable[str]) -> list[str]:
+    """Regexes matching every name in ``all_linears`` not in ``quantized``, and none in ``quantized``.
+
+    Written to survive the key renames transformers applies between memory and disk
+    (``model.language_model.layers`` vs ``model.layers``, ``model.visual`` vs ``visual``): each skipped
+    module is named by the first path segment that no quantized module has (``visual``, ``lm_head``),
+    falling back to its path from the first segment that quantized modules do not share.
+    """
+    quantized = set(quantized)
+    skipped = sorted(set(all_linears) - quantized)
+    quant_segments = {seg for name in quantized for seg in name.split(".")}
+    patterns: list[str] = []
+    for name in skipped:
+        if matches_any(name, patterns):
+            continue
+        segments = name.split(".")
+        anchor = next((s for s in segments if s not in quant_segments), None)
+        if anchor is not None:
+            patterns.append(f"re:(.*\\.)?{re.escape(anchor)}(\\..*)?$")
+        else:
+            patterns.append(f"re:(.*\\.)?{re.escape('.'.join(segments[-4:]))}$")
+    bad = [n for n in quantized if matches_any(n, patterns)]
+    missed = [n for n in skipped if not matches_any(n, patterns)]
+    if bad or missed:
+        raise RuntimeError(f"ignore regexes {patterns} would quantize {missed} or skip {bad}")
+    return patterns

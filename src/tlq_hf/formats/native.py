@@ -1,0 +1,72 @@
+"""The native ``tlq`` format: :class:`TLQLinear` buffers saved under their own names.
+
+Loading: before the weights arrive, target linears are swapped for empty ``TLQLinear`` modules (on
+whatever device the skeleton lives, usually ``meta``); transformers then fills their buffers. Afterwards
+every packed module is validated: buffers present, shapes and dtypes right, scales finite and non-zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..arch import select_quant_targets
+from ..nn import TLQLinear
+from ..packing import packed_shape
+from ..qtypes import QuantScheme
+
+__all__ = ["NATIVE_BUFFERS", "swap_in_packed_modules", "validate_packed_modules", "CorruptCheckpointError"]
+
+NATIVE_BUFFERS = ("weight_packed", "weight_scale", "weight_zero_point")
+
+
+class CorruptCheckpointError(ValueError):
+    """A ``tlq`` checkpoint whose packed tensors are missing, mis-shaped or non-finite."""
+
+
+def swap_in_packed_modules(model: nn.Module, scheme: QuantScheme, ignore: list[str] | None, dtype: torch.dtype) -> list[str]:
+    """Replace target ``nn.Linear`` modules by empty :class:`TLQLinear`; return their names."""
+    from ..calibration.pipeline import swap_module
+
+    targets = select_quant_targets(model, ignore)
+    for name, linear in targets.items():
+        device = linear.weight.device
+        with torch.device(device):
+            new = TLQLinear(linear.in_features, linear.out_features, scheme, bias=linear.bias is not None, dtype=dtype)
+        swap_module(model, name, new)
+    return list(targets)
+
+
+def _expected(module: TLQLinear) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    out, inf, scheme = module.out_features, module.in_features, module.scheme
+    groups = scheme.groups(inf)
+    spec = {"weight_packed": (packed_shape((out, inf), scheme.bits), torch.int32), "weight_scale": ((out, groups), None)}
+    if not scheme.sym:
+        spec["weight_zero_point"] = ((out, groups), torch.int8)
+    return spec
+
+
+def validate_packed_modules(model: nn.Module, names: list[str]) -> None:
+    """Raise :class:`CorruptCheckpointError` unless every packed module in ``names`` holds loaded, sane tensors."""
+    problems: list[str] = []
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, TLQLinear):
+            problems.append(f"{name}: expected a packed TLQLinear, found {type(module).__name__}")
+            continue
+        for buf, (shape, dtype) in _expected(module).items():
+            t = getattr(module, buf, None)
+            if t is None or t.device.type == "meta":
+                problems.append(f"{name}.{buf}: missing from the checkpoint")
+            elif tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
+                problems.append(f"{name}.{buf}: {tuple(t.shape)} {t.dtype}, expected {shape} {dtype or 'float'}")
+            elif buf == "weight_scale" and not (torch.isfinite(t).all() and (t != 0).all()):
+                problems.append(f"{name}.{buf}: non-finite or zero scales")
+        if len(problems) > 20:
+            break
+    if problems:
+        raise CorruptCheckpointError(
+            "The tlq checkpoint is incomplete or corrupt; refusing to return a model with made-up weights:\n  "
+            + "\n  ".join(problems[:20])
+            + "\nRe-save it with `model.save_pretrained(...)` from a quantized model, or re-quantize from the original."
+        )

@@ -1,0 +1,99 @@
+"""``TLQHfQuantizer``: the only module that speaks transformers' quantizer hooks.
+
+Two paths through ``from_pretrained``:
+
+* **Quantize on load** (a full-precision checkpoint plus ``quantization_config=TLQConfig(...)``): the
+  weights load as usual; after loading, the calibration pipeline quantizes the decoder and swaps in
+  packed modules. With the default ``save_format``, ``config.quantization_config`` then becomes the
+  equivalent compressed-tensors config so that ``save_pretrained`` writes a checkpoint that reloads
+  without tlq_hf.
+* **Pre-quantized native checkpoint** (``quant_method: "tlq"`` in config.json): target linears are
+  swapped for empty packed modules before loading, filled by transformers, then validated.
+
+Hook signatures differ between transformers 4.57 and 5.x; every hook here accepts both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import torch
+from transformers.quantizers.base import HfQuantizer
+
+from .arch import ignore_regexes
+from .calibration import quantize_model
+from .config import TLQConfig
+from .formats import ct_config, ct_state_dict, swap_in_packed_modules, validate_packed_modules
+from .nn import TLQLinear
+from .version import __version__
+
+__all__ = ["TLQHfQuantizer"]
+
+logger = logging.getLogger(__name__)
+
+
+class TLQHfQuantizer(HfQuantizer):
+    """transformers quantizer for :class:`~tlq_hf.TLQConfig` (quant_method ``"tlq"``)."""
+
+    requires_calibration = False  # in transformers 5, True would mean "pre-quantized checkpoints only"
+    requires_parameters_quantization = False  # transformers 4.57: weights load as they are
+    quantization_config: TLQConfig
+
+    def __init__(self, quantization_config: TLQConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self._packed_names: list[str] = []
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("from_tf") or kwargs.get("from_flax"):
+            raise ValueError("tlq_hf quantizes PyTorch checkpoints only.")
+
+    def update_torch_dtype(self, dtype: torch.dtype | None) -> torch.dtype | None:  # transformers 4.57 name
+        return dtype
+
+    def _process_model_before_weight_loading(self, model, **kwargs: Any):
+        if self.pre_quantized:
+            dtype = kwargs.get("dtype") or model.dtype
+            cfg = self.quantization_config
+            self._packed_names = swap_in_packed_modules(model, cfg.scheme, cfg.ignore, dtype=dtype)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        cfg = self.quantization_config
+        if self.pre_quantized:
+            validate_packed_modules(model, self._packed_names)
+            return model
+        model.tlq_report = quantize_model(model, cfg)
+        if cfg.save_format == "compressed-tensors":
+            packed = {n for n, m in model.named_modules() if isinstance(m, TLQLinear)}
+            linears = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, TLQLinear))}
+            model.config.quantization_config = ct_config(cfg.scheme, ignore_regexes(linears, packed))
+        return model
+
+    def is_serializable(self, safe_serialization: bool | None = None) -> bool:
+        if safe_serialization is False:
+            logger.warning("tlq_hf saves safetensors only; pass safe_serialization=True.")
+            return False
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def get_state_dict_and_metadata(self, model, safe_serialization: bool | None = None):
+        """The state dict to save (in-memory names; transformers renames them) and safetensors metadata."""
+        metadata = {"tlq_provenance": json.dumps(self.provenance(model), sort_keys=True)}
+        if self.quantization_config.save_format == "compressed-tensors" and not self.pre_quantized:
+            return ct_state_dict(model), metadata
+        return None, metadata
+
+    def provenance(self, model) -> dict[str, Any]:
+        """How this model was quantized: tool, version, settings and the run's summary."""
+        report = getattr(model, "tlq_report", None)
+        return {
+            "tool": "tlq_hf",
+            "version": __version__,
+            "config": self.quantization_config.to_dict(),
+            "summary": report.summary() if report is not None else None,
+        }

@@ -1,0 +1,5 @@
+"""Packed quantized modules."""
+
+from .quant_linear import TLQLinear
+
+__all__ = ["TLQLinear"]

@@ -1,0 +1,91 @@
+"""``TLQLinear``: a linear layer whose weight stays bit-packed in memory.
+
+Buffers (all persistent, saved as ``<module>.<name>`` in the native ``tlq`` format):
+
+| name                | dtype        | shape                                 | meaning                                   |
+|---------------------|--------------|---------------------------------------|-------------------------------------------|
+| ``weight_packed``   | int32        | ``[out, ceil(in * bits / 32)]``       | codes packed along ``in`` (see packing.py) |
+| ``weight_scale``    | model dtype  | ``[out, n_groups]``                   | per (row, group) scale                    |
+| ``weight_zero_point`` | int8 (asym only) | ``[out, n_groups]``               | signed zero point                         |
+| ``bias``            | model dtype  | ``[out]`` (if the layer had one)      | unchanged bias                            |
+
+The forward dequantizes the weight in the scale's dtype (``(q - zero) * scale``, as compressed-tensors
+does on reload) and, for ``act_bits=8``, fake-quantizes the input per token first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..packing import pack, packed_shape, unpack
+from ..primitives import QParams, dequantize_codes, fake_quantize_activation
+from ..qtypes import QuantScheme
+
+__all__ = ["TLQLinear"]
+
+
+class TLQLinear(nn.Module):
+    """Weight-packed replacement for ``nn.Linear`` under a :class:`QuantScheme`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: QuantScheme,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        scheme.check_in_features(in_features)
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        n_groups = scheme.groups(in_features)
+        self.register_buffer(
+            "weight_packed",
+            torch.zeros(packed_shape((out_features, in_features), scheme.bits), dtype=torch.int32, device=device),
+        )
+        self.register_buffer("weight_scale", torch.ones(out_features, n_groups, dtype=dtype, device=device))
+        if not scheme.sym:
+            self.register_buffer(
+                "weight_zero_point", torch.zeros(out_features, n_groups, dtype=torch.int8, device=device)
+            )
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_codes(
+        cls, codes: torch.Tensor, qparams: QParams, scheme: QuantScheme, bias: torch.Tensor | None = None
+    ) -> TLQLinear:
+        """Build a module from int8 ``codes [out, in]`` and their qparams (the solver's output)."""
+        out_features, in_features = codes.shape
+        module = cls(in_features, out_features, scheme, bias=bias is not None, dtype=qparams.scale.dtype, device=codes.device)
+        module.weight_packed.copy_(pack(codes, scheme.bits))
+        module.weight_scale.copy_(qparams.scale)
+        if not scheme.sym:
+            module.weight_zero_point.copy_(qparams.zero)
+        if bias is not None:
+            module.bias.data.copy_(bias.detach())
+        return module
+
+    def codes(self) -> torch.Tensor:
+        """The unpacked signed int8 codes ``[out, in]``."""
+        return unpack(self.weight_packed, self.scheme.bits, (self.out_features, self.in_features))
+
+    def qparams(self) -> QParams:
+        zero = self.weight_zero_point if not self.scheme.sym else torch.zeros_like(self.weight_scale, dtype=torch.int8)
+        return QParams(scale=self.weight_scale, zero=zero)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight this module computes with."""
+        return dequantize_codes(self.codes(), self.qparams(), self.scheme, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme.act_bits is not None:
+            x = fake_quantize_activation(x, self.scheme.act_bits)
+        weight = self.dequantized_weight(dtype=x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"

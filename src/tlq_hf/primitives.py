@@ -1,0 +1,116 @@
+"""Quantize, dequantize and fake-quantize tensors under a :class:`~tlq_hf.qtypes.QuantScheme`.
+
+Pure tensor functions, no modules. Weights are ``[out_features, in_features]``; qparams are
+``[out_features, n_groups]``. The arithmetic matches compressed-tensors' (scale from min/max with 0
+always representable, ``scale = absmax / ((qmax - qmin) / 2)`` when symmetric) so that a checkpoint
+reloaded through compressed-tensors computes exactly what the in-memory model computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .qtypes import QuantScheme
+
+__all__ = [
+    "QParams",
+    "compute_qparams",
+    "quantize_codes",
+    "dequantize_codes",
+    "quantize_weight",
+    "fake_quantize_weight",
+    "fake_quantize_activation",
+]
+
+
+@dataclass
+class QParams:
+    """Per-group quantization parameters: ``scale`` in its storage dtype, signed integer ``zero`` (int8)."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+
+def _grouped(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    out_features, in_features = w.shape
+    scheme.check_in_features(in_features)
+    return w.reshape(out_features, scheme.groups(in_features), scheme.effective_group_size(in_features))
+
+
+def compute_qparams(
+    w: torch.Tensor,
+    scheme: QuantScheme,
+    scale_dtype: torch.dtype | None = None,
+    clip: torch.Tensor | float | None = None,
+) -> QParams:
+    """Min/max quantization parameters of weight ``w`` per (row, group).
+
+    ``scale_dtype`` is the dtype the scale is stored in (the model dtype): the scale is rounded to it
+    here, so codes computed from it reproduce the stored model exactly. ``clip`` (a scalar or a
+    ``[out, n_groups]`` tensor in ``(0, 1]``) shrinks the range, for clipping searches.
+    """
+    g = _grouped(w.float(), scheme)
+    wmin = g.amin(dim=-1).clamp(max=0)
+    wmax = g.amax(dim=-1).clamp(min=0)
+    if clip is not None:
+        wmin, wmax = wmin * clip, wmax * clip
+    bit_range = float(scheme.qmax - scheme.qmin)
+    if scheme.sym:
+        scale = torch.maximum(wmin.abs(), wmax) / (bit_range / 2)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (wmax - wmin) / bit_range
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero = torch.clamp(torch.round(scheme.qmin - wmin / safe), scheme.qmin, scheme.qmax)
+    scale_dtype = scale_dtype or w.dtype
+    scale = scale.to(scale_dtype)
+    eps = torch.finfo(scale_dtype).eps
+    scale = torch.where(scale == 0, torch.full_like(scale, eps), scale)
+    return QParams(scale=scale, zero=zero.to(torch.int8))
+
+
+def quantize_codes(w: torch.Tensor, qparams: QParams, scheme: QuantScheme) -> torch.Tensor:
+    """Integer codes (int8, signed) of ``w`` under ``qparams``: ``clamp(round(w / scale) + zero)``."""
+    g = _grouped(w.float(), scheme)
+    scale = qparams.scale.float().unsqueeze(-1)
+    zero = qparams.zero.float().unsqueeze(-1)
+    q = torch.clamp(torch.round(g / scale) + zero, scheme.qmin, scheme.qmax)
+    return q.reshape(w.shape).to(torch.int8)
+
+
+def dequantize_codes(
+    codes: torch.Tensor, qparams: QParams, scheme: QuantScheme, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``(codes - zero) * scale`` computed in the scale's dtype (as compressed-tensors does), cast to ``dtype``."""
+    sdtype = qparams.scale.dtype
+    g = _grouped(codes, scheme).to(sdtype)
+    w = (g - qparams.zero.to(sdtype).unsqueeze(-1)) * qparams.scale.unsqueeze(-1)
+    return w.reshape(codes.shape).to(dtype or sdtype)
+
+
+def quantize_weight(
+    w: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, QParams]:
+    """Round-to-nearest: min/max qparams, then codes. Returns ``(codes, qparams)``."""
+    qp = compute_qparams(w, scheme, scale_dtype=scale_dtype)
+    return quantize_codes(w, qp, scheme), qp
+
+
+def fake_quantize_weight(w: torch.Tensor, qparams: QParams, scheme: QuantScheme) -> torch.Tensor:
+    """Quantize then dequantize ``w`` with fixed qparams (float32 result)."""
+    return dequantize_codes(quantize_codes(w, qparams, scheme), qparams, scheme, dtype=torch.float32)
+
+
+def fake_quantize_activation(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Dynamic symmetric per-token fake quantization over the last dimension, in ``x``'s dtype.
+
+    Same operations, in the same order and dtype, as compressed-tensors' dynamic ``token`` strategy.
+    """
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    absmax = torch.maximum(x.amin(dim=-1, keepdim=True).clamp(max=0).abs(), x.amax(dim=-1, keepdim=True).clamp(min=0))
+    scale = absmax / ((qmax - qmin) / 2)
+    scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(x.dtype).eps), scale)
+    q = torch.round(torch.clamp(x / scale, qmin, qmax))
+    return q * scale
