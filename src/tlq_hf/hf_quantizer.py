@@ -25,13 +25,29 @@ from transformers.quantizers.base import HfQuantizer
 from .arch import ignore_regexes
 from .calibration import quantize_model
 from .config import TLQConfig
-from .formats import ct_config, ct_state_dict, swap_in_packed_modules, validate_packed_modules
+from .formats import ct_config, ct_state_dict, swap_in_packed_modules, validate_checkpoint, validate_packed_modules
 from .nn import TLQLinear
 from .version import __version__
 
 __all__ = ["TLQHfQuantizer"]
 
 logger = logging.getLogger(__name__)
+
+
+def _resolve_checkpoint_files(config) -> list[str]:
+    """The safetensors files of the checkpoint ``config`` came from (transformers 4.57 does not pass them)."""
+    from transformers.utils import cached_file
+
+    source = getattr(config, "_name_or_path", "") or ""
+    if not source:
+        return []
+    index = cached_file(source, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    if index:
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [cached_file(source, shard) for shard in shards]
+    single = cached_file(source, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+    return [single] if single else []
 
 
 class TLQHfQuantizer(HfQuantizer):
@@ -57,6 +73,11 @@ class TLQHfQuantizer(HfQuantizer):
             dtype = kwargs.get("dtype") or model.dtype
             cfg = self.quantization_config
             self._packed_names = swap_in_packed_modules(model, cfg.scheme, cfg.ignore, dtype=dtype)
+            files = kwargs.get("checkpoint_files") or _resolve_checkpoint_files(model.config)
+            if files:
+                validate_checkpoint([str(f) for f in files], model, self._packed_names)
+            else:
+                logger.warning("tlq_hf: could not locate the checkpoint files to validate before loading.")
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):

@@ -52,4 +52,7 @@ def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, int], dim: int = 1
             f"packed tensor is {tuple(packed.shape)} {packed.dtype}; {bits}-bit codes of shape {tuple(shape)} "
             f"packed along dim {dim} must be {expected} int32."
         )
-    return unpack_from_int32(packed, bits, torch.Size(shape), packed_dim=dim)
+    if dim == 0:  # unpack rows as columns of the transpose; flat view gives standard strides for size-1 dims
+        t = packed.t().contiguous().view(-1).view(packed.shape[1], packed.shape[0])
+        return unpack_from_int32(t, bits, torch.Size((shape[1], shape[0])), packed_dim=1).t().contiguous()
+    return unpack_from_int32(packed.contiguous(), bits, torch.Size(shape), packed_dim=1)

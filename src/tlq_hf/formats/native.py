@@ -15,7 +15,13 @@ from ..nn import TLQLinear
 from ..packing import packed_shape
 from ..qtypes import QuantScheme
 
-__all__ = ["NATIVE_BUFFERS", "swap_in_packed_modules", "validate_packed_modules", "CorruptCheckpointError"]
+__all__ = [
+    "NATIVE_BUFFERS",
+    "swap_in_packed_modules",
+    "validate_checkpoint",
+    "validate_packed_modules",
+    "CorruptCheckpointError",
+]
 
 NATIVE_BUFFERS = ("weight_packed", "weight_scale", "weight_zero_point")
 
@@ -46,6 +52,70 @@ def _expected(module: TLQLinear) -> dict[str, tuple[tuple[int, ...], torch.dtype
     return spec
 
 
+def _checkpoint_specs(files: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{key: (shape, safetensors dtype)}`` of every tensor in ``files``, from their headers only."""
+    from safetensors import safe_open
+
+    specs = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                specs[key] = (tuple(sl.get_shape()), sl.get_dtype())
+    return specs
+
+
+def _disk_module(name: str, disk_modules: set[str]) -> list[str]:
+    """Checkpoint module names that in-memory ``name`` can be (transformers renames prefixes only)."""
+    segments = name.split(".")
+    for i in range(len(segments)):
+        suffix = ".".join(segments[i:])
+        hits = [d for d in disk_modules if d == suffix or d.endswith("." + suffix)]
+        if hits:
+            return hits
+    return []
+
+
+_SAFETENSORS_DTYPES = {torch.int32: "I32", torch.int8: "I8"}
+
+
+def validate_checkpoint(files: list[str], model: nn.Module, names: list[str]) -> None:
+    """Before loading: every packed module in ``names`` has all its tensors in ``files``, right shape and dtype.
+
+    transformers would otherwise leave a missing buffer as uninitialised memory and, with
+    ``ignore_mismatched_sizes=True``, re-initialise a mis-shaped one.
+    """
+    specs = _checkpoint_specs(files)
+    disk_modules = {k.rpartition(".")[0] for k in specs if k.rpartition(".")[2] in NATIVE_BUFFERS}
+    problems: list[str] = []
+    for name in names:
+        expected = _expected(model.get_submodule(name))
+        candidates = _disk_module(name, disk_modules)
+        if not candidates:
+            problems.append(f"{name}: no packed tensors in the checkpoint")
+            continue
+        for disk in candidates:
+            for buf, (shape, dtype) in expected.items():
+                spec = specs.get(f"{disk}.{buf}")
+                if spec is None:
+                    problems.append(f"{disk}.{buf}: missing from the checkpoint")
+                elif spec[0] != shape or (dtype is not None and spec[1] != _SAFETENSORS_DTYPES[dtype]):
+                    problems.append(f"{disk}.{buf}: {spec[0]} {spec[1]} in the checkpoint, expected {shape} {dtype or 'float'}")
+    if len(disk_modules) != len(names):
+        problems.append(f"the checkpoint has {len(disk_modules)} packed modules, the config selects {len(names)}")
+    _raise_if(problems)
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise CorruptCheckpointError(
+            "The tlq checkpoint is incomplete or corrupt; refusing to return a model with made-up weights:\n  "
+            + "\n  ".join(problems[:20])
+            + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+            + "\nRe-save it with `model.save_pretrained(...)` from a quantized model, or re-quantize from the original."
+        )
+
+
 def validate_packed_modules(model: nn.Module, names: list[str]) -> None:
     """Raise :class:`CorruptCheckpointError` unless every packed module in ``names`` holds loaded, sane tensors."""
     problems: list[str] = []
@@ -62,11 +132,4 @@ def validate_packed_modules(model: nn.Module, names: list[str]) -> None:
                 problems.append(f"{name}.{buf}: {tuple(t.shape)} {t.dtype}, expected {shape} {dtype or 'float'}")
             elif buf == "weight_scale" and not (torch.isfinite(t).all() and (t != 0).all()):
                 problems.append(f"{name}.{buf}: non-finite or zero scales")
-        if len(problems) > 20:
-            break
-    if problems:
-        raise CorruptCheckpointError(
-            "The tlq checkpoint is incomplete or corrupt; refusing to return a model with made-up weights:\n  "
-            + "\n  ".join(problems[:20])
-            + "\nRe-save it with `model.save_pretrained(...)` from a quantized model, or re-quantize from the original."
-        )
+    _raise_if(problems)

@@ -1,0 +1,630 @@
+"""Tiny random-weight vision-language models of real architectures, built offline.
+
+The builders here create small models (a 2-layer, 256-wide decoder and a 2-layer,
+64-wide vision tower) of real Hugging Face VLM architectures together with a
+locally built word-level tokenizer, image/video processors and a chat template.
+Everything is saved with ``save_pretrained`` so that the directory can be loaded
+through the Auto classes exactly like a Hub checkpoint, without network access.
+
+Works with transformers 4.57.x and 5.x; differences between the two lines are
+handled by feature detection. Build under the transformers line that will load
+the directory: on 4.x the Qwen processors require ``Qwen2TokenizerFast``, which
+transformers 5 would reload as a re-built ``Qwen2Tokenizer`` (words become ``<unk>``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+from transformers import BatchFeature, PreTrainedTokenizerFast
+
+__all__ = [
+    "FAMILIES",
+    "build_tiny_vlm",
+    "load_auto_class",
+    "make_inputs",
+    "sample_images",
+]
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- #
+# Shared dimensions
+# --------------------------------------------------------------------------- #
+
+#: Decoder dimensions shared by every family. All decoder linears then have
+#: in_features in {256, 512}, i.e. multiples of 128.
+_TEXT_DIMS: dict[str, Any] = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+_HEAD_DIM = _TEXT_DIMS["hidden_size"] // _TEXT_DIMS["num_attention_heads"]
+#: Multimodal RoPE split of head_dim // 2 frequencies into (temporal, height, width),
+#: same 2:3:3 proportions as the released Qwen2-VL checkpoints ([16, 24, 24] for 128).
+_MROPE_SECTION = [_HEAD_DIM // 8, _HEAD_DIM * 3 // 16, _HEAD_DIM * 3 // 16]
+_ROPE_THETA = 1_000_000.0
+
+#: Square side (pixels) of the images the vision towers are built around.
+_IMAGE_SIDE = 64
+#: Qwen vision patching: 8px patches merged 2x2 -> one token per 16x16 pixels.
+_QWEN_PATCH = 8
+_QWEN_MERGE = 2
+_QWEN_FACTOR = _QWEN_PATCH * _QWEN_MERGE
+#: Qwen pixel budget: a 64x64 image keeps its size (16 tokens); the largest
+#: images are shrunk to 128x128 pixels (64 tokens).
+_QWEN_MIN_PIXELS = (2 * _QWEN_FACTOR) ** 2
+_QWEN_MAX_PIXELS = (2 * _IMAGE_SIDE) ** 2
+#: CLIP / SigLIP patching for the LLaVA families: 16px patches on 64x64 inputs.
+_VIT_PATCH = 16
+
+_INIT_STD = 0.02
+_VOCAB_MULTIPLE = 64
+
+# --------------------------------------------------------------------------- #
+# Vocabulary
+# --------------------------------------------------------------------------- #
+
+_PUNCTUATION = tuple(".,?!:;'\"-()[]/")
+_DIGITS = tuple("0123456789")
+#: Common lowercase English words (the tokenizer lowercases its input).
+_WORDS = tuple(
+    """
+    a about above across after again against all almost alone along already also always am among an and
+    animal another answer any anything are area around as ask at away back background bad be beautiful
+    because bed been before behind being below best better between big bird black blue board boat body
+    book both bottom box boy bright brown building but by cake can car cat center chair child children
+    city clear close clothes cloud coffee color colors come could count cup dark day describe described
+    description detail detailed details did different do does dog door down draw each earth eat empty
+    end enough even evening every everything explain eye eyes face far few field find fine first five
+    floor flower flowers food for four from front full game girl give glass go good grass gray great green
+    ground group had hair half hand happy has hat have he head hello help her here high him his hold home
+    horse hot house how i if image images in inside is it its just keep kind know lady large last left
+    less life light like line little long look looking made make man many may me mean mountain much
+    must my name near need new next night no not nothing now number object objects of off old on one only
+    open or orange other our out outside over paper part people person photo photograph picture pictures
+    pink place plant play please point provide purple question red right river road rocket room round
+    say scene sea see seen shape short should show shown side sign simple sit sitting sky small smile snow
+    so some something space square stand standing still street suit sun table take tell text than that
+    the their them then there these they thing things think this those three through time to top tree
+    trees two under up us use very view visible wall want was water way we wear wearing well were what
+    when where which while white who why wide window with woman word words would write yellow yes you
+    young your helpful assistant system user
+    """.split()
+)
+
+# --------------------------------------------------------------------------- #
+# Chat templates
+# --------------------------------------------------------------------------- #
+
+_QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '</s>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% if message['content'] is string %}{{ '\n' + message['content'] }}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ '\n' + content['text'] }}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# --------------------------------------------------------------------------- #
+# Per-family facts
+# --------------------------------------------------------------------------- #
+
+
+def _rope_kwargs(theta: float, **extra: Any) -> dict[str, Any]:
+    """RoPE settings in the form the installed transformers expects.
+
+    transformers 5 has a single ``rope_parameters`` dict (with ``rope_theta`` inside);
+    4.x uses ``rope_theta`` plus an optional ``rope_scaling`` dict carrying ``type``.
+    """
+    if hasattr(transformers.modeling_rope_utils, "RopeParameters"):
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta, **extra}}
+    if not extra:
+        return {"rope_theta": theta}
+    return {"rope_theta": theta, "rope_scaling": {"type": "mrope", **extra}}
+
+
+def _qwen_text_config(text: dict[str, Any]) -> dict[str, Any]:
+    return {**text, **_rope_kwargs(_ROPE_THETA, mrope_section=_MROPE_SECTION)}
+
+
+def _qwen2_vl_config(text: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "text_config": _qwen_text_config(text),
+        "vision_config": {
+            "depth": 2,
+            "embed_dim": 64,
+            "hidden_size": text["hidden_size"],  # merger output = text width
+            "num_heads": 4,
+            "mlp_ratio": 2,
+            "patch_size": _QWEN_PATCH,
+            "spatial_merge_size": _QWEN_MERGE,
+            "temporal_patch_size": 2,
+        },
+    }
+
+
+def _qwen2_5_vl_config(text: dict[str, Any]) -> dict[str, Any]:
+    depth = 2
+    return {
+        "text_config": _qwen_text_config(text),
+        "vision_config": {
+            "depth": depth,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 4,
+            "out_hidden_size": text["hidden_size"],
+            "patch_size": _QWEN_PATCH,
+            "spatial_merge_size": _QWEN_MERGE,
+            "temporal_patch_size": 2,
+            # 32px windows = 2x2 merged tokens, so a 64x64 image has 4 windows;
+            # the last block uses full attention as in the released models.
+            "window_size": 2 * _QWEN_FACTOR,
+            "fullatt_block_indexes": [depth - 1],
+            "tokens_per_second": 2,
+        },
+    }
+
+
+def _vit_config(model_type: str) -> dict[str, Any]:
+    return {
+        "model_type": model_type,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": _IMAGE_SIDE,
+        "patch_size": _VIT_PATCH,
+    }
+
+
+def _llava_config(text: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "text_config": {"model_type": "llama", **text, **_rope_kwargs(10_000.0)},
+        "vision_config": {**_vit_config("clip_vision_model"), "projection_dim": 64},
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "image_seq_length": (_IMAGE_SIDE // _VIT_PATCH) ** 2,
+    }
+
+
+#: Any-resolution grid for LLaVA-OneVision, kept at 1-2 tiles per side so that the
+#: number of image tokens stays small.
+_ONEVISION_PINPOINTS = [[_IMAGE_SIDE * h, _IMAGE_SIDE * w] for h in (1, 2) for w in (1, 2)]
+
+
+def _llava_onevision_config(text: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "text_config": {"model_type": "qwen2", **text, **_rope_kwargs(_ROPE_THETA)},
+        "vision_config": _vit_config("siglip_vision_model"),
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full",
+        "vision_aspect_ratio": "anyres_max_9",
+        "image_grid_pinpoints": _ONEVISION_PINPOINTS,
+    }
+
+
+_QWEN_SPECIAL = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<unk>",
+)
+_QWEN_ROLES = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"}
+_QWEN_TOKEN_FIELDS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+_QWEN_PIXELS = {
+    "min_pixels": _QWEN_MIN_PIXELS,
+    "max_pixels": _QWEN_MAX_PIXELS,
+    "patch_size": _QWEN_PATCH,
+    "merge_size": _QWEN_MERGE,
+    "temporal_patch_size": 2,
+}
+_ONEVISION_MEDIA = {"size": {"height": _IMAGE_SIDE, "width": _IMAGE_SIDE}}
+
+
+@dataclass(frozen=True)
+class _FamilySpec:
+    """Everything needed to build one family: class names plus config/processor facts."""
+
+    model_class: str
+    processor_class: str
+    image_processor: tuple[str, dict[str, Any]]
+    video_processor: tuple[str, dict[str, Any]] | None
+    special_tokens: tuple[str, ...]
+    roles: dict[str, str]  # tokenizer role (bos_token, eos_token, ...) -> token
+    token_id_fields: dict[str, str]  # model-config field -> token
+    chat_template: str
+    model_config: Callable[[dict[str, Any]], dict[str, Any]]
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    add_bos: bool = False
+
+
+_FAMILY_SPECS: dict[str, _FamilySpec] = {
+    "qwen2_vl": _FamilySpec(
+        model_class="Qwen2VLForConditionalGeneration",
+        processor_class="Qwen2VLProcessor",
+        image_processor=("Qwen2VLImageProcessor", _QWEN_PIXELS),
+        video_processor=("Qwen2VLVideoProcessor", _QWEN_PIXELS),
+        special_tokens=_QWEN_SPECIAL,
+        roles=_QWEN_ROLES,
+        token_id_fields=_QWEN_TOKEN_FIELDS,
+        chat_template=_QWEN_CHAT_TEMPLATE,
+        model_config=_qwen2_vl_config,
+    ),
+    "qwen2_5_vl": _FamilySpec(
+        model_class="Qwen2_5_VLForConditionalGeneration",
+        processor_class="Qwen2_5_VLProcessor",
+        image_processor=("Qwen2VLImageProcessor", _QWEN_PIXELS),
+        video_processor=("Qwen2VLVideoProcessor", _QWEN_PIXELS),
+        special_tokens=_QWEN_SPECIAL,
+        roles=_QWEN_ROLES,
+        token_id_fields=_QWEN_TOKEN_FIELDS,
+        chat_template=_QWEN_CHAT_TEMPLATE,
+        model_config=_qwen2_5_vl_config,
+    ),
+    "llava": _FamilySpec(
+        model_class="LlavaForConditionalGeneration",
+        processor_class="LlavaProcessor",
+        image_processor=(
+            "CLIPImageProcessor",
+            {"size": {"shortest_edge": _IMAGE_SIDE}, "crop_size": {"height": _IMAGE_SIDE, "width": _IMAGE_SIDE}},
+        ),
+        video_processor=None,
+        special_tokens=("<unk>", "<s>", "</s>", "<pad>", "<image>"),
+        roles={"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
+        token_id_fields={"image_token_index": "<image>"},
+        chat_template=_LLAVA_CHAT_TEMPLATE,
+        model_config=_llava_config,
+        processor_kwargs={
+            "patch_size": _VIT_PATCH,
+            "vision_feature_select_strategy": "default",
+            "num_additional_image_tokens": 1,  # the CLIP class token
+        },
+        add_bos=True,
+    ),
+    "llava_onevision": _FamilySpec(
+        model_class="LlavaOnevisionForConditionalGeneration",
+        processor_class="LlavaOnevisionProcessor",
+        image_processor=(
+            "LlavaOnevisionImageProcessor",
+            {**_ONEVISION_MEDIA, "image_grid_pinpoints": _ONEVISION_PINPOINTS},
+        ),
+        video_processor=("LlavaOnevisionVideoProcessor", _ONEVISION_MEDIA),
+        special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "<unk>"),
+        roles=_QWEN_ROLES,
+        token_id_fields={"image_token_index": "<image>", "video_token_index": "<video>"},
+        chat_template=_ONEVISION_CHAT_TEMPLATE,
+        model_config=_llava_onevision_config,
+        processor_kwargs={
+            "num_image_tokens": (_IMAGE_SIDE // _VIT_PATCH) ** 2,
+            "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": "anyres_max_9",
+        },
+    ),
+}
+
+#: Names accepted by :func:`build_tiny_vlm`.
+FAMILIES: tuple[str, ...] = tuple(_FAMILY_SPECS)
+
+# --------------------------------------------------------------------------- #
+# Builders
+# --------------------------------------------------------------------------- #
+
+
+def _transformers_class(name: str) -> Any:
+    try:
+        return getattr(transformers, name)
+    except AttributeError as exc:
+        raise ImportError(f"transformers {transformers.__version__} has no {name}") from exc
+
+
+def _tokenizer_class(processor_cls: type) -> type[PreTrainedTokenizerFast]:
+    """The fast-tokenizer class to wrap the word-level backend in.
+
+    transformers 4.x processors declare (and type-check) the tokenizer class they
+    accept, e.g. ``("Qwen2Tokenizer", "Qwen2TokenizerFast")``, and reload with that
+    class; such fast classes wrap any ``tokenizer.json`` unchanged in 4.x. transformers 5
+    drops the declaration, and there the generic class must be used because
+    model-specific tokenizers rebuild their pre-tokenizer on reload.
+    """
+    declared = getattr(processor_cls, "tokenizer_class", None)
+    names = declared if isinstance(declared, (tuple, list)) else (declared,)
+    fast_names = [name for name in names if isinstance(name, str) and name.endswith("Fast")]
+    return _transformers_class(fast_names[0]) if fast_names else PreTrainedTokenizerFast
+
+
+def _build_tokenizer(spec: _FamilySpec) -> PreTrainedTokenizerFast:
+    """Word-level fast tokenizer over ``special tokens + punctuation + digits + words``."""
+    tokens = list(dict.fromkeys((*spec.special_tokens, *_PUNCTUATION, *_DIGITS, *_WORDS)))
+    vocab = {token: index for index, token in enumerate(tokens)}
+    backend = Tokenizer(WordLevel(vocab, unk_token=spec.roles["unk_token"]))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Whitespace(),
+            pre_tokenizers.Punctuation("isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec.special_tokens])
+    if spec.add_bos:
+        bos = spec.roles["bos_token"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, vocab[bos])]
+        )
+    role_tokens = set(spec.roles.values())
+    tokenizer_cls = _tokenizer_class(_transformers_class(spec.processor_class))
+    return tokenizer_cls(
+        tokenizer_object=backend,
+        **spec.roles,
+        additional_special_tokens=[t for t in spec.special_tokens if t not in role_tokens],
+        padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],
+        model_max_length=_TEXT_DIMS["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _build_processor(spec: _FamilySpec, tokenizer: PreTrainedTokenizerFast) -> Any:
+    image_cls, image_kwargs = spec.image_processor
+    parts: dict[str, Any] = {"image_processor": _transformers_class(image_cls)(**image_kwargs)}
+    if spec.video_processor is not None:
+        video_cls, video_kwargs = spec.video_processor
+        parts["video_processor"] = _transformers_class(video_cls)(**video_kwargs)
+    processor_cls = _transformers_class(spec.processor_class)
+    return processor_cls(tokenizer=tokenizer, chat_template=spec.chat_template, **parts, **spec.processor_kwargs)
+
+
+def _build_config(spec: _FamilySpec, tokenizer: PreTrainedTokenizerFast) -> Any:
+    vocab_size = -(-len(tokenizer) // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
+    text = {
+        **_TEXT_DIMS,
+        "vocab_size": vocab_size,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    token_ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in spec.token_id_fields.items()}
+    config_cls = _transformers_class(spec.model_class).config_class
+    return config_cls(**spec.model_config(text), **token_ids, tie_word_embeddings=False)
+
+
+@torch.no_grad()
+def _reinit_degenerate_parameters(model: torch.nn.Module, std: float) -> list[str]:
+    """Give constant weight matrices (e.g. zero-initialised ones) a N(0, std) init.
+
+    Some architectures zero-initialise parts of their projector or vision tower,
+    which would make the image irrelevant to the logits of a random model.
+    Returns the names of the parameters that were re-initialised.
+    """
+    touched = []
+    for name, param in model.named_parameters():
+        if param.ndim >= 2 and param.is_floating_point() and bool((param == param.flatten()[0]).all()):
+            param.normal_(0.0, std)
+            touched.append(name)
+    return touched
+
+
+#: Sentence of in-vocabulary words used to check the saved tokenizer.
+_ROUND_TRIP_SENTENCE = "What is shown in this picture? Describe the colors, please."
+
+
+def _check_saved_tokenizer(path: str, tokenizer: PreTrainedTokenizerFast) -> None:
+    """Reload the tokenizer from ``path`` and check that it matches ``tokenizer``.
+
+    Guards against transformers versions whose model-specific tokenizer classes
+    rebuild the pre-tokenizer on load (known words would become ``<unk>``).
+    """
+    reloaded = transformers.AutoTokenizer.from_pretrained(path)
+    expected = tokenizer(_ROUND_TRIP_SENTENCE)["input_ids"]
+    actual = reloaded(_ROUND_TRIP_SENTENCE)["input_ids"]
+    if actual != expected or reloaded.unk_token_id in actual:
+        raise RuntimeError(
+            f"tokenizer saved at {path} does not round-trip: {type(reloaded).__name__} gives "
+            f"{reloaded.convert_ids_to_tokens(actual)}, expected {tokenizer.convert_ids_to_tokens(expected)}"
+        )
+
+
+def _set_generation_ids(model: Any, tokenizer: PreTrainedTokenizerFast) -> None:
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is None:
+        return
+    generation_config.bos_token_id = tokenizer.bos_token_id
+    generation_config.eos_token_id = tokenizer.eos_token_id
+    generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def build_tiny_vlm(family: str, path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float32) -> str:
+    """Build a tiny random VLM of ``family`` and save model + processor to ``path``.
+
+    The directory can then be loaded with :func:`load_auto_class` ``().from_pretrained(path)``
+    and ``AutoProcessor.from_pretrained(path)``. Builds are deterministic in ``seed``
+    and do not disturb the caller's global RNG state.
+
+    Raises:
+        ValueError: if ``family`` is not one of :data:`FAMILIES`.
+    """
+    try:
+        spec = _FAMILY_SPECS[family]
+    except KeyError:
+        raise ValueError(f"Unknown tiny VLM family {family!r}; valid families: {', '.join(FAMILIES)}") from None
+
+    tokenizer = _build_tokenizer(spec)
+    processor = _build_processor(spec, tokenizer)
+    config = _build_config(spec, tokenizer)
+    model_cls = _transformers_class(spec.model_class)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+        reinitialised = _reinit_degenerate_parameters(model, std=_INIT_STD)
+    if reinitialised:
+        logger.debug("%s: re-initialised constant parameters %s", family, reinitialised)
+    model = model.to(dtype=dtype).eval()
+    _set_generation_ids(model, tokenizer)
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    _check_saved_tokenizer(path, tokenizer)
+    logger.info(
+        "Built tiny %s (%.2fM parameters, %s) at %s",
+        family,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        dtype,
+        path,
+    )
+    return path
+
+
+def load_auto_class() -> type:
+    """Return the Auto class that loads image-text-to-text models on this transformers.
+
+    ``AutoModelForImageTextToText`` where available (4.47+ and 5.x), else the older
+    ``AutoModelForVision2Seq``.
+    """
+    auto_cls = getattr(transformers, "AutoModelForImageTextToText", None)
+    return auto_cls if auto_cls is not None else transformers.AutoModelForVision2Seq
+
+
+# --------------------------------------------------------------------------- #
+# Inputs
+# --------------------------------------------------------------------------- #
+
+#: Photographs bundled with scikit-image (no download needed), in sampling order.
+_SKIMAGE_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "coins",
+    "moon",
+    "clock",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "page",
+    "text",
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _skimage_photo(name: str, size: int) -> Image.Image:
+    from skimage import data
+
+    array = np.asarray(getattr(data, name)())
+    image = Image.fromarray(array).convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    square = image.crop((left, top, left + side, top + side))
+    return square.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def sample_images(n: int, size: int = 64) -> list[Image.Image]:
+    """``n`` deterministic real photographs from ``skimage.data`` as ``size`` x ``size`` RGB images.
+
+    Each photo is centre-cropped to a square and resized; the list cycles through
+    the available photos when ``n`` exceeds their number.
+    """
+    if n < 0 or size <= 0:
+        raise ValueError(f"need n >= 0 and size > 0, got n={n}, size={size}")
+    names = [_SKIMAGE_PHOTOS[i % len(_SKIMAGE_PHOTOS)] for i in range(n)]
+    return [_skimage_photo(name, size).copy() for name in names]
+
+
+def make_inputs(
+    processor: Any,
+    images: Sequence[Image.Image | Sequence[Image.Image]],
+    prompts: Sequence[str],
+) -> BatchFeature:
+    """Batch model inputs for ``prompts[i]`` about ``images[i]`` via the processor's chat template.
+
+    ``images[i]`` is one image or a sequence of images for the i-th prompt. Each pair
+    becomes a single user turn (image placeholders, then the text) rendered with
+    ``add_generation_prompt=True``, and the batch is padded with the tokenizer's
+    padding side.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} image entries for {len(prompts)} prompts")
+    per_prompt = [[item] if isinstance(item, Image.Image) else list(item) for item in images]
+    texts = []
+    for prompt_images, prompt in zip(per_prompt, prompts):
+        content = [{"type": "image"} for _ in prompt_images] + [{"type": "text", "text": prompt}]
+        conversation = [{"role": "user", "content": content}]
+        texts.append(processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
+    flat_images = [image for prompt_images in per_prompt for image in prompt_images]
+    return processor(text=texts, images=flat_images, return_tensors="pt", padding=True)
