@@ -1,0 +1,71 @@
+"""Measuring a quantized model against its full-precision original: logit error, KL, flips, bytes on disk."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LogitMetrics", "compare_logits", "linear_bytes_on_disk"]
+
+
+@dataclass
+class LogitMetrics:
+    """How far quantized logits are from the reference, over the selected positions."""
+
+    rel_error: float  # ||q - ref||_F / ||ref||_F
+    kl: float  # mean KL(ref || q) per position, nats
+    agreement: float  # fraction of positions whose argmax is unchanged
+
+    def __str__(self) -> str:
+        return f"rel.err {self.rel_error:.4f}  KL {self.kl:.3e}  top-1 agreement {self.agreement:.1%}"
+
+
+@torch.no_grad()
+def compare_logits(ref: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None) -> LogitMetrics:
+    """Compare ``[..., vocab]`` logits; ``mask`` (same leading shape, bool) selects the positions."""
+    ref, q = ref.float().reshape(-1, ref.shape[-1]), q.float().reshape(-1, q.shape[-1])
+    if mask is not None:
+        keep = mask.reshape(-1).bool()
+        ref, q = ref[keep], q[keep]
+    rel = float((q - ref).norm() / ref.norm().clamp_min(1e-12))
+    kl = float(F.kl_div(F.log_softmax(q, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean"))
+    agree = float((q.argmax(-1) == ref.argmax(-1)).float().mean())
+    return LogitMetrics(rel, kl, agree)
+
+
+def linear_bytes_on_disk(folder: str | os.PathLike, module_regex: str) -> dict[str, int]:
+    """Bytes stored in ``folder``'s safetensors for modules matching ``module_regex`` (searched in the key).
+
+    Returns ``{"stored": bytes of every tensor of those modules except biases, "weights": number of weight
+    elements}``, where the element count comes from ``weight`` shapes, or ``weight_shape`` when packed.
+    """
+    from safetensors import safe_open
+
+    pattern = re.compile(module_regex)
+    stored = elements = 0
+    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors")]
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                module, _, leaf = key.rpartition(".")
+                if not pattern.search(module) or leaf == "bias":
+                    continue
+                t = f.get_slice(key)
+                shape = t.get_shape()
+                numel = 1
+                for s in shape:
+                    numel *= s
+                stored += numel * _DTYPE_BYTES[t.get_dtype()]
+                if leaf == "weight":
+                    elements += numel
+                elif leaf == "weight_shape":
+                    rows, cols = (int(v) for v in f.get_tensor(key).tolist())
+                    elements += rows * cols
+    return {"stored": stored, "weights": elements}
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F64": 8}
