@@ -1,0 +1,84 @@
+"""Command line: ``tlq-quantize MODEL --out DIR`` and ``python -m tlq_hf {demo,quantize}``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "quantize_main"]
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 for per-channel")
+    p.add_argument("--act-bits", type=int, default=None, choices=[8], help="8: dynamic per-token int8 activations")
+    p.add_argument("--asym", action="store_true", help="asymmetric weights (needs --format tlq)")
+    p.add_argument("--method", default="rtn")
+    p.add_argument("--format", dest="save_format", default="compressed-tensors", choices=["compressed-tensors", "tlq"])
+    p.add_argument("--ignore", nargs="*", default=None, help="regexes of modules to keep in full precision")
+
+
+def _config(args: argparse.Namespace):
+    from .config import TLQConfig
+
+    return TLQConfig(
+        bits=args.bits,
+        group_size=args.group_size,
+        act_bits=args.act_bits,
+        sym=not args.asym,
+        method=args.method,
+        save_format=args.save_format,
+        ignore=args.ignore,
+    )
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoProcessor
+
+    from .tiny_models import load_auto_class
+
+    config = _config(args)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else "auto"
+    start = time.perf_counter()
+    model = load_auto_class().from_pretrained(
+        args.model, quantization_config=config, dtype=dtype, device_map=args.device_map
+    )
+    out = Path(args.out)
+    model.save_pretrained(out)
+    try:
+        AutoProcessor.from_pretrained(args.model).save_pretrained(out)
+    except (OSError, ValueError) as err:
+        logging.getLogger(__name__).warning("no processor saved (%s)", err)
+    print(f"{model.tlq_report.summary()}\nsaved {config.save_format} checkpoint to {out} "
+          f"in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def quantize_main(argv: list[str] | None = None) -> int:
+    """``tlq-quantize``: quantize a checkpoint (folder or Hub id) and save it."""
+    p = argparse.ArgumentParser(prog="tlq-quantize", description="Quantize a vision-language model with TLQ.")
+    p.add_argument("model", help="checkpoint folder or Hub id of the full-precision model")
+    p.add_argument("--out", required=True, help="folder to write the quantized checkpoint to")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device-map", default=None, help='e.g. "auto"')
+    _add_quant_args(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return _quantize(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tlq_hf {demo,quantize} ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "quantize":
+        return quantize_main(argv[1:])
+    if argv and argv[0] == "demo":
+        from .demo import demo_main
+
+        return demo_main(argv[1:])
+    print("usage: python -m tlq_hf {demo,quantize} [options]   (see --help of each)", file=sys.stderr)
+    return 2

@@ -1,0 +1,78 @@
+"""Bad input fails loudly, naming the fix; nothing half-loaded or randomly initialised slips through."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import auto_class
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tlq_hf import TLQConfig, quantize
+from tlq_hf.arch import NoDecoderStackError, find_decoder_stack
+from tlq_hf.formats import CorruptCheckpointError
+
+
+def test_group_size_not_dividing_in_features_names_layer_and_fix(tiny_vlm_dirs):
+    with pytest.raises(ValueError, match=r"in_features=256 is not divisible by group_size=96.*group_size=-1"):
+        auto_class().from_pretrained(tiny_vlm_dirs["qwen2_vl"], quantization_config=TLQConfig(group_size=96))
+
+
+def test_model_without_decoder_stack():
+    with pytest.raises(NoDecoderStackError, match="no text config"):
+        find_decoder_stack(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_decoder_stack_not_found_names_the_escape_hatch(tiny_vlm_dirs):
+    model = auto_class().from_pretrained(tiny_vlm_dirs["llava"])
+    model.config.get_text_config(decoder=True).num_hidden_layers = 7
+    with pytest.raises(NoDecoderStackError, match="ARCH_FACTS"):
+        quantize(model, TLQConfig())
+
+
+def test_ignore_everything_is_an_error(tiny_vlm_dirs):
+    model = auto_class().from_pretrained(tiny_vlm_dirs["llava"])
+    with pytest.raises(ValueError, match="No linear layer selected"):
+        quantize(model, TLQConfig(ignore=["re:.*"]))
+
+
+@pytest.fixture(scope="module")
+def native_checkpoint(tiny_vlm_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("native")
+    model = auto_class().from_pretrained(tiny_vlm_dirs["qwen2_vl"], quantization_config=TLQConfig(save_format="tlq"))
+    model.save_pretrained(out)
+    return out
+
+
+def _corrupt(src, dst, edit):
+    import shutil
+
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    key = next(k for k in state if k.endswith("layers.1.mlp.down_proj.weight_packed"))
+    edit(state, key)
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s, k: s.pop(k), "weight_packed: missing from the checkpoint"),
+        (lambda s, k: s.pop(k.replace("packed", "scale")), "weight_scale: missing from the checkpoint"),
+        (lambda s, k: s.__setitem__(k, s[k][:, :-1].contiguous()), r"\(256, 63\) I32 in the checkpoint"),
+        (lambda s, k: s.__setitem__(k, s[k].to(torch.int64)), "I64 in the checkpoint"),
+        (lambda s, k: s[k.replace("packed", "scale")].__setitem__((0, 0), float("nan")), "non-finite"),
+    ],
+    ids=["missing-packed", "missing-scale", "mis-shaped", "wrong-dtype", "nan-scale"],
+)
+def test_corrupt_native_checkpoint_is_refused(native_checkpoint, tmp_path, edit, message):
+    broken = _corrupt(native_checkpoint, tmp_path / "broken", edit)
+    with pytest.raises(CorruptCheckpointError, match=message):
+        auto_class().from_pretrained(broken, ignore_mismatched_sizes=True)
+
+
+def test_quantizing_twice_is_refused(tiny_vlm_dirs):
+    model = auto_class().from_pretrained(tiny_vlm_dirs["llava"], quantization_config=TLQConfig())
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(model, TLQConfig())

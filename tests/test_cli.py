@@ -1,0 +1,36 @@
+"""The demo and the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from _helpers import auto_class
+from transformers import AutoProcessor
+
+from tlq_hf.cli import quantize_main
+from tlq_hf.demo import run_demo
+from tlq_hf.nn import TLQLinear
+
+
+def test_demo_runs_and_reports(tmp_path, capsys):
+    numbers = run_demo(tmp_path, family="llava")
+    text = capsys.readouterr().out
+    assert "vs full precision" in text and "reloaded without calibration" in text
+    assert numbers["reload_rel_diff"] <= 1e-4
+    assert 0 < numbers["rel_error"] < 0.5 and numbers["bytes_ratio_vs_bf16"] <= 0.32
+
+
+def test_tlq_quantize_command(tiny_vlm_dirs, tmp_path):
+    rc = quantize_main([tiny_vlm_dirs["qwen2_5_vl"], "--out", str(tmp_path / "q"), "--bits", "3", "--format", "tlq"])
+    assert rc == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["bits"] == 3
+    assert AutoProcessor.from_pretrained(tmp_path / "q").chat_template  # processor saved with the weights
+    model = auto_class().from_pretrained(tmp_path / "q")
+    assert any(isinstance(m, TLQLinear) for m in model.modules())
+
+
+def test_module_entry_point_usage_error():
+    proc = subprocess.run([sys.executable, "-m", "tlq_hf"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "demo" in proc.stderr
