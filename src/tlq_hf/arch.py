@@ -12,10 +12,16 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 __all__ = [
     "ARCH_FACTS",
+    "DEFAULT_SMOOTH_MAPPINGS",
+    "IMAGE_TOKEN_ATTRS",
+    "find_final_norm",
+    "image_token_id",
+    "smooth_mappings",
     "DecoderStack",
     "NoDecoderStackError",
     "find_decoder_stack",
@@ -25,8 +31,23 @@ __all__ = [
 ]
 
 # model_type -> facts that generic discovery cannot infer. Keys understood: "decoder_layers" (dotted path of
-# the decoder ModuleList in memory). Empty while every supported family is found generically.
-ARCH_FACTS: dict[str, dict[str, str]] = {}
+# the decoder ModuleList in memory), "final_norm" (dotted path of the norm before lm_head), "smooth_mappings"
+# (like DEFAULT_SMOOTH_MAPPINGS). Empty while every supported family is found generically.
+ARCH_FACTS: dict[str, dict] = {}
+
+# Inside one decoder layer: (producer, consumers) pairs whose shared input can be rescaled per channel by
+# folding 1/s into the producer (a norm's weight, or a linear's output rows) and s into the consumers'
+# weight columns. Names are suffix regexes relative to the layer; pairs whose modules are missing or whose
+# shapes disagree are skipped. Holds for Llama/Qwen2/Qwen2-VL/Qwen2.5-VL style decoders.
+DEFAULT_SMOOTH_MAPPINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"input_layernorm", (r"self_attn\.q_proj", r"self_attn\.k_proj", r"self_attn\.v_proj")),
+    (r"self_attn\.v_proj", (r"self_attn\.o_proj",)),
+    (r"post_attention_layernorm", (r"mlp\.gate_proj", r"mlp\.up_proj")),
+    (r"mlp\.up_proj", (r"mlp\.down_proj",)),
+)
+
+# Config attributes that name the image placeholder token id, in lookup order.
+IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index")
 
 
 class NoDecoderStackError(ValueError):
@@ -140,3 +161,57 @@ def ignore_regexes(all_linears: Iterable[str], quantized: Iterable[str]) -> list
     if bad or missed:
         raise RuntimeError(f"ignore regexes {patterns} would quantize {missed} or skip {bad}")
     return patterns
+
+
+def _facts(model: nn.Module) -> dict:
+    return ARCH_FACTS.get(getattr(getattr(model, "config", None), "model_type", ""), {})
+
+
+def find_final_norm(model: nn.Module, stack: DecoderStack) -> nn.Module:
+    """The norm applied to the last decoder layer's output before ``lm_head``."""
+    path = _facts(model).get("final_norm") or f"{stack.path.rpartition('.')[0]}.norm".lstrip(".")
+    try:
+        return model.get_submodule(path)
+    except AttributeError as err:
+        raise NoDecoderStackError(
+            f"No final norm at {path!r} in {type(model).__name__}; set tlq_hf.arch.ARCH_FACTS"
+            f"[{getattr(model.config, 'model_type', '?')!r}]['final_norm'] to its dotted path."
+        ) from err
+
+
+def image_token_id(config) -> int | None:
+    """The image placeholder token id of a VLM config (``None`` for a text-only model)."""
+    for attr in IMAGE_TOKEN_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def smooth_mappings(model: nn.Module, layer: nn.Module) -> list[tuple[str, list[str]]]:
+    """Resolved (producer, consumers) module names inside ``layer`` that can share a per-channel scale."""
+    names = dict(layer.named_modules())
+    resolved = []
+    for producer_re, consumer_res in _facts(model).get("smooth_mappings", DEFAULT_SMOOTH_MAPPINGS):
+        producer = _find(names, producer_re)
+        consumers = [_find(names, c) for c in consumer_res]
+        if producer is None or any(c is None for c in consumers):
+            continue
+        width = _out_width(names[producer])
+        if width is None or any(getattr(names[c], "in_features", None) != width for c in consumers):
+            continue
+        resolved.append((producer, consumers))
+    return resolved
+
+
+def _find(names: dict[str, nn.Module], suffix_re: str) -> str | None:
+    pattern = re.compile(rf"(.*\.)?{suffix_re}$")
+    hits = [n for n in names if pattern.match(n)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _out_width(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    weight = getattr(module, "weight", None)
+    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.ndim == 1 else None

@@ -4,6 +4,17 @@ A solver never packs and never touches modules; token weights, where a solver us
 explicit argument.
 """
 
+from .awq import awq_clip_search, awq_scale_search, weighted_output_error
+from .gptq import gptq, weighted_hessian
 from .rtn import rtn
+from .smoothquant import smoothquant_scales
 
-__all__ = ["rtn"]
+__all__ = [
+    "awq_clip_search",
+    "awq_scale_search",
+    "gptq",
+    "rtn",
+    "smoothquant_scales",
+    "weighted_hessian",
+    "weighted_output_error",
+]
