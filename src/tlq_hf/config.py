@@ -11,15 +11,37 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .qtypes import SUPPORTED_ACT_BITS, SUPPORTED_WEIGHT_BITS, QuantScheme
 from .version import __version__
 
-__all__ = ["TLQConfig", "IMPLEMENTED_METHODS", "PLANNED_METHODS", "SAVE_FORMATS"]
+__all__ = ["TLQConfig", "METHODS", "SOLVERS", "IMPORTANCE", "SAVE_FORMATS"]
 
 logger = logging.getLogger(__name__)
 
-IMPLEMENTED_METHODS = ("rtn",)
-PLANNED_METHODS = ("tlq", "gptq", "awq", "mbq", "smoothquant")
+METHODS = ("tlq", "gptq", "awq", "mbq", "smoothquant", "rtn")
+SOLVERS = ("gptq", "awq", "rtn")
+IMPORTANCE = ("fisher", "l1", "uniform", "modality")
 SAVE_FORMATS = ("compressed-tensors", "tlq")
 
-_SERIALIZED = ("bits", "group_size", "sym", "act_bits", "method", "ignore", "save_format")
+_SERIALIZED = (
+    "bits",
+    "group_size",
+    "sym",
+    "act_bits",
+    "method",
+    "ignore",
+    "save_format",
+    "num_samples",
+    "max_length",
+    "seed",
+    "importance",
+    "gamma",
+    "importance_clip",
+    "uniform_mix",
+    "token_fraction",
+    "exposed",
+    "solver",
+    "damp",
+    "act_order",
+    "smooth_alpha",
+)
 
 
 class TLQConfig(QuantizationConfigMixin):
@@ -31,13 +53,28 @@ class TLQConfig(QuantizationConfigMixin):
             ``in_features``), or -1 for one scale per output channel.
         sym: symmetric (zero point 0) or asymmetric weight quantization.
         act_bits: ``None`` for weight-only, or 8 for dynamic per-token int8 activations (W8A8, W4A8).
-        method: calibration method; ``"rtn"`` (round-to-nearest) in this version.
+        method: ``"tlq"`` (gradient token importance + token-level calibration set + quantization-exposed
+            layer-wise solver), or a baseline through the same pipeline: ``"gptq"``, ``"awq"``, ``"mbq"``
+            (modality-balanced weights, AWQ solver), ``"smoothquant"`` (migration + RTN), ``"rtn"``
+            (round-to-nearest, no data). Every method but ``"rtn"`` needs ``dataset``.
         ignore: regexes (an optional ``re:`` prefix is accepted) of module names to keep in full
             precision. ``None`` (default) quantizes exactly the linear layers of the language-model
             decoder, keeping the vision tower, the projector and ``lm_head`` in full precision.
             With a list, every ``nn.Linear`` not matched is quantized.
         save_format: ``"compressed-tensors"`` (default; reloads without tlq_hf, loads in vLLM) or
             ``"tlq"`` (native packed modules, reloads only with ``import tlq_hf``).
+        dataset: calibration rows (list of dicts, ``datasets.Dataset``, local folder or Hub id; see
+            :mod:`tlq_hf.data`). Never serialised.
+        processor: the processor to encode ``dataset``; default: loaded from the model's own path.
+        num_samples, max_length, seed: how many rows (seeded shuffle), token cap per sample.
+        importance: per-token weights, ``"fisher"`` (squared output gradient), ``"l1"``, ``"uniform"`` or
+            ``"modality"`` (MBQ per-modality mean); ``None`` = the method's default.
+        gamma, importance_clip, uniform_mix: tempering ``a <- (1-mix) * clip((a/mean a)^gamma, lo, hi) + mix``.
+        token_fraction: keep only this fraction of the most important tokens in the statistics.
+        exposed: calibrate layer ``l`` on the outputs of the already-quantized layers (``None`` = method default).
+        solver: ``"gptq"``, ``"awq"`` or ``"rtn"`` for ``method="tlq"`` (``None`` = ``"gptq"``).
+        damp, act_order: GPTQ damping (fraction of the mean Hessian diagonal) and column order.
+        smooth_alpha: SmoothQuant migration strength.
     """
 
     def __init__(
@@ -49,6 +86,21 @@ class TLQConfig(QuantizationConfigMixin):
         method: str = "rtn",
         ignore: list[str] | None = None,
         save_format: str = "compressed-tensors",
+        dataset: Any = None,
+        processor: Any = None,
+        num_samples: int = 128,
+        max_length: int | None = 2048,
+        seed: int = 0,
+        importance: str | None = None,
+        gamma: float = 0.5,
+        importance_clip: tuple[float, float] | list[float] = (0.05, 20.0),
+        uniform_mix: float = 0.0,
+        token_fraction: float = 1.0,
+        exposed: bool | None = None,
+        solver: str | None = None,
+        damp: float = 0.01,
+        act_order: bool = False,
+        smooth_alpha: float = 0.5,
         **kwargs: Any,
     ) -> None:
         self.quant_method = "tlq"
@@ -60,6 +112,11 @@ class TLQConfig(QuantizationConfigMixin):
             )
         self.bits, self.group_size, self.sym, self.act_bits = bits, group_size, sym, act_bits
         self.method, self.ignore, self.save_format = method, ignore, save_format
+        self.dataset, self.processor = dataset, processor
+        self.num_samples, self.max_length, self.seed = num_samples, max_length, seed
+        self.importance, self.gamma, self.importance_clip = importance, gamma, list(importance_clip)
+        self.uniform_mix, self.token_fraction, self.exposed, self.solver = uniform_mix, token_fraction, exposed, solver
+        self.damp, self.act_order, self.smooth_alpha = damp, act_order, smooth_alpha
         self.post_init()
 
     def post_init(self) -> None:
@@ -73,13 +130,29 @@ class TLQConfig(QuantizationConfigMixin):
         if not isinstance(self.sym, bool):
             raise ValueError(f"TLQConfig(sym={self.sym!r}): use True or False.")
         self.scheme  # validates group_size  # noqa: B018
-        if self.method in PLANNED_METHODS:
-            raise ValueError(
-                f"TLQConfig(method={self.method!r}) is not available in tlq_hf {__version__} yet; "
-                f"use one of {IMPLEMENTED_METHODS}."
-            )
-        if self.method not in IMPLEMENTED_METHODS:
-            raise ValueError(f"TLQConfig(method={self.method!r}) is unknown; use one of {IMPLEMENTED_METHODS}.")
+        if self.method not in METHODS:
+            raise ValueError(f"TLQConfig(method={self.method!r}) is unknown; use one of {METHODS}.")
+        if self.solver is not None and self.solver not in SOLVERS:
+            raise ValueError(f"TLQConfig(solver={self.solver!r}): use one of {SOLVERS} (or None for the method's).")
+        if self.importance is not None and self.importance not in IMPORTANCE:
+            raise ValueError(f"TLQConfig(importance={self.importance!r}): use one of {IMPORTANCE}.")
+        if not (isinstance(self.num_samples, int) and self.num_samples > 0):
+            raise ValueError(f"TLQConfig(num_samples={self.num_samples!r}): use a positive integer, e.g. 128.")
+        if self.max_length is not None and not (isinstance(self.max_length, int) and self.max_length > 1):
+            raise ValueError(f"TLQConfig(max_length={self.max_length!r}): use None or an integer > 1.")
+        if not 0 < self.token_fraction <= 1:
+            raise ValueError(f"TLQConfig(token_fraction={self.token_fraction!r}): use a value in (0, 1].")
+        if not self.gamma > 0:
+            raise ValueError(f"TLQConfig(gamma={self.gamma!r}): use a positive exponent (0.5 tempers, 1 keeps raw).")
+        lo, hi = self.importance_clip if len(self.importance_clip) == 2 else (None, None)
+        if lo is None or not 0 < lo <= 1 <= hi:
+            raise ValueError(f"TLQConfig(importance_clip={self.importance_clip!r}): use (lo, hi) with 0 < lo <= 1 <= hi.")
+        if not 0 <= self.uniform_mix <= 1:
+            raise ValueError(f"TLQConfig(uniform_mix={self.uniform_mix!r}): use a value in [0, 1].")
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"TLQConfig(damp={self.damp!r}): use a small fraction such as 0.01.")
+        if not 0 <= self.smooth_alpha <= 1:
+            raise ValueError(f"TLQConfig(smooth_alpha={self.smooth_alpha!r}): use a value in [0, 1].")
         if self.save_format not in SAVE_FORMATS:
             raise ValueError(f"TLQConfig(save_format={self.save_format!r}): use one of {SAVE_FORMATS}.")
         if not self.sym and self.save_format == "compressed-tensors":
@@ -97,6 +170,19 @@ class TLQConfig(QuantizationConfigMixin):
                     re.compile(pattern.removeprefix("re:"))
                 except re.error as err:
                     raise ValueError(f"TLQConfig(ignore=...): {pattern!r} is not a valid regex ({err}).") from err
+
+    def __deepcopy__(self, memo: dict) -> TLQConfig:
+        """Copies the settings; the dataset and processor are shared, never copied (they can be large)."""
+        import copy
+
+        new = copy.copy(self)
+        for key in _SERIALIZED:
+            setattr(new, key, copy.deepcopy(getattr(self, key), memo))
+        return new
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method != "rtn"
 
     @property
     def scheme(self) -> QuantScheme:

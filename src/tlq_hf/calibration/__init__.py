@@ -1,5 +1,5 @@
 """Calibration: the pipeline that turns a full-precision model into a quantized one."""
 
-from .pipeline import METHODS, ModuleReport, QuantizationReport, quantize_model
+from .pipeline import RECIPES, ModuleReport, QuantizationReport, Recipe, quantize_model, resolve_recipe
 
-__all__ = ["METHODS", "ModuleReport", "QuantizationReport", "quantize_model"]
+__all__ = ["RECIPES", "Recipe", "ModuleReport", "QuantizationReport", "quantize_model", "resolve_recipe"]

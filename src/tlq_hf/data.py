@@ -1,0 +1,212 @@
+"""Calibration data: rows (image + question/answer) -> processor -> per-sample tensors with answer labels.
+
+Accepted rows (dicts, from a list, a ``datasets.Dataset``, a local dataset folder or a Hub dataset id):
+
+* ``image``/``images``: a PIL image, a path, or a list of them;
+* and one of: ``messages`` (chat format; the last assistant message is the answer), ``question`` +
+  ``answer``, or ``text`` (a caption, used as the answer to :data:`CAPTION_PROMPT`).
+
+Prompt and answer go through the processor's own chat template; ``labels`` are ``-100`` everywhere but
+on the answer tokens (the tokens after the longest common prefix of the rendered prompt and the rendered
+conversation, which tolerates templates whose generation prompt differs by whitespace).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+__all__ = [
+    "CAPTION_PROMPT",
+    "CalibrationSample",
+    "CalibrationDataError",
+    "load_rows",
+    "build_calibration_set",
+    "sample_rows",
+]
+
+logger = logging.getLogger(__name__)
+
+CAPTION_PROMPT = "Describe the image."
+
+
+class CalibrationDataError(ValueError):
+    """A calibration row that cannot be used, with the row's index in the message."""
+
+
+@dataclass
+class CalibrationSample:
+    """One processed calibration sample (batch size 1)."""
+
+    inputs: dict[str, torch.Tensor]  # processor outputs: input_ids, attention_mask, pixel_values, ...
+    labels: torch.Tensor  # [1, T]; -100 outside the answer
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.inputs["input_ids"].shape[-1])
+
+
+def load_rows(dataset: Any) -> Sequence[dict]:
+    """Rows from a list of dicts, a ``datasets.Dataset``, a local dataset folder or a Hub dataset id."""
+    if isinstance(dataset, str | os.PathLike):
+        try:
+            import datasets
+        except ImportError as err:
+            raise ImportError("A dataset given by name or folder needs `pip install datasets`.") from err
+        loaded = datasets.load_dataset(os.fspath(dataset))
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+        return loaded
+    if isinstance(dataset, Sequence) or hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+        return dataset
+    raise TypeError(
+        f"TLQConfig(dataset=...) got {type(dataset).__name__}; pass a list of dicts, a datasets.Dataset, "
+        "a local dataset folder or a Hub dataset id."
+    )
+
+
+def _images(row: dict, index: int) -> list[Image.Image]:
+    value = row.get("images", row.get("image"))
+    if value is None:
+        raise CalibrationDataError(f"calibration row {index}: no 'image' (or 'images') field.")
+    items = value if isinstance(value, list | tuple) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, Image.Image):
+            out.append(item.convert("RGB"))
+            continue
+        if isinstance(item, dict) and "path" in item:  # datasets' undecoded Image feature
+            item = item["path"]
+        try:
+            with Image.open(item) as img:
+                out.append(img.convert("RGB"))
+        except (OSError, TypeError, AttributeError) as err:
+            raise CalibrationDataError(f"calibration row {index}: cannot read image {item!r} ({err}).") from err
+    if not out:
+        raise CalibrationDataError(f"calibration row {index}: the image list is empty.")
+    return out
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return " ".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+
+
+def _conversation(row: dict, index: int, n_images: int) -> tuple[list[dict], str]:
+    """``(prompt messages, answer text)`` with one image placeholder per image."""
+    placeholders = [{"type": "image"} for _ in range(n_images)]
+    if "messages" in row and row["messages"]:
+        messages = [dict(m) for m in row["messages"]]
+        if messages[-1].get("role") != "assistant":
+            raise CalibrationDataError(f"calibration row {index}: 'messages' must end with an assistant answer.")
+        answer = _text_of(messages[-1]["content"])
+        prompt = messages[:-1]
+        has_placeholder = any(
+            isinstance(m.get("content"), list) and any(p.get("type") == "image" for p in m["content"]) for m in prompt
+        )
+        if not has_placeholder:
+            first_user = next((m for m in prompt if m.get("role") == "user"), None)
+            if first_user is None:
+                raise CalibrationDataError(f"calibration row {index}: 'messages' has no user turn.")
+            first_user["content"] = placeholders + [{"type": "text", "text": _text_of(first_user["content"])}]
+    elif "question" in row and "answer" in row:
+        prompt = [{"role": "user", "content": placeholders + [{"type": "text", "text": str(row["question"])}]}]
+        answer = row["answer"]
+    elif "text" in row:
+        prompt = [{"role": "user", "content": placeholders + [{"type": "text", "text": CAPTION_PROMPT}]}]
+        answer = row["text"]
+    else:
+        raise CalibrationDataError(
+            f"calibration row {index}: needs 'messages', 'question' + 'answer', or 'text'; has {sorted(row)}."
+        )
+    answer = "" if answer is None else str(answer)
+    if not answer.strip():
+        raise CalibrationDataError(f"calibration row {index}: the answer is empty.")
+    return prompt, answer
+
+
+def _encode(processor: Any, row: dict, index: int, max_length: int | None) -> CalibrationSample:
+    images = _images(row, index)
+    prompt, answer = _conversation(row, index, len(images))
+    full = prompt + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    prompt_text = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full_text = processor.apply_chat_template(full, tokenize=False)
+    enc = processor(text=[full_text], images=images, return_tensors="pt")
+    prompt_ids = processor(text=[prompt_text], images=images, return_tensors="pt")["input_ids"][0]
+    ids = enc["input_ids"][0]
+    n = min(len(prompt_ids), len(ids))
+    mismatch = (prompt_ids[:n] != ids[:n]).nonzero()
+    n_prompt = int(mismatch[0]) if len(mismatch) else n
+    if max_length is not None and len(ids) > max_length:
+        if n_prompt >= max_length:
+            raise CalibrationDataError(
+                f"calibration row {index}: the prompt with its image tokens is {n_prompt} tokens, over "
+                f"max_length={max_length}; raise max_length or use smaller images."
+            )
+        seq_shape = tuple(enc["input_ids"].shape)  # token-aligned tensors are [1, T]; image tensors are not
+        enc = {k: v[:, :max_length] if tuple(v.shape) == seq_shape else v for k, v in enc.items()}
+        ids = enc["input_ids"][0]
+    labels = ids.clone()
+    labels[:n_prompt] = -100
+    if int((labels != -100).sum()) == 0:
+        raise CalibrationDataError(f"calibration row {index}: no answer token left after tokenization.")
+    return CalibrationSample(inputs=dict(enc), labels=labels.unsqueeze(0))
+
+
+def build_calibration_set(
+    rows: Sequence[dict] | Iterable[dict],
+    processor: Any,
+    num_samples: int,
+    max_length: int | None = None,
+    seed: int = 0,
+) -> list[CalibrationSample]:
+    """Select ``num_samples`` rows (seeded shuffle) and encode each through ``processor``."""
+    rows = load_rows(rows)
+    n = len(rows)
+    if n == 0:
+        raise CalibrationDataError("the calibration dataset is empty.")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    chosen = order[: min(num_samples, n)]
+    if len(chosen) < num_samples:
+        logger.warning("calibration: %d rows available, %d requested; using all of them", n, num_samples)
+    return [_encode(processor, dict(rows[i]), i, max_length) for i in chosen]
+
+
+# Short question/answer pairs about the photos that ship in ``skimage.data`` (same order as
+# :func:`tlq_hf.tiny_models.sample_images`), for demos and tests that must run offline.
+_PHOTO_ANSWERS = (
+    "a person in a white suit",
+    "a cup of coffee",
+    "a cat",
+    "a rocket",
+    "a man with a camera",
+    "many old coins",
+    "the moon",
+    "a clock on the wall",
+    "many stars in the sky",
+    "cells under a microscope",
+    "a page of text",
+    "black text on white",
+)
+_QUESTIONS = ("what is in the picture", "describe the image in a few words", "what do you see")
+
+
+def sample_rows(n: int, size: int = 64, seed: int = 0) -> list[dict]:
+    """``n`` offline calibration rows: real ``skimage.data`` photos with a question and a short answer."""
+    from .tiny_models import sample_images
+
+    rng = random.Random(seed)
+    images = sample_images(n, size)
+    return [
+        {"image": img, "question": rng.choice(_QUESTIONS), "answer": _PHOTO_ANSWERS[i % len(_PHOTO_ANSWERS)]}
+        for i, img in enumerate(images)
+    ]
