@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LogitMetrics", "compare_logits", "linear_bytes_on_disk"]
+__all__ = ["LogitMetrics", "compare_logits", "answer_metrics", "linear_bytes_on_disk"]
 
 
 @dataclass
@@ -35,6 +35,22 @@ def compare_logits(ref: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None
     kl = float(F.kl_div(F.log_softmax(q, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean"))
     agree = float((q.argmax(-1) == ref.argmax(-1)).float().mean())
     return LogitMetrics(rel, kl, agree)
+
+
+@torch.no_grad()
+def answer_metrics(reference, model, samples) -> LogitMetrics:
+    """Logit metrics over the answer-predicting positions of calibration-style ``samples``.
+
+    Position ``t`` predicts token ``t + 1``; it counts when ``labels[t + 1]`` is an answer token. Metrics
+    are pooled over all samples' answer positions.
+    """
+    refs, outs = [], []
+    for s in samples:
+        mask = torch.zeros_like(s.labels[0], dtype=torch.bool)
+        mask[:-1] = s.labels[0, 1:] != -100
+        refs.append(reference(**s.inputs).logits[0][mask].float())
+        outs.append(model(**s.inputs).logits[0][mask].float())
+    return compare_logits(torch.cat(refs), torch.cat(outs))
 
 
 def linear_bytes_on_disk(folder: str | os.PathLike, module_regex: str) -> dict[str, int]:

@@ -1,0 +1,94 @@
+"""Calibration data: every accepted row shape, answer-only labels, seeded selection, errors naming the row."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoProcessor
+
+from tlq_hf.data import CAPTION_PROMPT, CalibrationDataError, build_calibration_set, sample_rows
+from tlq_hf.tiny_models import sample_images
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_vlm_dirs):
+    return AutoProcessor.from_pretrained(tiny_vlm_dirs["qwen2_vl"])
+
+
+def _answer_text(processor, sample):
+    ids = sample.inputs["input_ids"][0][sample.labels[0] != -100]
+    return processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def test_question_answer_labels_cover_exactly_the_answer(processor):
+    rows = [{"image": sample_images(1)[0], "question": "what is in the picture", "answer": "a red cat"}]
+    (sample,) = build_calibration_set(rows, processor, 1)
+    assert _answer_text(processor, sample) == "a red cat"
+    assert sample.labels.shape == sample.inputs["input_ids"].shape
+    assert "pixel_values" in sample.inputs
+
+
+def test_messages_and_caption_rows(processor):
+    img = sample_images(1)[0]
+    rows = [
+        {"image": img, "messages": [{"role": "user", "content": "what do you see"}, {"role": "assistant", "content": "the white dog"}]},
+        {"image": [img, img], "text": "two blue car"},
+    ]
+    first, second = build_calibration_set(rows, processor, 2, seed=0)
+    by_answer = {_answer_text(processor, s): s for s in (first, second)}
+    assert set(by_answer) == {"the white dog", "two blue car"}
+    prompt_ids = by_answer["two blue car"].inputs["input_ids"][0][by_answer["two blue car"].labels[0] == -100]
+    assert CAPTION_PROMPT.lower().rstrip(".") in processor.tokenizer.decode(prompt_ids).lower()
+
+
+def test_image_paths_and_seeded_selection(processor, tmp_path):
+    paths = []
+    for i, img in enumerate(sample_images(4)):
+        paths.append(str(tmp_path / f"{i}.png"))
+        img.save(paths[-1])
+    rows = [{"image": p, "question": "what is it", "answer": f"number {i}"} for i, p in enumerate(paths)]
+    a = [_answer_text(processor, s) for s in build_calibration_set(rows, processor, 2, seed=1)]
+    b = [_answer_text(processor, s) for s in build_calibration_set(rows, processor, 2, seed=1)]
+    c = [_answer_text(processor, s) for s in build_calibration_set(rows, processor, 4, seed=2)]
+    assert a == b and len(set(c)) == 4
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"question": "q", "answer": "a"}, "row 0: no 'image'"),
+        ({"image": "/nonexistent.png", "question": "q", "answer": "a"}, "row 0: cannot read image"),
+        ({"image": None, "text": "x"}, "row 0: no 'image'"),
+        ({"image": "IMG", "question": "q"}, "row 0: needs 'messages'"),
+        ({"image": "IMG", "question": "q", "answer": "  "}, "row 0: the answer is empty"),
+        ({"image": "IMG", "messages": [{"role": "user", "content": "q"}]}, "row 0: 'messages' must end"),
+    ],
+)
+def test_bad_rows_name_the_row(processor, row, message):
+    if row.get("image") == "IMG":
+        row["image"] = sample_images(1)[0]
+    with pytest.raises(CalibrationDataError, match=message):
+        build_calibration_set([row], processor, 1)
+
+
+def test_max_length_truncates_the_answer_or_explains(processor):
+    rows = [{"image": sample_images(1)[0], "question": "what", "answer": "a " * 50 + "cat"}]
+    (full,) = build_calibration_set(rows, processor, 1)
+    n_prompt = int((full.labels[0] == -100).sum())
+    (cut,) = build_calibration_set(rows, processor, 1, max_length=n_prompt + 3)
+    assert cut.num_tokens == n_prompt + 3 and int((cut.labels != -100).sum()) == 3
+    with pytest.raises(CalibrationDataError, match="raise max_length"):
+        build_calibration_set(rows, processor, 1, max_length=n_prompt - 1)
+
+
+def test_local_dataset_folder(processor, tmp_path):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i, row in enumerate(sample_rows(3)):
+            row["image"].save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "question": row["question"], "answer": row["answer"]}) + "\n")
+    samples = build_calibration_set(str(folder), processor, 3)
+    assert len(samples) == 3 and all(int((s.labels != -100).sum()) > 0 for s in samples)

@@ -1,0 +1,92 @@
+"""Gradient token importance: block-wise equals full-graph, weights are zero-free, selection and modality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import auto_class
+from transformers import AutoProcessor
+
+from tlq_hf import TLQConfig
+from tlq_hf.arch import find_decoder_stack, select_quant_targets
+from tlq_hf.calibration.capture import capture_layer_inputs
+from tlq_hf.calibration.importance import (
+    Tempering,
+    gradient_importance,
+    modality_balance,
+    reference_importance,
+    select_tokens,
+    temper,
+)
+from tlq_hf.data import build_calibration_set, sample_rows
+
+
+def _setup(tiny_vlm_dirs, family, n=3):
+    path = tiny_vlm_dirs[family]
+    model = auto_class().from_pretrained(path, dtype=torch.float32)
+    samples = build_calibration_set(sample_rows(n), AutoProcessor.from_pretrained(path), n)
+    stack = find_decoder_stack(model)
+    return model, stack, capture_layer_inputs(model, stack, samples), select_quant_targets(model, None)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("kind", ["fisher", "l1"])
+def test_blockwise_importance_equals_full_graph_autograd(tiny_vlm_dirs, family, kind):
+    model, stack, captured, targets = _setup(tiny_vlm_dirs, family)
+    block = gradient_importance(model, stack, captured, targets, kind=kind)
+    full = reference_importance(model, stack, captured, targets, kind=kind)
+    assert set(block.raw) == set(full) == set(targets)
+    for name in targets:
+        for b, f in zip(block.raw[name], full[name]):
+            assert b.shape == f.shape
+            assert torch.allclose(b, f, rtol=1e-5, atol=1e-5 * float(f.abs().max())), name
+    # the answer loss only reaches tokens before the last answer token: the gradient has real structure
+    some = block.raw[next(iter(targets))][0]
+    assert (some > 0).any() and (some == 0).any()
+    assert not any(p.requires_grad is False for p in model.parameters())  # parameters left as they were
+
+
+def test_capture_keeps_masks_and_first_layer_input(tiny_vlm_dirs):
+    model, stack, captured, _ = _setup(tiny_vlm_dirs, "qwen2_5_vl", n=2)
+    for c in captured:
+        assert c.hidden.shape[1] == c.labels.shape[1] == c.vision_mask.shape[0]
+        assert c.vision_mask.sum() > 0 and c.answer_mask.sum() > 0
+        assert not (c.vision_mask & c.answer_mask).any()
+        assert "position_embeddings" in c.kwargs or "position_ids" in c.kwargs
+
+
+def test_tempered_importance_is_zero_free_and_finite():
+    raw = torch.tensor([0.0, 0.0, 1e-12, 3.0, 1e6, float("inf")]).nan_to_num(posinf=1e30)
+    a = temper(raw, Tempering(gamma=0.5, lo=0.05, hi=20.0))
+    assert torch.isfinite(a).all() and (a >= 0.05).all() and (a <= 20).all()
+    assert torch.equal(temper(torch.zeros(4), Tempering()), torch.ones(4))
+    mixed = temper(raw, Tempering(gamma=1.0, lo=0.05, hi=20.0, mix=0.5))
+    assert (mixed >= 0.5).all()
+
+
+def test_select_tokens_keeps_the_most_important_fraction():
+    w = [torch.tensor([5.0, 1.0, 3.0]), torch.tensor([4.0, 2.0, 3.0, 0.5])]
+    kept = select_tokens(w, 0.5)  # ceil(3.5) = 4 tokens: 5, 4, 3, 3
+    flat = torch.cat(kept)
+    assert int((flat > 0).sum()) == 4
+    assert torch.equal(kept[0], torch.tensor([5.0, 0.0, 3.0])) and torch.equal(kept[1], torch.tensor([4.0, 0.0, 3.0, 0.0]))
+    assert select_tokens(w, 1.0) is w
+
+
+def test_modality_balance_assigns_modality_means():
+    raw = [torch.tensor([1.0, 3.0, 10.0]), torch.tensor([2.0, 20.0])]
+    vis = [torch.tensor([True, True, False]), torch.tensor([True, False])]
+    out = modality_balance(raw, vis)
+    assert torch.equal(out[0], torch.tensor([2.0, 2.0, 15.0])) and torch.equal(out[1], torch.tensor([2.0, 15.0]))
+
+
+def test_exposed_inputs_differ_from_full_precision_after_layer_zero(tiny_vlm_dirs):
+    path = tiny_vlm_dirs["llava_onevision"]
+    errors = {}
+    for exposed in (True, False):
+        cfg = TLQConfig(bits=3, method="gptq", exposed=exposed, dataset=sample_rows(4), num_samples=4)
+        model = auto_class().from_pretrained(path, quantization_config=cfg)
+        errors[exposed] = [r.error_before for r in model.tlq_report.layers]
+    assert errors[True][0] == 0 and errors[False][0] == 0  # layer 0 always sees the true input
+    assert errors[True][1] > 1e-6  # quantized layer 0 changed what layer 1 sees
+    assert errors[False][1] == 0
