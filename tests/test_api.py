@@ -7,13 +7,16 @@ from _helpers import auto_class, logits_of
 from transformers import AutoProcessor
 
 from tlq_hf import TLQConfig, TLQQuantizer, quantize
+from tlq_hf.data import sample_rows
 from tlq_hf.nn import TLQLinear
 
 
 def test_quantize_loaded_model_equals_quantize_on_load(tiny_vlm_dirs, batch_for, tmp_path):
     path, batch = tiny_vlm_dirs["llava_onevision"], batch_for("llava_onevision")
-    on_load = auto_class().from_pretrained(path, quantization_config=TLQConfig(bits=3))
-    loaded = quantize(auto_class().from_pretrained(path), TLQConfig(bits=3))
+    cfg = dict(bits=3, dataset=sample_rows(4), num_samples=4)  # method="tlq": gradient importance + GPTQ
+    on_load = auto_class().from_pretrained(path, quantization_config=TLQConfig(**cfg))
+    loaded = quantize(auto_class().from_pretrained(path), TLQConfig(**cfg))
+    assert loaded.tlq_report.layers and loaded.tlq_report.answer_loss is not None
     assert torch.equal(logits_of(loaded, batch), logits_of(on_load, batch))
     loaded.save_pretrained(tmp_path / "q")
     again = auto_class().from_pretrained(tmp_path / "q", dtype="auto")  # 4.57 would default to fp16
@@ -26,7 +29,7 @@ def test_optimum_quantizer_from_path_saves_model_and_processor(tiny_vlm_dirs, ba
     path, batch = tiny_vlm_dirs["qwen2_vl"], batch_for("qwen2_vl")
     quantizer = TLQQuantizer.from_pretrained(path)
     assert isinstance(quantizer, OptimumQuantizer)
-    out = quantizer.quantize(tmp_path / "q", config=TLQConfig(bits=4, save_format="tlq"))
+    out = quantizer.quantize(tmp_path / "q", config=TLQConfig(bits=4, method="rtn", save_format="tlq"))
     reloaded = auto_class().from_pretrained(out, dtype="auto")
     assert any(isinstance(m, TLQLinear) for m in reloaded.modules())
     assert torch.equal(logits_of(reloaded, batch), logits_of(quantizer.model, batch))

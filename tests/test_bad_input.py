@@ -39,7 +39,7 @@ def test_ignore_everything_is_an_error(tiny_vlm_dirs):
 @pytest.fixture(scope="module")
 def native_checkpoint(tiny_vlm_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("native")
-    model = auto_class().from_pretrained(tiny_vlm_dirs["qwen2_vl"], quantization_config=TLQConfig(save_format="tlq"))
+    model = auto_class().from_pretrained(tiny_vlm_dirs["qwen2_vl"], quantization_config=TLQConfig(method="rtn", save_format="tlq"))
     model.save_pretrained(out)
     return out
 
@@ -73,6 +73,11 @@ def test_corrupt_native_checkpoint_is_refused(native_checkpoint, tmp_path, edit,
 
 
 def test_quantizing_twice_is_refused(tiny_vlm_dirs):
-    model = auto_class().from_pretrained(tiny_vlm_dirs["llava"], quantization_config=TLQConfig())
+    model = auto_class().from_pretrained(tiny_vlm_dirs["llava"], quantization_config=TLQConfig(method="rtn"))
     with pytest.raises(ValueError, match="already quantized"):
-        quantize(model, TLQConfig())
+        quantize(model, TLQConfig(method="rtn"))
+
+
+def test_calibrating_method_without_data_says_how_to_fix(tiny_vlm_dirs):
+    with pytest.raises(ValueError, match=r"pass TLQConfig\(dataset=...\).*method='rtn'"):
+        auto_class().from_pretrained(tiny_vlm_dirs["llava"], quantization_config=TLQConfig(method="tlq"))

@@ -6,10 +6,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from _helpers import auto_class
 from transformers import AutoProcessor
 
 from tlq_hf.cli import quantize_main
+from tlq_hf.data import sample_rows
 from tlq_hf.demo import run_demo
 from tlq_hf.nn import TLQLinear
 
@@ -20,10 +23,12 @@ def test_demo_runs_and_reports(tmp_path, capsys):
     assert "vs full precision" in text and "reloaded without calibration" in text
     assert numbers["reload_rel_diff"] <= 1e-4
     assert 0 < numbers["rel_error"] < 0.5 and numbers["bytes_ratio_vs_bf16"] <= 0.32
+    assert numbers["answer_kl_tlq"] < numbers["answer_kl_rtn"]
 
 
 def test_tlq_quantize_command(tiny_vlm_dirs, tmp_path):
-    rc = quantize_main([tiny_vlm_dirs["qwen2_5_vl"], "--out", str(tmp_path / "q"), "--bits", "3", "--format", "tlq"])
+    rc = quantize_main([tiny_vlm_dirs["qwen2_5_vl"], "--out", str(tmp_path / "q"), "--bits", "3", "--format", "tlq",
+                        "--method", "rtn"])
     assert rc == 0
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["bits"] == 3
     assert AutoProcessor.from_pretrained(tmp_path / "q").chat_template  # processor saved with the weights
@@ -34,3 +39,17 @@ def test_tlq_quantize_command(tiny_vlm_dirs, tmp_path):
 def test_module_entry_point_usage_error():
     proc = subprocess.run([sys.executable, "-m", "tlq_hf"], capture_output=True, text=True)
     assert proc.returncode == 2 and "demo" in proc.stderr
+
+
+def test_tlq_quantize_command_calibrates_on_a_dataset_folder(tiny_vlm_dirs, tmp_path):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i, row in enumerate(sample_rows(4)):
+            row["image"].save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "question": row["question"], "answer": row["answer"]}) + "\n")
+    out = tmp_path / "q"
+    assert quantize_main([tiny_vlm_dirs["llava"], "--out", str(out), "--dataset", str(folder), "--num-samples", "4"]) == 0
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "compressed-tensors"

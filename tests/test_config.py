@@ -21,7 +21,12 @@ def test_defaults_and_json_round_trip():
         ({"group_size": 0}, "group_size=0"),
         ({"group_size": "128"}, "group_size='128'"),
         ({"act_bits": 4}, "act_bits=4"),
-        ({"method": "gptq"}, "not available"),
+        ({"solver": "sgd"}, "solver='sgd'"),
+        ({"importance": "grad"}, "importance='grad'"),
+        ({"token_fraction": 0}, "token_fraction=0"),
+        ({"gamma": 0}, "gamma=0"),
+        ({"importance_clip": (2, 3)}, "importance_clip"),
+        ({"num_samples": 0}, "num_samples=0"),
         ({"method": "magic"}, "unknown"),
         ({"save_format": "gguf"}, "save_format"),
         ({"ignore": "lm_head"}, "list of regex"),
@@ -53,3 +58,14 @@ def test_registered_with_transformers():
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["tlq"] is TLQConfig
     assert AUTO_QUANTIZER_MAPPING["tlq"] is TLQHfQuantizer
     assert TLQHfQuantizer.requires_calibration is False
+
+
+def test_dataset_is_shared_not_copied_or_serialised():
+    import copy
+
+    rows = [{"image": None, "text": "x"}]
+    cfg = TLQConfig(dataset=rows, processor=object())
+    clone = copy.deepcopy(cfg)
+    assert clone.dataset is rows and clone.processor is cfg.processor
+    assert "dataset" not in cfg.to_dict() and "processor" not in cfg.to_dict()
+    assert cfg.to_dict()["method"] == "tlq"

@@ -64,6 +64,7 @@ def _packed_names(model: nn.Module) -> list[tuple[str, TLQLinear]]:
 
 def _quantized(path, **cfg) -> nn.Module:
     dtype = cfg.pop("dtype", torch.float32)
+    cfg.setdefault("method", "rtn")  # format tests: the solver does not matter, RTN is fastest
     return auto_class().from_pretrained(path, quantization_config=TLQConfig(**cfg), dtype=dtype)
 
 

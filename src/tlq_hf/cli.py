@@ -16,7 +16,11 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 for per-channel")
     p.add_argument("--act-bits", type=int, default=None, choices=[8], help="8: dynamic per-token int8 activations")
     p.add_argument("--asym", action="store_true", help="asymmetric weights (needs --format tlq)")
-    p.add_argument("--method", default="rtn")
+    p.add_argument("--method", default="tlq", choices=["tlq", "gptq", "awq", "mbq", "smoothquant", "rtn"])
+    p.add_argument("--solver", default=None, choices=["gptq", "awq", "rtn"], help="for --method tlq (default gptq)")
+    p.add_argument("--dataset", default=None, help="calibration data: local dataset folder or Hub dataset id")
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--format", dest="save_format", default="compressed-tensors", choices=["compressed-tensors", "tlq"])
     p.add_argument("--ignore", nargs="*", default=None, help="regexes of modules to keep in full precision")
 
@@ -30,6 +34,10 @@ def _config(args: argparse.Namespace):
         act_bits=args.act_bits,
         sym=not args.asym,
         method=args.method,
+        solver=args.solver,
+        dataset=args.dataset,
+        num_samples=args.num_samples,
+        max_length=args.max_length,
         save_format=args.save_format,
         ignore=args.ignore,
     )

@@ -83,7 +83,7 @@ class TLQConfig(QuantizationConfigMixin):
         group_size: int = 128,
         sym: bool = True,
         act_bits: int | None = None,
-        method: str = "rtn",
+        method: str = "tlq",
         ignore: list[str] | None = None,
         save_format: str = "compressed-tensors",
         dataset: Any = None,

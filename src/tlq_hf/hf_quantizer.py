@@ -117,4 +117,6 @@ class TLQHfQuantizer(HfQuantizer):
             "version": __version__,
             "config": self.quantization_config.to_dict(),
             "summary": report.summary() if report is not None else None,
+            "recipe": vars(report.recipe) if report is not None and report.recipe is not None else None,
+            "calibration": {"samples": report.samples, "tokens": report.tokens} if report is not None else None,
         }

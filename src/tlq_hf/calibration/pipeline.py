@@ -82,6 +82,9 @@ class QuantizationReport:
     phases: dict[str, float] = field(default_factory=dict)
     answer_loss: float | None = None
     seconds: float = 0.0
+    recipe: Recipe | None = None
+    samples: int = 0
+    tokens: int = 0
 
     def summary(self) -> str:
         parts = [f"{self.method} {self.scheme}"]
@@ -93,6 +96,8 @@ class QuantizationReport:
                 f"{len(self.layers)} layers, weighted output rel. error (last layer) "
                 f"{self.layers[-1].error_before:.2e} -> {self.layers[-1].error_after:.2e}"
             )
+        if self.samples:
+            parts.append(f"{self.samples} samples / {self.tokens} tokens")
         if self.answer_loss is not None:
             parts.append(f"FP answer loss {self.answer_loss:.3f}")
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in self.phases.items())
@@ -179,7 +184,7 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
     targets = select_quant_targets(model, config.ignore)
     _check_targets(targets, scheme)
     start = time.perf_counter()
-    report = QuantizationReport(config.method, scheme.name)
+    report = QuantizationReport(config.method, scheme.name, recipe=recipe)
     if recipe.solver == "rtn" and recipe.smoothing is None:
         report.modules = _round_to_nearest(model, targets, scheme)
         report.seconds = time.perf_counter() - start
@@ -196,6 +201,7 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
     t0 = time.perf_counter()
     samples = _load_samples(model, config)
     captured = capture_layer_inputs(model, stack, samples)
+    report.samples, report.tokens = len(captured), sum(c.hidden.shape[1] for c in captured)
     report.phases["capture"] = time.perf_counter() - t0
 
     module_weights = layer_weights = boundaries = None
