@@ -39,7 +39,9 @@ def test_ignore_everything_is_an_error(tiny_vlm_dirs):
 @pytest.fixture(scope="module")
 def native_checkpoint(tiny_vlm_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("native")
-    model = auto_class().from_pretrained(tiny_vlm_dirs["qwen2_vl"], quantization_config=TLQConfig(method="rtn", save_format="tlq"))
+    model = auto_class().from_pretrained(
+        tiny_vlm_dirs["qwen2_vl"], quantization_config=TLQConfig(method="rtn", save_format="tlq")
+    )
     model.save_pretrained(out)
     return out
 

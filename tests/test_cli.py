@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from _helpers import auto_class
 from transformers import AutoProcessor
 
@@ -27,8 +26,9 @@ def test_demo_runs_and_reports(tmp_path, capsys):
 
 
 def test_tlq_quantize_command(tiny_vlm_dirs, tmp_path):
-    rc = quantize_main([tiny_vlm_dirs["qwen2_5_vl"], "--out", str(tmp_path / "q"), "--bits", "3", "--format", "tlq",
-                        "--method", "rtn"])
+    rc = quantize_main(
+        [tiny_vlm_dirs["qwen2_5_vl"], "--out", str(tmp_path / "q"), "--bits", "3", "--format", "tlq", "--method", "rtn"]
+    )
     assert rc == 0
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["bits"] == 3
     assert AutoProcessor.from_pretrained(tmp_path / "q").chat_template  # processor saved with the weights
@@ -50,6 +50,8 @@ def test_tlq_quantize_command_calibrates_on_a_dataset_folder(tiny_vlm_dirs, tmp_
             row["image"].save(folder / f"{i}.png")
             f.write(json.dumps({"file_name": f"{i}.png", "question": row["question"], "answer": row["answer"]}) + "\n")
     out = tmp_path / "q"
-    assert quantize_main([tiny_vlm_dirs["llava"], "--out", str(out), "--dataset", str(folder), "--num-samples", "4"]) == 0
+    assert (
+        quantize_main([tiny_vlm_dirs["llava"], "--out", str(out), "--dataset", str(folder), "--num-samples", "4"]) == 0
+    )
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "compressed-tensors"

@@ -32,7 +32,13 @@ def test_question_answer_labels_cover_exactly_the_answer(processor):
 def test_messages_and_caption_rows(processor):
     img = sample_images(1)[0]
     rows = [
-        {"image": img, "messages": [{"role": "user", "content": "what do you see"}, {"role": "assistant", "content": "the white dog"}]},
+        {
+            "image": img,
+            "messages": [
+                {"role": "user", "content": "what do you see"},
+                {"role": "assistant", "content": "the white dog"},
+            ],
+        },
         {"image": [img, img], "text": "two blue car"},
     ]
     first, second = build_calibration_set(rows, processor, 2, seed=0)

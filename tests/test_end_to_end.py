@@ -13,14 +13,13 @@ import textwrap
 
 import pytest
 import torch
+from _helpers import FAMILIES, auto_class, logits_of
 from torch import nn
 
 from tlq_hf import TLQConfig
 from tlq_hf.arch import find_decoder_stack
 from tlq_hf.evaluation import compare_logits, linear_bytes_on_disk
 from tlq_hf.nn import TLQLinear
-
-from _helpers import FAMILIES, auto_class, logits_of
 
 SCHEMES = {
     "W4A16-g128": dict(bits=4, group_size=128),
@@ -38,7 +37,8 @@ def _reload_without_plugin(folder: str, batch, out: str, dtype: str = "float32",
         f"""
         import sys, torch, transformers
         cls = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
-        kw = {{"dtype": torch.{dtype}}} if int(transformers.__version__.split(".")[0]) >= 5 else {{"torch_dtype": torch.{dtype}}}
+        v5 = int(transformers.__version__.split(".")[0]) >= 5
+        kw = {{"dtype" if v5 else "torch_dtype": torch.{dtype}}}
         if {device_map!r}: kw["device_map"] = {device_map!r}
         model = cls.from_pretrained({folder!r}, **kw)
         assert "tlq_hf" not in sys.modules, "tlq_hf was imported"

@@ -69,7 +69,9 @@ def test_select_tokens_keeps_the_most_important_fraction():
     kept = select_tokens(w, 0.5)  # ceil(3.5) = 4 tokens: 5, 4, 3, 3
     flat = torch.cat(kept)
     assert int((flat > 0).sum()) == 4
-    assert torch.equal(kept[0], torch.tensor([5.0, 0.0, 3.0])) and torch.equal(kept[1], torch.tensor([4.0, 0.0, 3.0, 0.0]))
+    assert torch.equal(kept[0], torch.tensor([5.0, 0.0, 3.0])) and torch.equal(
+        kept[1], torch.tensor([4.0, 0.0, 3.0, 0.0])
+    )
     assert select_tokens(w, 1.0) is w
 
 

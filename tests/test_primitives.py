@@ -46,7 +46,10 @@ def test_scale_is_rounded_to_storage_dtype():
 
 def test_asymmetric_covers_shifted_ranges_better():
     w = torch.rand(16, 128) + 0.5  # all positive
-    sym_err = (lambda s: (dequantize_codes(*quantize_weight(w, s), s, torch.float32) - w).norm())
+
+    def sym_err(s):
+        return (dequantize_codes(*quantize_weight(w, s), s, torch.float32) - w).norm()
+
     assert sym_err(QuantScheme(bits=3, group_size=128, sym=False)) < sym_err(QuantScheme(bits=3, group_size=128))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tlq_hf.primitives import dequantize_codes, fake_quantize_weight, compute_qparams
+from tlq_hf.primitives import compute_qparams, dequantize_codes, fake_quantize_weight
 from tlq_hf.qtypes import QuantScheme
 from tlq_hf.solvers import (
     awq_clip_search,
@@ -71,7 +71,9 @@ def test_awq_scale_and_clip_search_never_worse_than_rtn(scheme):
     for v in ws:  # clipping on the scaled problem never hurts either
         qp = awq_clip_search(v * s, x / s, a, scheme)
         clipped = weighted_output_error(v * s, fake_quantize_weight(v * s, qp, scheme), x / s, a)
-        plain = weighted_output_error(v * s, fake_quantize_weight(v * s, compute_qparams(v * s, scheme), scheme), x / s, a)
+        plain = weighted_output_error(
+            v * s, fake_quantize_weight(v * s, compute_qparams(v * s, scheme), scheme), x / s, a
+        )
         assert clipped <= plain * (1 + 1e-6)
 
 

@@ -64,7 +64,11 @@ class TLQQuantizer(OptimumQuantizer):
         return cls(model, processor)
 
     def quantize(
-        self, save_dir: str | os.PathLike, file_prefix: str | None = None, config: TLQConfig | None = None, **kwargs: Any
+        self,
+        save_dir: str | os.PathLike,
+        file_prefix: str | None = None,
+        config: TLQConfig | None = None,
+        **kwargs: Any,
     ) -> Path:
         """Quantize the wrapped model (default ``TLQConfig()``), save it and its processor to ``save_dir``."""
         if file_prefix is not None:

@@ -98,9 +98,7 @@ def find_decoder_stack(model: nn.Module) -> DecoderStack:
     owners += [m for m in model.modules() if getattr(m, "config", None) is text_config and m not in owners]
     names = {id(m): n for n, m in model.named_modules()}
     for owner in owners:
-        stacks = [
-            (n, m) for n, m in owner.named_children() if isinstance(m, nn.ModuleList) and len(m) == n_layers
-        ]
+        stacks = [(n, m) for n, m in owner.named_children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
         if len(stacks) == 1 and id(owner) in names:
             child, layers = stacks[0]
             prefix = names[id(owner)]
@@ -129,9 +127,7 @@ def select_quant_targets(model: nn.Module, ignore: list[str] | None) -> dict[str
     """
     if ignore is None:
         stack = find_decoder_stack(model)
-        return {
-            f"{stack.path}.{n}": m for n, m in stack.layers.named_modules() if isinstance(m, nn.Linear)
-        }
+        return {f"{stack.path}.{n}": m for n, m in stack.layers.named_modules() if isinstance(m, nn.Linear)}
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not matches_any(n, ignore)}
 
 

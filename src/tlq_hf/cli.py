@@ -61,8 +61,10 @@ def _quantize(args: argparse.Namespace) -> int:
         AutoProcessor.from_pretrained(args.model).save_pretrained(out)
     except (OSError, ValueError) as err:
         logging.getLogger(__name__).warning("no processor saved (%s)", err)
-    print(f"{model.tlq_report.summary()}\nsaved {config.save_format} checkpoint to {out} "
-          f"in {time.perf_counter() - start:.1f}s")
+    print(
+        f"{model.tlq_report.summary()}\nsaved {config.save_format} checkpoint to {out} "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
     return 0
 
 

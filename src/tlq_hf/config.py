@@ -107,9 +107,7 @@ class TLQConfig(QuantizationConfigMixin):
         kwargs.pop("quant_method", None)
         self.tlq_version = kwargs.pop("tlq_version", __version__)
         if kwargs:
-            raise TypeError(
-                f"TLQConfig got unknown argument(s) {sorted(kwargs)}; valid ones are {list(_SERIALIZED)}."
-            )
+            raise TypeError(f"TLQConfig got unknown argument(s) {sorted(kwargs)}; valid ones are {list(_SERIALIZED)}.")
         self.bits, self.group_size, self.sym, self.act_bits = bits, group_size, sym, act_bits
         self.method, self.ignore, self.save_format = method, ignore, save_format
         self.dataset, self.processor = dataset, processor
@@ -146,7 +144,9 @@ class TLQConfig(QuantizationConfigMixin):
             raise ValueError(f"TLQConfig(gamma={self.gamma!r}): use a positive exponent (0.5 tempers, 1 keeps raw).")
         lo, hi = self.importance_clip if len(self.importance_clip) == 2 else (None, None)
         if lo is None or not 0 < lo <= 1 <= hi:
-            raise ValueError(f"TLQConfig(importance_clip={self.importance_clip!r}): use (lo, hi) with 0 < lo <= 1 <= hi.")
+            raise ValueError(
+                f"TLQConfig(importance_clip={self.importance_clip!r}): use (lo, hi) with 0 < lo <= 1 <= hi."
+            )
         if not 0 <= self.uniform_mix <= 1:
             raise ValueError(f"TLQConfig(uniform_mix={self.uniform_mix!r}): use a value in [0, 1].")
         if not 0 <= self.damp < 1:

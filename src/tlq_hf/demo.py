@@ -51,7 +51,9 @@ def run_demo(
     t1 = time.perf_counter()
 
     held_out = build_calibration_set(sample_rows(12, seed=1), processor, 12, seed=7)
-    rtn = auto.from_pretrained(fp_dir, dtype=torch.float32, quantization_config=TLQConfig(bits=bits, group_size=group_size, method="rtn"))
+    rtn = auto.from_pretrained(
+        fp_dir, dtype=torch.float32, quantization_config=TLQConfig(bits=bits, group_size=group_size, method="rtn")
+    )
     rtn_answer = answer_metrics(fp, rtn, held_out)
     t1 = time.perf_counter()
     config = TLQConfig(bits=bits, group_size=group_size, dataset=sample_rows(num_samples), num_samples=num_samples)
@@ -72,23 +74,33 @@ def run_demo(
     ratio = q_bytes["stored"] / (2 * q_bytes["weights"])
     n_tokens = int(batch["attention_mask"].sum())
 
-    print(f"tlq_hf demo: {family} ({sum(p.numel() for p in fp.parameters()) / 1e6:.1f}M parameters, random weights,"
-          f" real architecture), {len(PROMPTS)} skimage photos, {n_tokens} tokens")
+    print(
+        f"tlq_hf demo: {family} ({sum(p.numel() for p in fp.parameters()) / 1e6:.1f}M parameters, random weights,"
+        f" real architecture), {len(PROMPTS)} skimage photos, {n_tokens} tokens"
+    )
     print(f"  quantized on load: {q.tlq_report.summary()}  [{t2 - t1:.1f}s]")
     print(f"  held-out answer tokens vs full precision ({len(held_out)} photo Q/A pairs):")
     print(f"    rtn {rtn.tlq_report.scheme}: {rtn_answer}")
     print(f"    tlq {q.tlq_report.scheme}: {tlq_answer}")
     print(f"  all prompt tokens, tlq vs full precision: {metrics}")
-    print(f"  decoder linears on disk: {q_bytes['stored'] / 1e6:.2f} MB vs {fp_bytes['stored'] / 1e6:.2f} MB fp32 "
-          f"({ratio:.3f}x of bf16)")
+    print(
+        f"  decoder linears on disk: {q_bytes['stored'] / 1e6:.2f} MB vs {fp_bytes['stored'] / 1e6:.2f} MB fp32 "
+        f"({ratio:.3f}x of bf16)"
+    )
     print(f"  saved compressed-tensors checkpoint: {q_dir}")
     print(f"  reloaded without calibration: logits rel. diff {reload_diff:.1e} vs in-memory model")
     print(f"  total {time.perf_counter() - t0:.1f}s")
     if reload_diff > 1e-4:
         raise RuntimeError(f"reloaded model differs from the in-memory quantized model (rel. diff {reload_diff:.2e})")
-    return {"rel_error": metrics.rel_error, "kl": metrics.kl, "agreement": metrics.agreement,
-            "answer_kl_tlq": tlq_answer.kl, "answer_kl_rtn": rtn_answer.kl,
-            "bytes_ratio_vs_bf16": ratio, "reload_rel_diff": reload_diff}
+    return {
+        "rel_error": metrics.rel_error,
+        "kl": metrics.kl,
+        "agreement": metrics.agreement,
+        "answer_kl_tlq": tlq_answer.kl,
+        "answer_kl_rtn": rtn_answer.kl,
+        "bytes_ratio_vs_bf16": ratio,
+        "reload_rel_diff": reload_diff,
+    }
 
 
 def demo_main(argv: list[str] | None = None) -> int:

@@ -582,7 +582,7 @@ _SKIMAGE_PHOTOS = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _skimage_photo(name: str, size: int) -> Image.Image:
     from skimage import data
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..arch import DecoderStack, image_token_id
 from ..data import CalibrationSample
 
-__all__ = ["StopForward", "CapturedSample", "capture_layer_inputs", "to_device", "layer_forward"]
+__all__ = ["StopForward", "CapturedSample", "capture_layer_inputs", "to_device", "layer_forward", "module_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +58,14 @@ def layer_forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
     return out[0] if isinstance(out, tuple) else out
 
 
-def _execution_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: its accelerate execution device, else its first materialised tensor's."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type != "meta":
+            return t.device
     return torch.device("cpu")
 
 
@@ -80,7 +84,7 @@ def capture_layer_inputs(
         raise StopForward
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    device = _execution_device(model)
+    device = module_device(model)
     img_id = image_token_id(model.config)
     captured = []
     try:

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import DecoderStack, find_final_norm
-from .capture import CapturedSample, layer_forward, to_device
+from .capture import CapturedSample, layer_forward, module_device, to_device
 
 __all__ = [
     "IMPORTANCE_KINDS",
@@ -136,7 +136,7 @@ def gradient_importance(
     boundaries: list[list[torch.Tensor]] = [[s.hidden for s in captured]]
     with torch.no_grad():
         for i, layer in enumerate(tqdm(stack.layers, desc="tlq importance fwd", unit="layer", leave=False)):
-            device = _module_device(layer)
+            device = module_device(layer)
             boundaries.append(
                 [
                     layer_forward(layer, h.to(device), to_device(s.kwargs, device)).to(offload)
@@ -148,7 +148,7 @@ def gradient_importance(
     grads: list[torch.Tensor] = []
     total = 0.0
     with _NoParamGrad(model), torch.enable_grad():
-        device = _module_device(head)
+        device = module_device(head)
         for h, s in zip(boundaries[-1], captured):
             h = h.to(device).detach().requires_grad_(True)
             loss = answer_loss(head(norm(h)), s.labels)
@@ -156,7 +156,7 @@ def gradient_importance(
             total += float(loss.detach())
             grads.append(h.grad.to(offload))
         for i in tqdm(range(n_layers - 1, -1, -1), desc="tlq importance bwd", unit="layer", leave=False):
-            layer, device = stack.layers[i], _module_device(stack.layers[i])
+            layer, device = stack.layers[i], module_device(stack.layers[i])
             layer_raw[i] = [reduce(g[0]).cpu() for g in grads]
             grabber = _OutputGrabber(_layer_targets(stack, targets, i))
             try:
@@ -202,18 +202,6 @@ def reference_importance(
     finally:
         grabber.remove()
     return raw
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    hook = getattr(module, "_hf_hook", None)
-    if hook is not None and getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)
-    for p in module.parameters():
-        if p.device.type != "meta":
-            return p.device
-    for b in module.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 def temper(raw: torch.Tensor, t: Tempering) -> torch.Tensor:

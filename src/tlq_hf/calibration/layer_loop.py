@@ -26,8 +26,7 @@ from ..nn import TLQLinear
 from ..primitives import fake_quantize_activation, quantize_codes
 from ..qtypes import QuantScheme
 from ..solvers import awq_clip_search, awq_scale_search, gptq, rtn, smoothquant_scales
-from .capture import CapturedSample, layer_forward, to_device
-from .importance import _module_device
+from .capture import CapturedSample, layer_forward, module_device, to_device
 
 __all__ = ["LayerSettings", "LayerReport", "calibrate_layers"]
 
@@ -96,7 +95,9 @@ class _Stats:
             h.remove()
 
 
-def _weighted_rel_error(outs: list[torch.Tensor], refs: list[torch.Tensor], weights: list[torch.Tensor] | None) -> float:
+def _weighted_rel_error(
+    outs: list[torch.Tensor], refs: list[torch.Tensor], weights: list[torch.Tensor] | None
+) -> float:
     num = den = 0.0
     for i, (o, r) in enumerate(zip(outs, refs)):
         a = torch.ones(r.shape[1]) if weights is None else weights[i].float()
@@ -176,7 +177,7 @@ def calibrate_layers(
     reports = []
     for i, layer in enumerate(tqdm(stack.layers, desc=f"tlq layers ({cfg.solver})", unit="layer")):
         start = time.perf_counter()
-        device = _module_device(layer)
+        device = module_device(layer)
         prefix = stack.layer_prefix(i)
         layer_targets = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
         kwargs = [to_device(s.kwargs, device) for s in captured]
@@ -209,7 +210,10 @@ def calibrate_layers(
             y_after = [layer_forward(layer, h.to(device), kw).to(offload) for h, kw in zip(x_in, kwargs)]
         lw = layer_weights[i] if layer_weights is not None else None
         report = LayerReport(
-            i, _weighted_rel_error(y_before, y_fp, lw), _weighted_rel_error(y_after, y_fp, lw), time.perf_counter() - start
+            i,
+            _weighted_rel_error(y_before, y_fp, lw),
+            _weighted_rel_error(y_after, y_fp, lw),
+            time.perf_counter() - start,
         )
         logger.info("tlq layer %d: weighted rel. error %.3e -> %.3e", i, report.error_before, report.error_after)
         reports.append(report)

@@ -224,7 +224,15 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
         smooth_alpha=config.smooth_alpha,
     )
     report.layers = calibrate_layers(
-        model, stack, in_stack, captured, scheme, settings, module_weights, layer_weights, boundaries,
+        model,
+        stack,
+        in_stack,
+        captured,
+        scheme,
+        settings,
+        module_weights,
+        layer_weights,
+        boundaries,
         swap=lambda name, new: swap_module(model, name, new),
     )
     report.phases["layers"] = time.perf_counter() - t0

@@ -83,7 +83,7 @@ def ct_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if not isinstance(module, TLQLinear):
             continue
         prefix = f"{name}." if name else ""
-        for key in [k for k in state if k.startswith(prefix) and "." not in k[len(prefix):]]:
+        for key in [k for k in state if k.startswith(prefix) and "." not in k[len(prefix) :]]:
             del state[key]
         state.update({prefix + k: v for k, v in _module_tensors(module).items()})
     return state

@@ -30,7 +30,9 @@ class CorruptCheckpointError(ValueError):
     """A ``tlq`` checkpoint whose packed tensors are missing, mis-shaped or non-finite."""
 
 
-def swap_in_packed_modules(model: nn.Module, scheme: QuantScheme, ignore: list[str] | None, dtype: torch.dtype) -> list[str]:
+def swap_in_packed_modules(
+    model: nn.Module, scheme: QuantScheme, ignore: list[str] | None, dtype: torch.dtype
+) -> list[str]:
     """Replace target ``nn.Linear`` modules by empty :class:`TLQLinear`; return their names."""
     from ..calibration.pipeline import swap_module
 
@@ -46,7 +48,10 @@ def swap_in_packed_modules(model: nn.Module, scheme: QuantScheme, ignore: list[s
 def _expected(module: TLQLinear) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     out, inf, scheme = module.out_features, module.in_features, module.scheme
     groups = scheme.groups(inf)
-    spec = {"weight_packed": (packed_shape((out, inf), scheme.bits), torch.int32), "weight_scale": ((out, groups), None)}
+    spec = {
+        "weight_packed": (packed_shape((out, inf), scheme.bits), torch.int32),
+        "weight_scale": ((out, groups), None),
+    }
     if not scheme.sym:
         spec["weight_zero_point"] = ((out, groups), torch.int8)
     return spec
@@ -100,7 +105,9 @@ def validate_checkpoint(files: list[str], model: nn.Module, names: list[str]) ->
                 if spec is None:
                     problems.append(f"{disk}.{buf}: missing from the checkpoint")
                 elif spec[0] != shape or (dtype is not None and spec[1] != _SAFETENSORS_DTYPES[dtype]):
-                    problems.append(f"{disk}.{buf}: {spec[0]} {spec[1]} in the checkpoint, expected {shape} {dtype or 'float'}")
+                    problems.append(
+                        f"{disk}.{buf}: {spec[0]} {spec[1]} in the checkpoint, expected {shape} {dtype or 'float'}"
+                    )
     if len(disk_modules) != len(names):
         problems.append(f"the checkpoint has {len(disk_modules)} packed modules, the config selects {len(names)}")
     _raise_if(problems)

@@ -2,12 +2,10 @@
 
 Buffers (all persistent, saved as ``<module>.<name>`` in the native ``tlq`` format):
 
-| name                | dtype        | shape                                 | meaning                                   |
-|---------------------|--------------|---------------------------------------|-------------------------------------------|
-| ``weight_packed``   | int32        | ``[out, ceil(in * bits / 32)]``       | codes packed along ``in`` (see packing.py) |
-| ``weight_scale``    | model dtype  | ``[out, n_groups]``                   | per (row, group) scale                    |
-| ``weight_zero_point`` | int8 (asym only) | ``[out, n_groups]``               | signed zero point                         |
-| ``bias``            | model dtype  | ``[out]`` (if the layer had one)      | unchanged bias                            |
+- ``weight_packed``: int32 ``[out, ceil(in * bits / 32)]``, codes packed along ``in`` (see packing.py);
+- ``weight_scale``: model dtype ``[out, n_groups]``, one scale per (row, group);
+- ``weight_zero_point``: int8 ``[out, n_groups]``, signed zero point (asymmetric schemes only);
+- ``bias``: model dtype ``[out]``, unchanged (if the layer had one).
 
 The forward dequantizes the weight in the scale's dtype (``(q - zero) * scale``, as compressed-tensors
 does on reload) and, for ``act_bits=8``, fake-quantizes the input per token first.
@@ -51,7 +49,9 @@ class TLQLinear(nn.Module):
             self.register_buffer(
                 "weight_zero_point", torch.zeros(out_features, n_groups, dtype=torch.int8, device=device)
             )
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
 
     @classmethod
     def from_codes(
@@ -59,7 +59,9 @@ class TLQLinear(nn.Module):
     ) -> TLQLinear:
         """Build a module from int8 ``codes [out, in]`` and their qparams (the solver's output)."""
         out_features, in_features = codes.shape
-        module = cls(in_features, out_features, scheme, bias=bias is not None, dtype=qparams.scale.dtype, device=codes.device)
+        module = cls(
+            in_features, out_features, scheme, bias=bias is not None, dtype=qparams.scale.dtype, device=codes.device
+        )
         module.weight_packed.copy_(pack(codes, scheme.bits))
         module.weight_scale.copy_(qparams.scale)
         if not scheme.sym:

@@ -11,6 +11,8 @@ __all__ = ["rtn"]
 
 
 @torch.no_grad()
-def rtn(weight: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, QParams]:
+def rtn(
+    weight: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, QParams]:
     """Quantize ``weight [out, in]`` to int8 codes and qparams (scale stored in ``scale_dtype``)."""
     return quantize_weight(weight, scheme, scale_dtype=scale_dtype or weight.dtype)
