@@ -14,10 +14,11 @@ transformers 5 would reload as a re-built ``Qwen2Tokenizer`` (words become ``<un
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from transformers import BatchFeature, PreTrainedTokenizerFast
 __all__ = [
     "FAMILIES",
     "build_tiny_vlm",
+    "build_vlm",
     "load_auto_class",
     "make_inputs",
     "sample_images",
@@ -188,8 +190,18 @@ def _rope_kwargs(theta: float, **extra: Any) -> dict[str, Any]:
     return {"rope_theta": theta, "rope_scaling": {"type": "mrope", **extra}}
 
 
+def _mrope_section(text: dict[str, Any]) -> list[int]:
+    """The 2:3:3 (temporal, height, width) M-RoPE split of ``text``'s head_dim // 2 frequencies."""
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    if head_dim == _HEAD_DIM:
+        return list(_MROPE_SECTION)
+    if head_dim % 16:
+        raise ValueError(f"M-RoPE needs a head_dim divisible by 16, got {head_dim}")
+    return [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]
+
+
 def _qwen_text_config(text: dict[str, Any]) -> dict[str, Any]:
-    return {**text, **_rope_kwargs(_ROPE_THETA, mrope_section=_MROPE_SECTION)}
+    return {**text, **_rope_kwargs(_ROPE_THETA, mrope_section=_mrope_section(text))}
 
 
 def _qwen2_vl_config(text: dict[str, Any]) -> dict[str, Any]:
@@ -407,9 +419,10 @@ def _tokenizer_class(processor_cls: type) -> type[PreTrainedTokenizerFast]:
     return _transformers_class(fast_names[0]) if fast_names else PreTrainedTokenizerFast
 
 
-def _build_tokenizer(spec: _FamilySpec) -> PreTrainedTokenizerFast:
-    """Word-level fast tokenizer over ``special tokens + punctuation + digits + words``."""
-    tokens = list(dict.fromkeys((*spec.special_tokens, *_PUNCTUATION, *_DIGITS, *_WORDS)))
+def _build_tokenizer(spec: _FamilySpec, extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """Word-level fast tokenizer over ``special tokens + punctuation + digits + words + extra words``."""
+    extra = (word.lower() for word in extra_words)
+    tokens = list(dict.fromkeys((*spec.special_tokens, *_PUNCTUATION, *_DIGITS, *_WORDS, *extra)))
     vocab = {token: index for index, token in enumerate(tokens)}
     backend = Tokenizer(WordLevel(vocab, unk_token=spec.roles["unk_token"]))
     backend.normalizer = normalizers.Lowercase()
@@ -449,10 +462,19 @@ def _build_processor(spec: _FamilySpec, tokenizer: PreTrainedTokenizerFast) -> A
     return processor_cls(tokenizer=tokenizer, chat_template=spec.chat_template, **parts, **spec.processor_kwargs)
 
 
-def _build_config(spec: _FamilySpec, tokenizer: PreTrainedTokenizerFast) -> Any:
+def _build_config(
+    spec: _FamilySpec,
+    tokenizer: PreTrainedTokenizerFast,
+    text_overrides: Mapping[str, Any] | None = None,
+    vision_overrides: Mapping[str, Any] | None = None,
+    config_overrides: Mapping[str, Any] | None = None,
+) -> Any:
+    """The model config; the overrides update the text dimensions, the ``vision_config`` dict and the
+    top-level fields of the family's defaults."""
     vocab_size = -(-len(tokenizer) // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
     text = {
         **_TEXT_DIMS,
+        **(text_overrides or {}),
         "vocab_size": vocab_size,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -460,7 +482,11 @@ def _build_config(spec: _FamilySpec, tokenizer: PreTrainedTokenizerFast) -> Any:
     }
     token_ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in spec.token_id_fields.items()}
     config_cls = _transformers_class(spec.model_class).config_class
-    return config_cls(**spec.model_config(text), **token_ids, tie_word_embeddings=False)
+    fields = spec.model_config(text)
+    if vision_overrides:
+        fields["vision_config"] = {**fields["vision_config"], **vision_overrides}
+    fields.update(config_overrides or {})
+    return config_cls(**fields, **token_ids, tie_word_embeddings=False)
 
 
 @torch.no_grad()
@@ -549,6 +575,62 @@ def build_tiny_vlm(family: str, path: str | os.PathLike, seed: int = 0, dtype: t
         path,
     )
     return path
+
+
+def build_vlm(
+    family: str,
+    *,
+    extra_words: Sequence[str] = (),
+    text: Mapping[str, Any] | None = None,
+    vision: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+    image_processor: Mapping[str, Any] | None = None,
+    processor: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> tuple[torch.nn.Module, Any]:
+    """A randomly initialised float32 VLM of ``family`` and its processor, in memory, customised.
+
+    The tokenizer, chat template and processor are built exactly as in :func:`build_tiny_vlm`; on top:
+
+    * ``extra_words`` are appended to the word-level vocabulary (lowercased);
+    * ``text`` overrides the decoder dimensions (``hidden_size``, ``num_hidden_layers``, ...);
+    * ``vision`` updates the ``vision_config`` dict and ``config`` the top-level config fields
+      (e.g. LLaVA's ``image_seq_length``);
+    * ``image_processor`` updates the image processor's kwargs (and the video processor's, for the keys
+      it shares with them) and ``processor`` the processor's kwargs (e.g. LLaVA's ``patch_size``).
+
+    Nothing is saved: train the model, then ``save_pretrained`` both. With no overrides the model equals
+    the one :func:`build_tiny_vlm` saves for the same ``seed``.
+
+    Raises:
+        ValueError: if ``family`` is not one of :data:`FAMILIES`.
+    """
+    try:
+        spec = _FAMILY_SPECS[family]
+    except KeyError:
+        raise ValueError(f"Unknown tiny VLM family {family!r}; valid families: {', '.join(FAMILIES)}") from None
+    image_overrides = dict(image_processor or {})
+    image_cls, image_kwargs = spec.image_processor
+    video = spec.video_processor
+    if video is not None:
+        shared = {k: v for k, v in image_overrides.items() if k in video[1]}
+        video = (video[0], {**video[1], **shared})
+    spec = dataclasses.replace(
+        spec,
+        image_processor=(image_cls, {**image_kwargs, **image_overrides}),
+        video_processor=video,
+        processor_kwargs={**spec.processor_kwargs, **(processor or {})},
+    )
+    tokenizer = _build_tokenizer(spec, extra_words)
+    built_processor = _build_processor(spec, tokenizer)
+    model_config = _build_config(spec, tokenizer, text, vision, config)
+    model_cls = _transformers_class(spec.model_class)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(model_config)
+        _reinit_degenerate_parameters(model, std=_INIT_STD)
+    _set_generation_ids(model, tokenizer)
+    return model.eval(), built_processor
 
 
 def load_auto_class() -> type:

@@ -58,8 +58,11 @@ class LayerReport:
 class _Stats:
     """Per-module input statistics collected by forward pre-hooks during one layer pass."""
 
-    def __init__(self, modules: dict[str, nn.Linear], act_bits: int | None, keep_inputs: bool, gram: bool):
+    def __init__(
+        self, modules: dict[str, nn.Linear], act_bits: int | None, keep_inputs: bool, gram: bool, keep_per_sample: int
+    ):
         self.act_bits, self.keep_inputs, self.gram = act_bits, keep_inputs, gram
+        self.keep_per_sample = keep_per_sample  # input rows kept per sample (memory stays bounded)
         self.weights: dict[str, torch.Tensor | None] = {}
         self.hessian: dict[str, torch.Tensor] = {}
         self.mass: dict[str, float] = {}
@@ -85,8 +88,9 @@ class _Stats:
                 self.hessian[name] = h if name not in self.hessian else self.hessian[name] + h
                 self.mass[name] = self.mass.get(name, 0.0) + float(a[keep].sum())
             if self.keep_inputs:
-                self.inputs[name].append(x[keep].cpu())
-                self.token_w[name].append(a[keep].cpu())
+                xs, ws = _subsample_rows(x[keep], a[keep], self.keep_per_sample)
+                self.inputs[name].append(xs.cpu())
+                self.token_w[name].append(ws.cpu())
 
         return hook
 
@@ -193,6 +197,7 @@ def calibrate_layers(
                 scheme.act_bits,
                 keep_inputs=cfg.solver == "awq" or cfg.smoothing == "awq",
                 gram=cfg.solver == "gptq",
+                keep_per_sample=max(1, -(-cfg.max_tokens // len(captured))),
             )
             y_before = []
             try:
