@@ -36,3 +36,19 @@ def test_unpack_rejects_wrong_shape():
     packed = pack(torch.zeros(4, 32, dtype=torch.int8), 3)
     with pytest.raises(ValueError, match="must be"):
         unpack(packed, 3, (4, 64))
+
+
+def test_dequant_cache_gives_identical_outputs_and_is_released():
+    from tlq_hf.nn import TLQLinear, dequant_cache
+    from tlq_hf.qtypes import QuantScheme
+    from tlq_hf.solvers import rtn
+
+    scheme = QuantScheme(bits=3, group_size=64)
+    w = torch.randn(32, 128)
+    module = TLQLinear.from_codes(*rtn(w, scheme), scheme)
+    x = torch.randn(5, 128)
+    plain = module(x)
+    with dequant_cache(module):
+        assert torch.equal(module(x), plain) and module._cache is not None
+        assert torch.equal(module(x), plain)
+    assert module._cache is None and torch.equal(module(x), plain)

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import DecoderStack, smooth_mappings
-from ..nn import TLQLinear
+from ..nn import TLQLinear, dequant_cache
 from ..primitives import fake_quantize_activation, quantize_codes
 from ..qtypes import QuantScheme
 from ..solvers import awq_clip_search, awq_scale_search, gptq, rtn, smoothquant_scales
@@ -212,7 +212,8 @@ def calibrate_layers(
                 codes, qp = _solve(name, linear, stats, scheme, cfg)
                 swap(name, TLQLinear.from_codes(codes, qp, scheme, bias=linear.bias))
             del stats
-            y_after = [layer_forward(layer, h.to(device), kw).to(offload) for h, kw in zip(x_in, kwargs)]
+            with dequant_cache(layer):
+                y_after = [layer_forward(layer, h.to(device), kw).to(offload) for h, kw in zip(x_in, kwargs)]
         lw = layer_weights[i] if layer_weights is not None else None
         report = LayerReport(
             i,

@@ -1,5 +1,5 @@
 """Packed quantized modules."""
 
-from .quant_linear import TLQLinear
+from .quant_linear import TLQLinear, dequant_cache
 
-__all__ = ["TLQLinear"]
+__all__ = ["TLQLinear", "dequant_cache"]

@@ -13,6 +13,9 @@ does on reload) and, for ``act_bits=8``, fake-quantizes the input per token firs
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +24,7 @@ from ..packing import pack, packed_shape, unpack
 from ..primitives import QParams, dequantize_codes, fake_quantize_activation
 from ..qtypes import QuantScheme
 
-__all__ = ["TLQLinear"]
+__all__ = ["TLQLinear", "dequant_cache"]
 
 
 class TLQLinear(nn.Module):
@@ -49,6 +52,8 @@ class TLQLinear(nn.Module):
             self.register_buffer(
                 "weight_zero_point", torch.zeros(out_features, n_groups, dtype=torch.int8, device=device)
             )
+        self._cache: torch.Tensor | None = None  # dense weight, only inside ``dequant_cache``
+        self._caching = False
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         )
@@ -85,9 +90,30 @@ class TLQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme.act_bits is not None:
             x = fake_quantize_activation(x, self.scheme.act_bits)
-        weight = self.dequantized_weight(dtype=x.dtype)
+        if not self._caching:
+            weight = self.dequantized_weight(dtype=x.dtype)
+        else:
+            if self._cache is None or self._cache.dtype != x.dtype:
+                self._cache = self.dequantized_weight(dtype=x.dtype)
+            weight = self._cache
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+
+
+@contextmanager
+def dequant_cache(module: nn.Module) -> Iterator[None]:
+    """Inside the block, every :class:`TLQLinear` under ``module`` dequantizes its weight once and reuses it.
+
+    For loops that run the same packed layer many times (calibration); memory returns to packed size on exit.
+    """
+    packed = [m for m in module.modules() if isinstance(m, TLQLinear)]
+    for m in packed:
+        m._caching = True
+    try:
+        yield
+    finally:
+        for m in packed:
+            m._caching, m._cache = False, None

@@ -1,0 +1,367 @@
+"""The quality table: every method (and peer libraries) on the trained benchmark VLMs.
+
+    python benchmarks/quality.py            # full table (both models, all schemes, 3 seeds, ablations)
+    python benchmarks/quality.py --quick    # one model, W3A16-g128, 1 seed
+    python benchmarks/quality.py --peers    # also llm-compressor GPTQ/AWQ (needs .venv-peers, see PEERS.md)
+
+Each calibration runs in its own subprocess (so wall time and peak RSS are per method, and peers run in
+their own environment), saves a compressed-tensors checkpoint, and the parent evaluates every saved
+checkpoint the same way: first-answer-token logits on held-out items of `vqa_task` against the
+full-precision model. Metrics: answer-token KL(FP || quantized), flip rate (1 - top-1 agreement with FP),
+held-out accuracy; calibration wall time and peak RSS of the calibrating process.
+
+Writes benchmarks/results/quality.json (one record per model/library/method/scheme/seed, plus one
+`method: "fp"` record per model with `text_prior_accuracy`), benchmarks/results/RESULTS.md and
+benchmarks/results/quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import vqa_task  # noqa: E402
+
+MODELS = ("llava-vqa", "qwen2vl-vqa")
+SCHEMES: dict[str, dict[str, Any]] = {
+    "W4A16-g128": dict(bits=4, group_size=128),
+    "W3A16-g128": dict(bits=3, group_size=128),
+    "W2A16-g64": dict(bits=2, group_size=64),
+    "W8A8": dict(bits=8, group_size=-1, act_bits=8),
+    "W4A8": dict(bits=4, group_size=128, act_bits=8),
+}
+# label -> TLQConfig fields (method first)
+METHODS: dict[str, dict[str, Any]] = {
+    "rtn": dict(method="rtn"),
+    "smoothquant": dict(method="smoothquant"),
+    "awq": dict(method="awq"),
+    "gptq": dict(method="gptq"),
+    "mbq": dict(method="mbq"),
+    "tlq-gptq": dict(method="tlq", solver="gptq"),
+    "tlq-awq": dict(method="tlq", solver="awq"),
+}
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "tlq importance=uniform": dict(method="tlq", importance="uniform"),
+    "tlq importance=l1": dict(method="tlq", importance="l1"),
+    "tlq token_fraction=0.5": dict(method="tlq", token_fraction=0.5),
+    "tlq token_fraction=0.25": dict(method="tlq", token_fraction=0.25),
+    "tlq exposed=off": dict(method="tlq", exposed=False),
+}
+PEERS: dict[str, str] = {"llmc-gptq": "GPTQModifier", "llmc-awq": "AWQModifier"}
+PEER_SCHEMES = ("W4A16-g128", "W3A16-g128")
+NUM_SAMPLES, POOL, HELD_OUT = 128, 1024, 2000
+POOL_SEED, HELD_OUT_SEED = 1234, 5678
+
+
+def calibration_rows(seed: int) -> list[dict]:
+    """The 128 calibration rows of calibration seed ``seed``: a seeded subset of a fixed training pool."""
+    pool = vqa_task.make_items(POOL, seed=POOL_SEED, split="train")
+    order = list(range(POOL))
+    random.Random(seed).shuffle(order)
+    return [pool[i] for i in order[:NUM_SAMPLES]]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------- workers (subprocesses)
+
+
+def _worker_tlq(job: dict) -> dict:
+    import tlq_hf  # noqa: F401  registers quant_method "tlq"
+    from tlq_hf import TLQConfig
+    from tlq_hf.tiny_models import load_auto_class
+
+    torch.set_num_threads(job["threads"])
+    out = {}
+    for seed in job["seeds"]:
+        cfg = TLQConfig(dataset=calibration_rows(seed), num_samples=NUM_SAMPLES, **job["scheme"], **job["config"])
+        start = time.perf_counter()
+        model = load_auto_class().from_pretrained(job["model"], quantization_config=cfg, dtype=torch.float32)
+        seconds = time.perf_counter() - start
+        model.save_pretrained(Path(job["out"]) / f"seed{seed}")
+        out[seed] = seconds
+    return {"calib_seconds": out, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _worker_llmc(job: dict) -> dict:
+    """llm-compressor oneshot on the same rows, encoded by the same processor and chat template."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoProcessor
+
+    from tlq_hf.data import build_calibration_set
+    from tlq_hf.tiny_models import load_auto_class
+
+    torch.set_num_threads(job["threads"])
+    processor = AutoProcessor.from_pretrained(job["model"])
+    scheme = {"W4A16-g128": "W4A16", "W3A16-g128": "W3A16"}[job["scheme_name"]]
+    ignore = ["re:.*lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
+    out = {}
+    for seed in job["seeds"]:
+        samples = build_calibration_set(calibration_rows(seed), processor, NUM_SAMPLES)
+        # rows keep the processor's exact tensors (batch dim included); the collator restores dtypes
+        ds = Dataset.from_list([{k: v.tolist() for k, v in s.inputs.items()} for s in samples])
+        dtypes = {k: v.dtype for k, v in samples[0].inputs.items()}
+
+        def collate(batch, dtypes=dtypes):
+            return {k: torch.tensor(v, dtype=dtypes[k]) for k, v in batch[0].items()}
+
+        model = load_auto_class().from_pretrained(job["model"], dtype=torch.float32)
+        modifier_cls = {"GPTQModifier": GPTQModifier, "AWQModifier": AWQModifier}[job["modifier"]]
+        recipe = modifier_cls(targets="Linear", scheme=scheme, ignore=ignore)
+        start = time.perf_counter()
+        oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=NUM_SAMPLES,
+                max_seq_length=4096, data_collator=collate, processor=processor)
+        out[seed] = time.perf_counter() - start
+        model.save_pretrained(Path(job["out"]) / f"seed{seed}", save_compressed=True)
+    return {"calib_seconds": out, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _run_worker(python: str, job: dict, timeout: int = 3600) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [python, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
+                "stderr": proc.stderr[-4000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- evaluation (parent)
+
+
+class Evaluator:
+    """First-answer-token log-probabilities of held-out items, inputs encoded once per model."""
+
+    def __init__(self, model_dir: str, n_items: int, batch_size: int = 64) -> None:
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.items = vqa_task.make_items(n_items, seed=HELD_OUT_SEED, split="test")
+        tok = self.processor.tokenizer
+        self.answers = torch.tensor([tok(i["answer"], add_special_tokens=False)["input_ids"][0] for i in self.items])
+        self.batches = []
+        for start in range(0, len(self.items), batch_size):
+            part = self.items[start : start + batch_size]
+            texts = [
+                self.processor.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": i["question"]}]}],
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+                for i in part
+            ]
+            enc = self.processor(text=texts, images=[i["image"] for i in part], return_tensors="pt", padding=True)
+            mask = enc["attention_mask"]
+            last = (mask * torch.arange(mask.shape[1])).argmax(-1)
+            self.batches.append((dict(enc), last))
+
+    @torch.inference_mode()
+    def logprobs(self, model) -> torch.Tensor:
+        out = []
+        for enc, last in self.batches:
+            logits = model(**enc).logits
+            out.append(torch.log_softmax(logits[torch.arange(len(last)), last].float(), -1))
+        return torch.cat(out)
+
+    def metrics(self, ref: torch.Tensor, q: torch.Tensor) -> dict[str, float]:
+        kl = float((ref.exp() * (ref - q)).sum(-1).mean())
+        return {
+            "accuracy": float((q.argmax(-1) == self.answers).float().mean()),
+            "kl": kl,
+            "agreement": float((q.argmax(-1) == ref.argmax(-1)).float().mean()),
+        }
+
+
+def _load(path: Path):
+    from tlq_hf.tiny_models import load_auto_class
+
+    return load_auto_class().from_pretrained(path, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def _jobs(args) -> list[dict]:
+    jobs = []
+    methods = dict(METHODS)
+    for model in args.models:
+        for scheme in args.schemes:
+            for label, cfg in methods.items():
+                jobs.append(dict(kind="tlq", model_name=model, label=label, scheme_name=scheme, config=cfg))
+            if scheme == "W3A16-g128" and not args.quick:
+                for label, cfg in ABLATIONS.items():
+                    jobs.append(dict(kind="tlq", model_name=model, label=label, scheme_name=scheme, config=cfg))
+            if args.peers and scheme in PEER_SCHEMES:
+                for label, modifier in PEERS.items():
+                    jobs.append(dict(kind="llmc", model_name=model, label=label, scheme_name=scheme, modifier=modifier))
+    return jobs
+
+
+def run(args) -> list[dict]:
+    records: list[dict] = []
+    work = Path(tempfile.mkdtemp(prefix="tlq-quality-"))
+    evaluators, refs = {}, {}
+    for model in args.models:
+        path = HERE / "models" / model
+        ev = Evaluator(str(path), args.held_out)
+        fp = _load(path)
+        refs[model] = ev.logprobs(fp)
+        prior = vqa_task.text_prior_accuracy(vqa_task.make_items(4000, seed=POOL_SEED, split="train"), ev.items)
+        fp_acc = float((refs[model].argmax(-1) == ev.answers).float().mean())
+        records.append(dict(model=model, library="fp", method="fp", scheme="fp", seed=None, accuracy=fp_acc,
+                            kl=0.0, agreement=1.0, calib_seconds=0.0, peak_rss_mb=None, text_prior_accuracy=prior))
+        print(f"{model}: FP accuracy {fp_acc:.1%}, text-only prior {prior:.1%} on {len(ev.items)} items", flush=True)
+        evaluators[model] = ev
+        del fp
+    for job in _jobs(args):
+        job.update(model=str(HERE / "models" / job["model_name"]), scheme=SCHEMES[job["scheme_name"]],
+                   seeds=args.seeds, threads=args.threads,
+                   out=str(work / f"{job['model_name']}-{job['label']}-{job['scheme_name']}".replace(" ", "_")))
+        python = args.peers_python if job["kind"] == "llmc" else sys.executable
+        result = _run_worker(python, job)
+        library = "llm-compressor" if job["kind"] == "llmc" else "tlq_hf"
+        if "error" in result:
+            print(f"{job['model_name']} {job['label']} {job['scheme_name']}: FAILED {result['error']}", flush=True)
+            records.append(dict(model=job["model_name"], library=library, method=job["label"],
+                                scheme=job["scheme_name"], seed=None, error=result["error"]))
+            continue
+        ev = evaluators[job["model_name"]]
+        for seed in args.seeds:
+            ckpt = Path(job["out"]) / f"seed{seed}"
+            m = ev.metrics(refs[job["model_name"]], ev.logprobs(_load(ckpt)))
+            rec = dict(model=job["model_name"], library=library, method=job["label"], scheme=job["scheme_name"],
+                       seed=seed, **m, calib_seconds=result["calib_seconds"][str(seed)],
+                       peak_rss_mb=result["peak_rss_mb"])
+            records.append(rec)
+            print(f"{rec['model']:12s} {rec['scheme']:11s} {rec['method']:24s} seed {seed}: acc {m['accuracy']:.1%} "
+                  f"KL {m['kl']:.2e} flips {1 - m['agreement']:.1%} {rec['calib_seconds']:.1f}s "
+                  f"{rec['peak_rss_mb']:.0f} MB", flush=True)
+        shutil.rmtree(job["out"], ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return records
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def write_results(records: list[dict], args, wall: float) -> None:
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    (results / "quality.json").write_text(json.dumps(records, indent=1))
+    lines = ["# Quality table: trained benchmark VLMs", "", f"Command: `python benchmarks/quality.py {' '.join(args.argv)}`"
+             f" ({wall / 60:.1f} min on this machine). {NUM_SAMPLES} calibration items per seed (seeds "
+             f"{args.seeds}), {args.held_out} held-out items; KL(FP || quantized) and flips at the first answer "
+             "token; mean ± std over seeds. Calibration time and peak RSS are per calibrating process.", ""]
+    for model in args.models:
+        fp = next(r for r in records if r["model"] == model and r["method"] == "fp")
+        lines += [f"## {model}", "", f"FP held-out accuracy {fp['accuracy']:.1%}; text-only prior "
+                  f"{fp['text_prior_accuracy']:.1%}.", ""]
+        for scheme in args.schemes:
+            rows = [r for r in records if r["model"] == model and r["scheme"] == scheme]
+            if not rows:
+                continue
+            lines += [f"### {scheme}", "", "| library | method | KL | flips | accuracy | calib s | peak RSS MB |",
+                      "|---|---|---|---|---|---|---|"]
+            seen = []
+            for r in rows:
+                key = (r["library"], r["method"])
+                if key in seen:
+                    continue
+                seen.append(key)
+                group = [x for x in rows if (x["library"], x["method"]) == key]
+                if "error" in group[0]:
+                    lines.append(f"| {key[0]} | {key[1]} | failed: {group[0]['error']} | | | | |")
+                    continue
+                kl, kls = _mean_std([x["kl"] for x in group])
+                fl, fls = _mean_std([1 - x["agreement"] for x in group])
+                ac, acs = _mean_std([x["accuracy"] for x in group])
+                ts, _ = _mean_std([x["calib_seconds"] for x in group])
+                lines.append(f"| {key[0]} | {key[1]} | {kl:.2e} ± {kls:.1e} | {fl:.2%} ± {fls:.2%} | "
+                             f"{ac:.2%} ± {acs:.2%} | {ts:.1f} | {group[0]['peak_rss_mb']:.0f} |")
+            lines.append("")
+    (results / "RESULTS.md").write_text("\n".join(lines))
+    _plot(records, args, results / "quality.png")
+
+
+def _plot(records: list[dict], args, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, len(args.models), figsize=(7 * len(args.models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], args.models):
+        methods = []
+        for r in records:
+            if r["model"] == model and r["method"] != "fp" and "error" not in r and r["method"] not in methods:
+                if not r["method"].startswith("tlq ") or r["method"] in ("tlq-gptq", "tlq-awq"):
+                    methods.append(r["method"])
+        width = 0.8 / max(len(methods), 1)
+        for k, method in enumerate(methods):
+            ys = []
+            for scheme in args.schemes:
+                vals = [r["kl"] for r in records if r["model"] == model and r["method"] == method
+                        and r["scheme"] == scheme and "kl" in r]
+                ys.append(statistics.fmean(vals) if vals else float("nan"))
+            ax.bar([i + k * width for i in range(len(args.schemes))], ys, width, label=method)
+        ax.set_yscale("log")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(args.schemes))], args.schemes)
+        ax.set_title(f"{model}: answer-token KL vs FP (lower is better)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        job = json.loads(sys.argv[2])
+        result = _worker_llmc(job) if job["kind"] == "llmc" else _worker_tlq(job)
+        print(json.dumps(result))
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one model, W3A16-g128, one seed, no ablations")
+    p.add_argument("--models", nargs="*", default=list(MODELS))
+    p.add_argument("--schemes", nargs="*", default=list(SCHEMES))
+    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    p.add_argument("--held-out", type=int, default=HELD_OUT)
+    p.add_argument("--peers", action="store_true", help="also run llm-compressor (python from --peers-python)")
+    p.add_argument("--peers-python", default=str(HERE.parent / ".venv-peers" / "bin" / "python"))
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    args.argv = sys.argv[1:]
+    if args.quick:
+        args.models, args.schemes, args.seeds = args.models[:1], ["W3A16-g128"], args.seeds[:1]
+    start = time.perf_counter()
+    records = run(args)
+    write_results(records, args, time.perf_counter() - start)
+    print(f"wrote {HERE / 'results' / 'RESULTS.md'} in {(time.perf_counter() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
