@@ -59,6 +59,7 @@ import platform
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,12 @@ def _paragraphs(doc: str | None) -> list[str]:
 
 def module_texts(name: str) -> list[str]:
     """Paragraphs of a module's docstrings, deterministic order (module, then members sorted by name)."""
+    with warnings.catch_warnings():  # deprecated aliases (typing.re, ...) warn when their docs are read
+        warnings.simplefilter("ignore")
+        return _module_texts(name)
+
+
+def _module_texts(name: str) -> list[str]:
     mod = importlib.import_module(name)
     docs = [inspect.getdoc(mod)]
     for attr in sorted(dir(mod)):
@@ -173,10 +180,13 @@ def _interleave(per_module: list[list[str]], n: int, seen: set[str]) -> list[str
 
 
 def calibration_and_heldout(n_calib: int = 128, n_heldout: int = 256) -> tuple[list[str], list[str]]:
-    """Deterministic, disjoint calibration and held-out texts (round-robin over modules, deduplicated)."""
+    """Deterministic, disjoint calibration and held-out texts (round-robin over modules, deduplicated).
+
+    The held-out set is drawn first, so it does not depend on ``n_calib``.
+    """
     seen: set[str] = set()
-    calib = _interleave([module_texts(m) for m in CALIB_MODULES], n_calib, seen)
     held = _interleave([module_texts(m) for m in HELDOUT_MODULES], n_heldout, seen)
+    calib = _interleave([module_texts(m) for m in CALIB_MODULES], n_calib, seen)
     if len(calib) < n_calib or len(held) < n_heldout:
         raise RuntimeError(f"only {len(calib)} calibration / {len(held)} held-out paragraphs found")
     return calib, held
@@ -326,7 +336,8 @@ def gradient_importance(
     for b in batches:
         outs: dict[str, torch.Tensor] = {}
         handles = [
-            model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o)) for n in names
+            model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n, outs=outs: outs.__setitem__(n, o))
+            for n in names
         ]
         try:
             with torch.enable_grad():
@@ -386,6 +397,7 @@ def quantize_encoder(
     solver: str,
     scheme: QuantScheme,
     importance: dict[str, torch.Tensor] | None = None,
+    damp: float = 0.01,
     qkv_diagnostic: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, RunInfo]:
@@ -443,7 +455,7 @@ def quantize_encoder(
                 key = "qkv" if shared else n
                 if key not in hess:
                     hess[key] = weighted_hessian(x[n], weights[n])
-                codes, qp = gptq(w, hess[key], scheme, scale_dtype=torch.float32)
+                codes, qp = gptq(w, hess[key], scheme, damp=damp, scale_dtype=torch.float32)
             else:  # awq: clip search, RTN codes under the clipped qparams
                 qp = awq_clip_search(w, x[n], None, scheme, scale_dtype=torch.float32)
                 codes = quantize_codes(w, qp, scheme)
@@ -481,6 +493,22 @@ def fold_checks(model: nn.Module, heldout: list[Batch], ref: torch.Tensor, info:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def below_rtn(rows: list[dict]) -> list[str]:
+    """Every (scheme, solver, statistic) where a calibrated solver does worse than RTN."""
+    notes = []
+    for r in rows:
+        base = next((b for b in rows if b["scheme"] == r["scheme"] and b["solver"] == "rtn"), None)
+        if base is None or r is base:
+            continue
+        worse = [k for k in ("mean", "p5", "min") if r["cosine"][k] < base["cosine"][k]]
+        if worse:
+            notes.append(
+                f"{r['scheme']} {r['solver']}: below RTN on "
+                + ", ".join(f"{k} ({r['cosine'][k]:.4f} < {base['cosine'][k]:.4f})" for k in worse)
+            )
+    return notes
+
+
 def _fmt(x: float) -> str:
     return f"{x:.4f}"
 
@@ -499,8 +527,9 @@ def write_markdown(path: Path, res: dict) -> None:
         f"{', '.join(CALIB_MODULES)}), {res['n_heldout']} held-out texts ({res['heldout_tokens']} tokens, "
         f"disjoint modules), max {res['max_length']} tokens. All 36 encoder linears quantized layer by layer "
         "on the quantized prefix's outputs; embeddings and pooler FP. Cosine between quantized and FP "
-        "mean-pooled, L2-normalised embeddings; `time` is calibration + quantization wall time on "
-        f"{res['threads']} CPU thread ({res['platform']}), evaluation excluded.",
+        f"mean-pooled, L2-normalised embeddings. GPTQ damping {res['damp']:g} unless the row says otherwise. "
+        f"`time`: calibration + quantization wall time on {res['threads']} CPU thread ({res['platform']}), "
+        "evaluation excluded.",
         "",
         "| scheme | solver | mean cos | p5 cos | min cos | 1 - mean | time (s) |",
         "|---|---|---|---|---|---|---|",
@@ -522,9 +551,7 @@ def write_markdown(path: Path, res: dict) -> None:
             for key in ("value_to_output", "layernorm_to_qkv"):
                 if key in fc:
                     d = fc[key]
-                    lines.append(
-                        f"| {scheme} | {key} | {d['max_abs_diff']:.2e} | {d['mean']:.6f} | {d['min']:.6f} |"
-                    )
+                    lines.append(f"| {scheme} | {key} | {d['max_abs_diff']:.2e} | {d['mean']:.6f} | {d['min']:.6f} |")
         lines += [
             "",
             "`value_to_output` is the fold used by `awq` (exact: differences are float32 rounding). "
@@ -532,8 +559,8 @@ def write_markdown(path: Path, res: dict) -> None:
             "LayerNorm: in post-LN BERT that LayerNorm's output is also the residual stream, so the fold "
             "changes the FP model, and `awq` does not use it (clip search only for those linears).",
         ]
-    if res.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
+    lines += ["", "## Where a calibrated solver is below RTN", ""]
+    lines += [f"- {n}" for n in res["notes"]] or ["- nowhere"]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -545,6 +572,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=list(SCHEMES))
     p.add_argument("--solvers", nargs="*", default=list(SOLVERS), choices=list(SOLVERS))
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (all gptq solvers)")
+    p.add_argument("--extra-damp", type=float, nargs="*", default=[0.1],
+                   help="extra uniform-GPTQ rows with these dampings (sensitivity; none: --extra-damp)")  # fmt: skip
     p.add_argument("--probes", type=int, default=4, help="Hutchinson probes for gptq-grad")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "results" / "minilm_solvers"), help="output path without suffix")
@@ -574,6 +604,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads,
         "platform": f"{platform.machine()}, torch {torch.__version__}, python {platform.python_version()}",
         "probes": args.probes,
+        "damp": args.damp,
         "importance_seconds": None,
         "rows": [],
         "fold_checks": {},
@@ -586,13 +617,17 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"gradient importance: {res['importance_seconds']:.1f}s")
     for sname in args.schemes:
         scheme = SCHEMES[sname]
-        for solver in args.solvers:
+        runs = [(solver, args.damp) for solver in args.solvers]
+        runs += [("gptq", d) for d in args.extra_damp if "gptq" in args.solvers and d != args.damp]
+        for solver, damp in runs:
             qmodel, info = quantize_encoder(
-                model, calib, solver, scheme, importance, qkv_diagnostic=solver == "awq", log=None
+                model, calib, solver, scheme, importance, damp=damp, qkv_diagnostic=solver == "awq"
             )
             cos = cosine_stats(embed(qmodel, held), ref)
-            res["rows"].append({"scheme": sname, "solver": solver, "cosine": cos, "seconds": info.seconds})
-            log(f"{sname:11s} {solver:10s} mean {cos['mean']:.5f}  p5 {cos['p5']:.5f}  min {cos['min']:.5f}  "
+            label = solver if damp == args.damp else f"{solver} (damp {damp:g})"
+            res["rows"].append({"scheme": sname, "solver": label, "damp": damp if solver.startswith("gptq") else None,
+                                "cosine": cos, "seconds": info.seconds})  # fmt: skip
+            log(f"{sname:11s} {label:17s} mean {cos['mean']:.5f}  p5 {cos['p5']:.5f}  min {cos['min']:.5f}  "
                 f"{info.seconds:6.1f}s")  # fmt: skip
             if solver == "awq":
                 res["fold_checks"][sname] = fold_checks(model, held, ref, info)
@@ -600,6 +635,7 @@ def main(argv: list[str] | None = None) -> dict:
                 log(f"    fold value->output: max|de| {fc['value_to_output']['max_abs_diff']:.2e}; "
                     f"LN->qkv (not used): mean cos {fc['layernorm_to_qkv']['mean']:.5f}")  # fmt: skip
             del qmodel
+    res["notes"] = below_rtn(res["rows"])
     res["total_seconds"] = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
