@@ -105,14 +105,21 @@ def _worker_llmc(job: dict) -> dict:
     """llm-compressor oneshot on the same rows, encoded by the same processor and chat template."""
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.awq import AWQModifier
-    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQMapping, AWQModifier
     from transformers import AutoProcessor
 
+    from tlq_hf.arch import find_decoder_stack
     from tlq_hf.data import build_calibration_set
     from tlq_hf.tiny_models import load_auto_class
 
     torch.set_num_threads(job["threads"])
+    if not torch.cuda.is_available():
+        # llm-compressor 0.14's AWQ pins its activation cache for faster host-to-device copies, which raises
+        # without an NVIDIA driver; pinning is only a transfer optimisation, so on a CPU-only machine skip it
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     processor = AutoProcessor.from_pretrained(job["model"])
     scheme = {"W4A16-g128": "W4A16", "W3A16-g128": "W3A16"}[job["scheme_name"]]
     ignore = ["re:.*lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
@@ -127,11 +134,37 @@ def _worker_llmc(job: dict) -> dict:
             return {k: torch.tensor(v, dtype=dtypes[k]) for k, v in batch[0].items()}
 
         model = load_auto_class().from_pretrained(job["model"], dtype=torch.float32)
-        modifier_cls = {"GPTQModifier": GPTQModifier, "AWQModifier": AWQModifier}[job["modifier"]]
-        recipe = modifier_cls(targets="Linear", scheme=scheme, ignore=ignore)
+        if job["modifier"] == "AWQModifier":  # a transform: scales, then a quantization modifier rounds
+            # llm-compressor's default mappings also match the CLIP tower's q/k/v and fail to resolve a
+            # single smoothing layer: scope them to the language model, as a user of a VLM has to
+            lm = r"re:.*language_model\.layers\.\d+\."
+            mappings = [
+                AWQMapping(
+                    lm + "input_layernorm$",
+                    [lm + "self_attn\\.q_proj$", lm + "self_attn\\.k_proj$", lm + "self_attn\\.v_proj$"],
+                ),
+                AWQMapping(lm + "self_attn\\.v_proj$", [lm + "self_attn\\.o_proj$"]),
+                AWQMapping(lm + "post_attention_layernorm$", [lm + "mlp\\.gate_proj$", lm + "mlp\\.up_proj$"]),
+                AWQMapping(lm + "mlp\\.up_proj$", [lm + "mlp\\.down_proj$"]),
+            ]
+            recipe = [
+                AWQModifier(mappings=mappings),
+                QuantizationModifier(targets="Linear", scheme=scheme, ignore=ignore),
+            ]
+        else:
+            recipe = GPTQModifier(targets="Linear", scheme=scheme, ignore=ignore)
+        layer_class = type(find_decoder_stack(model).layers[0]).__name__  # llm-compressor's sequential unit
         start = time.perf_counter()
-        oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=NUM_SAMPLES,
-                max_seq_length=4096, data_collator=collate, processor=processor)
+        oneshot(
+            model=model,
+            sequential_targets=[layer_class],
+            dataset=ds,
+            recipe=recipe,
+            num_calibration_samples=NUM_SAMPLES,
+            max_seq_length=4096,
+            data_collator=collate,
+            processor=processor,
+        )
         out[seed] = time.perf_counter() - start
         model.save_pretrained(Path(job["out"]) / f"seed{seed}", save_compressed=True)
     return {"calib_seconds": out, "peak_rss_mb": _peak_rss_mb()}
@@ -143,8 +176,10 @@ def _run_worker(python: str, job: dict, timeout: int = 3600) -> dict:
         [python, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, timeout=timeout, env=env
     )
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
-                "stderr": proc.stderr[-4000:]}
+        return {
+            "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
+            "stderr": proc.stderr[-4000:],
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -230,34 +265,69 @@ def run(args) -> list[dict]:
         refs[model] = ev.logprobs(fp)
         prior = vqa_task.text_prior_accuracy(vqa_task.make_items(4000, seed=POOL_SEED, split="train"), ev.items)
         fp_acc = float((refs[model].argmax(-1) == ev.answers).float().mean())
-        records.append(dict(model=model, library="fp", method="fp", scheme="fp", seed=None, accuracy=fp_acc,
-                            kl=0.0, agreement=1.0, calib_seconds=0.0, peak_rss_mb=None, text_prior_accuracy=prior))
+        records.append(
+            dict(
+                model=model,
+                library="fp",
+                method="fp",
+                scheme="fp",
+                seed=None,
+                accuracy=fp_acc,
+                kl=0.0,
+                agreement=1.0,
+                calib_seconds=0.0,
+                peak_rss_mb=None,
+                text_prior_accuracy=prior,
+            )
+        )
         print(f"{model}: FP accuracy {fp_acc:.1%}, text-only prior {prior:.1%} on {len(ev.items)} items", flush=True)
         evaluators[model] = ev
         del fp
     for job in _jobs(args):
-        job.update(model=str(HERE / "models" / job["model_name"]), scheme=SCHEMES[job["scheme_name"]],
-                   seeds=args.seeds, threads=args.threads,
-                   out=str(work / f"{job['model_name']}-{job['label']}-{job['scheme_name']}".replace(" ", "_")))
+        job.update(
+            model=str(HERE / "models" / job["model_name"]),
+            scheme=SCHEMES[job["scheme_name"]],
+            seeds=args.seeds,
+            threads=args.threads,
+            out=str(work / f"{job['model_name']}-{job['label']}-{job['scheme_name']}".replace(" ", "_")),
+        )
         python = args.peers_python if job["kind"] == "llmc" else sys.executable
         result = _run_worker(python, job)
         library = "llm-compressor" if job["kind"] == "llmc" else "tlq_hf"
         if "error" in result:
             print(f"{job['model_name']} {job['label']} {job['scheme_name']}: FAILED {result['error']}", flush=True)
-            records.append(dict(model=job["model_name"], library=library, method=job["label"],
-                                scheme=job["scheme_name"], seed=None, error=result["error"]))
+            records.append(
+                dict(
+                    model=job["model_name"],
+                    library=library,
+                    method=job["label"],
+                    scheme=job["scheme_name"],
+                    seed=None,
+                    error=result["error"],
+                )
+            )
             continue
         ev = evaluators[job["model_name"]]
         for seed in args.seeds:
             ckpt = Path(job["out"]) / f"seed{seed}"
             m = ev.metrics(refs[job["model_name"]], ev.logprobs(_load(ckpt)))
-            rec = dict(model=job["model_name"], library=library, method=job["label"], scheme=job["scheme_name"],
-                       seed=seed, **m, calib_seconds=result["calib_seconds"][str(seed)],
-                       peak_rss_mb=result["peak_rss_mb"])
+            rec = dict(
+                model=job["model_name"],
+                library=library,
+                method=job["label"],
+                scheme=job["scheme_name"],
+                seed=seed,
+                **m,
+                calib_seconds=result["calib_seconds"][str(seed)],
+                peak_rss_mb=result["peak_rss_mb"],
+            )
             records.append(rec)
-            print(f"{rec['model']:12s} {rec['scheme']:11s} {rec['method']:24s} seed {seed}: acc {m['accuracy']:.1%} "
-                  f"KL {m['kl']:.2e} flips {1 - m['agreement']:.1%} {rec['calib_seconds']:.1f}s "
-                  f"{rec['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"{rec['model']:12s} {rec['scheme']:11s} {rec['method']:24s} seed {seed}: acc {m['accuracy']:.1%} "
+                f"KL {m['kl']:.2e} flips {1 - m['agreement']:.1%} {rec['calib_seconds']:.1f}s "
+                f"{rec['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
         shutil.rmtree(job["out"], ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     return records
@@ -271,20 +341,33 @@ def write_results(records: list[dict], args, wall: float) -> None:
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     (results / "quality.json").write_text(json.dumps(records, indent=1))
-    lines = ["# Quality table: trained benchmark VLMs", "", f"Command: `python benchmarks/quality.py {' '.join(args.argv)}`"
-             f" ({wall / 60:.1f} min on this machine). {NUM_SAMPLES} calibration items per seed (seeds "
-             f"{args.seeds}), {args.held_out} held-out items; KL(FP || quantized) and flips at the first answer "
-             "token; mean ± std over seeds. Calibration time and peak RSS are per calibrating process.", ""]
+    lines = [
+        "# Quality table: trained benchmark VLMs",
+        "",
+        f"Command: `python benchmarks/quality.py {' '.join(args.argv)}`"
+        f" ({wall / 60:.1f} min on this machine). {NUM_SAMPLES} calibration items per seed (seeds "
+        f"{args.seeds}), {args.held_out} held-out items; KL(FP || quantized) and flips at the first answer "
+        "token; mean ± std over seeds. Calibration time and peak RSS are per calibrating process.",
+        "",
+    ]
     for model in args.models:
         fp = next(r for r in records if r["model"] == model and r["method"] == "fp")
-        lines += [f"## {model}", "", f"FP held-out accuracy {fp['accuracy']:.1%}; text-only prior "
-                  f"{fp['text_prior_accuracy']:.1%}.", ""]
+        lines += [
+            f"## {model}",
+            "",
+            f"FP held-out accuracy {fp['accuracy']:.1%}; text-only prior {fp['text_prior_accuracy']:.1%}.",
+            "",
+        ]
         for scheme in args.schemes:
             rows = [r for r in records if r["model"] == model and r["scheme"] == scheme]
             if not rows:
                 continue
-            lines += [f"### {scheme}", "", "| library | method | KL | flips | accuracy | calib s | peak RSS MB |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += [
+                f"### {scheme}",
+                "",
+                "| library | method | KL | flips | accuracy | calib s | peak RSS MB |",
+                "|---|---|---|---|---|---|---|",
+            ]
             seen = []
             for r in rows:
                 key = (r["library"], r["method"])
@@ -299,8 +382,10 @@ def write_results(records: list[dict], args, wall: float) -> None:
                 fl, fls = _mean_std([1 - x["agreement"] for x in group])
                 ac, acs = _mean_std([x["accuracy"] for x in group])
                 ts, _ = _mean_std([x["calib_seconds"] for x in group])
-                lines.append(f"| {key[0]} | {key[1]} | {kl:.2e} ± {kls:.1e} | {fl:.2%} ± {fls:.2%} | "
-                             f"{ac:.2%} ± {acs:.2%} | {ts:.1f} | {group[0]['peak_rss_mb']:.0f} |")
+                lines.append(
+                    f"| {key[0]} | {key[1]} | {kl:.2e} ± {kls:.1e} | {fl:.2%} ± {fls:.2%} | "
+                    f"{ac:.2%} ± {acs:.2%} | {ts:.1f} | {group[0]['peak_rss_mb']:.0f} |"
+                )
             lines.append("")
     (results / "RESULTS.md").write_text("\n".join(lines))
     _plot(records, args, results / "quality.png")
@@ -326,8 +411,11 @@ def _plot(records: list[dict], args, path: Path) -> None:
         for k, method in enumerate(methods):
             ys = []
             for scheme in args.schemes:
-                vals = [r["kl"] for r in records if r["model"] == model and r["method"] == method
-                        and r["scheme"] == scheme and "kl" in r]
+                vals = [
+                    r["kl"]
+                    for r in records
+                    if r["model"] == model and r["method"] == method and r["scheme"] == scheme and "kl" in r
+                ]
                 ys.append(statistics.fmean(vals) if vals else float("nan"))
             ax.bar([i + k * width for i in range(len(args.schemes))], ys, width, label=method)
         ax.set_yscale("log")
