@@ -22,6 +22,7 @@ __all__ = [
     "find_final_norm",
     "image_token_id",
     "smooth_mappings",
+    "swap_module",
     "DecoderStack",
     "NoDecoderStackError",
     "find_decoder_stack",
@@ -211,3 +212,16 @@ def _out_width(module: nn.Module) -> int | None:
         return module.out_features
     weight = getattr(module, "weight", None)
     return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.ndim == 1 else None
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace submodule ``name`` by ``new``, carrying over an accelerate hook if the old one had one."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    hook = getattr(old, "_hf_hook", None)
+    setattr(parent, child, new)
+    if hook is not None:
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(new, hook)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import find_decoder_stack, select_quant_targets
+from ..arch import find_decoder_stack, select_quant_targets, swap_module
 from ..nn import TLQLinear
 from ..primitives import dequantize_codes
 from ..qtypes import QuantScheme
@@ -25,7 +25,7 @@ from .capture import capture_layer_inputs
 from .importance import Tempering, gradient_importance, modality_balance, select_tokens, temper
 from .layer_loop import LayerReport, LayerSettings, calibrate_layers
 
-__all__ = ["RECIPES", "Recipe", "ModuleReport", "QuantizationReport", "quantize_model", "swap_module", "resolve_recipe"]
+__all__ = ["RECIPES", "Recipe", "ModuleReport", "QuantizationReport", "quantize_model", "resolve_recipe"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,19 +109,6 @@ class QuantizationReport:
         lines = ["layer  error_before  error_after  seconds"]
         lines += [f"{r.index:5d}  {r.error_before:12.3e}  {r.error_after:11.3e}  {r.seconds:7.2f}" for r in self.layers]
         return "\n".join(lines)
-
-
-def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace submodule ``name`` by ``new``, carrying over an accelerate hook if the old one had one."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    hook = getattr(old, "_hf_hook", None)
-    setattr(parent, child, new)
-    if hook is not None:
-        from accelerate.hooks import add_hook_to_module
-
-        add_hook_to_module(new, hook)
 
 
 def _round_to_nearest(model: nn.Module, targets: dict[str, nn.Linear], scheme: QuantScheme) -> list[ModuleReport]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..arch import select_quant_targets
+from ..arch import select_quant_targets, swap_module
 from ..nn import TLQLinear
 from ..packing import packed_shape
 from ..qtypes import QuantScheme
@@ -34,8 +34,6 @@ def swap_in_packed_modules(
     model: nn.Module, scheme: QuantScheme, ignore: list[str] | None, dtype: torch.dtype
 ) -> list[str]:
     """Replace target ``nn.Linear`` modules by empty :class:`TLQLinear`; return their names."""
-    from ..calibration.pipeline import swap_module
-
     targets = select_quant_targets(model, ignore)
     for name, linear in targets.items():
         device = linear.weight.device
