@@ -19,4 +19,18 @@ def auto_class():
     return load_auto_class()
 
 
-__all__ = ["FAMILIES", "PROMPTS", "auto_class", "logits_of"]
+def write_dataset_folder(folder, n: int):
+    """A local image dataset folder (images + metadata.jsonl with question/answer) that datasets can load."""
+    import json
+
+    from tlq_hf.data import sample_rows
+
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i, row in enumerate(sample_rows(n)):
+            row["image"].save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "question": row["question"], "answer": row["answer"]}) + "\n")
+    return folder
+
+
+__all__ = ["FAMILIES", "PROMPTS", "auto_class", "logits_of", "write_dataset_folder"]

@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from _helpers import auto_class
+from _helpers import auto_class, write_dataset_folder
 from transformers import AutoProcessor
 
 from tlq_hf.cli import quantize_main
-from tlq_hf.data import sample_rows
 from tlq_hf.demo import run_demo
 from tlq_hf.nn import TLQLinear
 
@@ -43,12 +42,7 @@ def test_module_entry_point_usage_error():
 
 def test_tlq_quantize_command_calibrates_on_a_dataset_folder(tiny_vlm_dirs, tmp_path):
     pytest.importorskip("datasets")
-    folder = tmp_path / "calib"
-    folder.mkdir()
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i, row in enumerate(sample_rows(4)):
-            row["image"].save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "question": row["question"], "answer": row["answer"]}) + "\n")
+    folder = write_dataset_folder(tmp_path / "calib", 4)
     out = tmp_path / "q"
     assert (
         quantize_main([tiny_vlm_dirs["llava"], "--out", str(out), "--dataset", str(folder), "--num-samples", "4"]) == 0

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from _helpers import write_dataset_folder
 from transformers import AutoProcessor
 
-from tlq_hf.data import CAPTION_PROMPT, CalibrationDataError, build_calibration_set, sample_rows
+from tlq_hf.data import CAPTION_PROMPT, CalibrationDataError, build_calibration_set
 from tlq_hf.tiny_models import sample_images
 
 
@@ -90,11 +89,6 @@ def test_max_length_truncates_the_answer_or_explains(processor):
 
 def test_local_dataset_folder(processor, tmp_path):
     pytest.importorskip("datasets")
-    folder = tmp_path / "calib"
-    folder.mkdir()
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i, row in enumerate(sample_rows(3)):
-            row["image"].save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "question": row["question"], "answer": row["answer"]}) + "\n")
+    folder = write_dataset_folder(tmp_path / "calib", 3)
     samples = build_calibration_set(str(folder), processor, 3)
     assert len(samples) == 3 and all(int((s.labels != -100).sum()) > 0 for s in samples)

@@ -47,7 +47,7 @@ DEFAULT_SMOOTH_MAPPINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"mlp\.up_proj", (r"mlp\.down_proj",)),
 )
 
-# Config attributes that name the image placeholder token id, in lookup order.
+# Config attributes that name the image token id, in lookup order.
 IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index")
 
 
@@ -177,7 +177,7 @@ def find_final_norm(model: nn.Module, stack: DecoderStack) -> nn.Module:
 
 
 def image_token_id(config) -> int | None:
-    """The image placeholder token id of a VLM config (``None`` for a text-only model)."""
+    """The image token id of a VLM config (``None`` for a text-only model)."""
     for attr in IMAGE_TOKEN_ATTRS:
         value = getattr(config, attr, None)
         if isinstance(value, int):

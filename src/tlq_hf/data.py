@@ -101,27 +101,27 @@ def _text_of(content: Any) -> str:
 
 
 def _conversation(row: dict, index: int, n_images: int) -> tuple[list[dict], str]:
-    """``(prompt messages, answer text)`` with one image placeholder per image."""
-    placeholders = [{"type": "image"} for _ in range(n_images)]
+    """``(prompt messages, answer text)`` with one image entry per image."""
+    image_entries = [{"type": "image"} for _ in range(n_images)]
     if "messages" in row and row["messages"]:
         messages = [dict(m) for m in row["messages"]]
         if messages[-1].get("role") != "assistant":
             raise CalibrationDataError(f"calibration row {index}: 'messages' must end with an assistant answer.")
         answer = _text_of(messages[-1]["content"])
         prompt = messages[:-1]
-        has_placeholder = any(
+        has_image_entry = any(
             isinstance(m.get("content"), list) and any(p.get("type") == "image" for p in m["content"]) for m in prompt
         )
-        if not has_placeholder:
+        if not has_image_entry:
             first_user = next((m for m in prompt if m.get("role") == "user"), None)
             if first_user is None:
                 raise CalibrationDataError(f"calibration row {index}: 'messages' has no user turn.")
-            first_user["content"] = placeholders + [{"type": "text", "text": _text_of(first_user["content"])}]
+            first_user["content"] = image_entries + [{"type": "text", "text": _text_of(first_user["content"])}]
     elif "question" in row and "answer" in row:
-        prompt = [{"role": "user", "content": placeholders + [{"type": "text", "text": str(row["question"])}]}]
+        prompt = [{"role": "user", "content": image_entries + [{"type": "text", "text": str(row["question"])}]}]
         answer = row["answer"]
     elif "text" in row:
-        prompt = [{"role": "user", "content": placeholders + [{"type": "text", "text": CAPTION_PROMPT}]}]
+        prompt = [{"role": "user", "content": image_entries + [{"type": "text", "text": CAPTION_PROMPT}]}]
         answer = row["text"]
     else:
         raise CalibrationDataError(

@@ -696,7 +696,7 @@ def make_inputs(
     """Batch model inputs for ``prompts[i]`` about ``images[i]`` via the processor's chat template.
 
     ``images[i]`` is one image or a sequence of images for the i-th prompt. Each pair
-    becomes a single user turn (image placeholders, then the text) rendered with
+    becomes a single user turn (image entries, then the text) rendered with
     ``add_generation_prompt=True``, and the batch is padded with the tokenizer's
     padding side.
     """

@@ -35,7 +35,7 @@ class CapturedSample:
     hidden: torch.Tensor  # [1, T, H]
     kwargs: dict[str, Any]  # decoder layer call kwargs (tensors on the offload device)
     labels: torch.Tensor  # [1, T]; -100 outside the answer
-    vision_mask: torch.Tensor  # [T] bool: image placeholder tokens
+    vision_mask: torch.Tensor  # [T] bool: image tokens
     answer_mask: torch.Tensor  # [T] bool: answer tokens (labels != -100)
 
 
