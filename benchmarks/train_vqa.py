@@ -1,0 +1,745 @@
+"""Train the two small benchmark VLMs (LLaVA and Qwen2-VL architectures) on the synthetic VQA task.
+
+    python benchmarks/train_vqa.py --model llava|qwen2vl|all          # train, save, verify, report
+    python benchmarks/train_vqa.py --model all --verify               # only re-check the saved models
+
+Each model is built offline with :func:`tlq_hf.tiny_models.build_vlm` (word-level tokenizer over the task
+vocabulary, the family's real chat template and processor), then trained in two phases:
+
+1. vision pre-training: the vision tower and projector learn the colour, the shape and the index of every
+   grid cell through a linear head on the projected image features (one image token per cell); the
+   projector output is then rescaled so that image tokens enter the language model at a text-like scale;
+2. VQA training on a fixed set of unique training items, each encoded by
+   :func:`tlq_hf.data.build_calibration_set` (so the sequences and answer labels are exactly the
+   calibration format), for a few epochs, batched with the tokenizer's (left) padding; the cell head stays
+   on as an auxiliary loss.
+
+The model and processor are saved with ``save_pretrained`` under ``benchmarks/models/<name>/`` and reload
+offline through ``AutoModelForImageTextToText`` / ``AutoProcessor``. Recipe, training curve and held-out
+accuracy go to ``benchmarks/results/train_vqa_<name>.json`` and ``benchmarks/results/train_vqa.md``; the
+held-out accuracy is re-measured in a fresh process from the saved folder. ``--model all`` trains the two
+models in parallel subprocesses with one torch thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import vqa_task  # noqa: E402
+
+from tlq_hf.data import build_calibration_set  # noqa: E402
+from tlq_hf.tiny_models import build_vlm, load_auto_class  # noqa: E402
+
+BENCH_DIR = Path(__file__).resolve().parent
+MODELS_DIR = BENCH_DIR / "models"
+RESULTS_DIR = BENCH_DIR / "results"
+HELDOUT_SEED = 0
+
+# --------------------------------------------------------------------------- #
+# Recipes
+# --------------------------------------------------------------------------- #
+
+#: Decoder shared by both models: every decoder linear has in_features 256 or 512 (multiples of 128).
+_TEXT = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+_SIDE = vqa_task.IMAGE_SIZE
+_CELL = vqa_task.CELL
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines one trained model."""
+
+    name: str  # folder and result-file name
+    family: str  # tiny_models family
+    architecture: str  # transformers model class (for the report)
+    text: dict[str, Any]  # decoder dimensions
+    vision: dict[str, Any]  # vision_config overrides
+    config: dict[str, Any] = field(default_factory=dict)  # top-level config overrides
+    image_processor: dict[str, Any] = field(default_factory=dict)
+    processor: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    # phase 1: vision pre-training on per-cell attributes (colour, shape and the cell's own position)
+    pretrain_steps: int = 300
+    pretrain_batch: int = 64
+    pretrain_lr: float = 2e-3
+    position_embedding_std: float | None = None  # re-initialise a ViT's absolute position embeddings
+    feature_norm: float | None = 1.0  # then rescale the projector so image tokens have this mean norm
+    # phase 2: VQA training on a fixed set of unique training items, for several epochs
+    train_items: int = 48_000
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    aux_weight: float = 0.2
+    autocast_bf16: bool = True  # bfloat16 autocast for the training forward/backward (weights stay float32)
+    # evaluation
+    eval_every: int = 250
+    log_every: int = 50
+    curve_items: int = 512  # first items of the held-out set, for the curve
+    heldout_items: int = 3000
+    save_dtype: str = "float32"
+
+
+RECIPES: dict[str, Recipe] = {
+    "llava": Recipe(
+        name="llava-vqa",
+        family="llava",
+        architecture="LlavaForConditionalGeneration",
+        text=_TEXT,
+        # CLIP tower with one 32-px patch per grid cell: 9 image tokens (the class token is dropped).
+        vision={
+            "image_size": _SIDE,
+            "patch_size": _CELL,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        config={"image_seq_length": (_SIDE // _CELL) ** 2, "vision_feature_layer": -1},
+        image_processor={"size": {"shortest_edge": _SIDE}, "crop_size": {"height": _SIDE, "width": _SIDE}},
+        processor={"patch_size": _CELL},
+        # unit-scale position embeddings: the cell position survives into the image tokens
+        position_embedding_std=1.0,
+    ),
+    "qwen2vl": Recipe(
+        name="qwen2vl-vqa",
+        family="qwen2_vl",
+        architecture="Qwen2VLForConditionalGeneration",
+        text=_TEXT,
+        # 16-px patches merged 2 x 2: one merged token per 32-px grid cell, 9 image tokens.
+        vision={"depth": 2, "embed_dim": 128, "num_heads": 4, "mlp_ratio": 2, "patch_size": _CELL // 2},
+        image_processor={"patch_size": _CELL // 2, "min_pixels": (_SIDE // 2) ** 2, "max_pixels": _SIDE**2},
+        train_items=32_000,  # its encoding is about twice as slow as LLaVA's
+    ),
+}
+
+# --------------------------------------------------------------------------- #
+# Model plumbing
+# --------------------------------------------------------------------------- #
+
+
+def _num_cells() -> int:
+    return vqa_task.GRID * vqa_task.GRID
+
+
+class CellHead(nn.Module):
+    """Linear read-out, from each cell's projected image token, of the cell's colour and shape (class 0 =
+    empty) and of the cell's own index (so that image tokens say where they are). Features are
+    layer-normalised first, so the loss does not push their scale up."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.color = nn.Linear(width, len(vqa_task.COLORS) + 1)
+        self.shape = nn.Linear(width, len(vqa_task.SHAPES) + 1)
+        self.cell = nn.Linear(width, _num_cells())
+
+    def loss_and_accuracy(self, features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Summed cross-entropies for ``features [B, cells, width]`` against ``targets [B, 2, cells]``
+        (colour, shape) and the cell indices, and the fraction of cells whose colour and shape are right."""
+        features = F.layer_norm(features.float(), features.shape[-1:])
+        color, shape, cell = self.color(features), self.shape(features), self.cell(features)
+        cells = torch.arange(_num_cells()).expand(features.shape[0], -1)
+        loss = (
+            F.cross_entropy(color.flatten(0, 1), targets[:, 0].flatten())
+            + F.cross_entropy(shape.flatten(0, 1), targets[:, 1].flatten())
+            + F.cross_entropy(cell.flatten(0, 1), cells.flatten())
+        )
+        both = (color.argmax(-1) == targets[:, 0]) & (shape.argmax(-1) == targets[:, 1])
+        return loss, float(both.float().mean())
+
+
+class FeatureTap:
+    """Captures the image features the projector hands to the language model, one per grid cell.
+
+    Hooks LLaVA's ``multi_modal_projector`` or Qwen2-VL's ``visual.merger``, so the same features serve the
+    pre-training head and the auxiliary loss during VQA training without an extra vision forward.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        inner = model.model
+        module = getattr(inner, "multi_modal_projector", None)
+        if module is None:
+            module = inner.visual.merger
+        self._output: torch.Tensor | None = None
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self._output = output
+
+    def cells(self) -> torch.Tensor:
+        """The last captured features as ``[images, cells, width]`` (cells in raster order)."""
+        if self._output is None:
+            raise RuntimeError("no image features captured yet")
+        return self._output.reshape(-1, _num_cells(), self._output.shape[-1])
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def _vision_forward(model: nn.Module, pixel_inputs: dict[str, torch.Tensor]) -> None:
+    """Run the vision tower and projector only (the :class:`FeatureTap` keeps the result)."""
+    config = model.config
+    if "image_grid_thw" in pixel_inputs:
+        model.model.get_image_features(
+            pixel_values=pixel_inputs["pixel_values"], image_grid_thw=pixel_inputs["image_grid_thw"]
+        )
+    else:
+        model.model.get_image_features(
+            pixel_values=pixel_inputs["pixel_values"],
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        )
+
+
+def _vision_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if not n.startswith(("model.language_model.", "lm_head."))]
+
+
+def _cell_targets(items: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """``[B, 2, cells]`` colour and shape classes of each item's scene."""
+    return torch.tensor([vqa_task.cell_targets(item["scene"]) for item in items], dtype=torch.long)
+
+
+@dataclass
+class TrainingSet:
+    """Training items encoded once by :func:`build_calibration_set`, kept without their image tensors.
+
+    The token-aligned tensors and labels of each item are kept as encoded; pixel tensors are recomputed
+    per batch by the processor's own image processor (batched), which :func:`encode_training_set` checks to
+    be identical to the per-item encoding, and which keeps memory at the size of the PIL images.
+    """
+
+    tokens: list[dict[str, torch.Tensor]]  # per item: input_ids, attention_mask, ... and labels, [1, T]
+    images: list[Any]  # per item: the PIL image
+    targets: torch.Tensor  # [N, 2, cells] colour and shape classes per cell
+    rows: list[dict[str, str]]  # per item: question, answer, type (for the text-only prior)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _image_inputs(processor: Any, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+    return dict(processor.image_processor(images=list(images), return_tensors="pt"))
+
+
+def encode_training_set(items: Sequence[dict[str, Any]], processor: Any, check: int = 64) -> TrainingSet:
+    """Encode every item with :func:`build_calibration_set` (one row at a time, so the order is kept).
+
+    The first ``check`` items' image tensors are compared with the batched image processor's output,
+    which training then uses; a mismatch raises ``RuntimeError``.
+    """
+    tokens, image_tensors = [], []
+    for index, item in enumerate(items):
+        sample = build_calibration_set([item], processor, 1)[0]
+        shape = sample.inputs["input_ids"].shape
+        tokens.append({k: v for k, v in sample.inputs.items() if v.shape == shape} | {"labels": sample.labels})
+        if index < check:
+            image_tensors.append({k: v for k, v in sample.inputs.items() if v.shape != shape})
+    batched = _image_inputs(processor, [item["image"] for item in items[:check]])
+    for key, value in batched.items():
+        reference = torch.cat([t[key] for t in image_tensors])
+        if not torch.equal(reference, value):
+            raise RuntimeError(f"batched image processing differs from build_calibration_set for {key!r}")
+    return TrainingSet(
+        tokens=tokens,
+        images=[item["image"] for item in items],
+        targets=_cell_targets(items),
+        rows=[{"question": it["question"], "answer": it["answer"], "type": it["type"]} for it in items],
+    )
+
+
+def training_batch(data: TrainingSet, indices: Sequence[int], processor: Any) -> dict[str, torch.Tensor]:
+    """Model inputs (with ``labels``) for ``data[indices]``: token tensors padded on the tokenizer's side
+    (``pad_token_id`` for ``input_ids``, 0 for masks and token types, -100 for labels), image tensors from
+    the batched image processor."""
+    tokenizer = processor.tokenizer
+    length = max(data.tokens[i]["input_ids"].shape[-1] for i in indices)
+    batch: dict[str, torch.Tensor] = {}
+    for key in data.tokens[indices[0]]:
+        fill = tokenizer.pad_token_id if key == "input_ids" else -100 if key == "labels" else 0
+        out = torch.full((len(indices), length), fill, dtype=data.tokens[indices[0]][key].dtype)
+        for row, i in enumerate(indices):
+            values = data.tokens[i][key][0]
+            if tokenizer.padding_side == "left":
+                out[row, length - len(values) :] = values
+            else:
+                out[row, : len(values)] = values
+        batch[key] = out
+    return batch | _image_inputs(processor, [data.images[i] for i in indices])
+
+
+def _lr_factor(step: int, recipe: Recipe) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
+    if step < recipe.warmup_steps:
+        return (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _param_groups(params: Sequence[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _log(name: str, message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- #
+# Training
+# --------------------------------------------------------------------------- #
+
+
+def _pretrain_vision(
+    model: nn.Module, processor: Any, head: CellHead, tap: FeatureTap, recipe: Recipe
+) -> dict[str, Any]:
+    """Phase 1: train the vision tower, projector and cell head on per-cell colour, shape and position.
+
+    Fresh training images every step; afterwards the projector's output layer is rescaled so that image
+    tokens enter the language model with mean norm ``recipe.feature_norm`` (the head is scale-invariant).
+    """
+    if recipe.position_embedding_std is not None:
+        with torch.no_grad():
+            model.model.vision_tower.embeddings.position_embedding.weight.normal_(0.0, recipe.position_embedding_std)
+    params = _vision_parameters(model) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=recipe.pretrain_lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / recipe.pretrain_steps))
+    )
+    model.train()
+    curve, start, window = [], time.time(), []
+    for step in range(recipe.pretrain_steps):
+        items = vqa_task.make_items(recipe.pretrain_batch, recipe.seed, "train", start=step * recipe.pretrain_batch)
+        _vision_forward(model, _image_inputs(processor, [item["image"] for item in items]))
+        loss, accuracy = head.loss_and_accuracy(tap.cells(), _cell_targets(items))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append((loss.item(), accuracy))
+        if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.pretrain_steps:
+            mean_loss = sum(w[0] for w in window) / len(window)
+            mean_acc = sum(w[1] for w in window) / len(window)
+            curve.append(
+                {
+                    "step": step + 1,
+                    "elapsed_s": round(time.time() - start, 1),
+                    "loss": mean_loss,
+                    "cell_accuracy": mean_acc,
+                }
+            )
+            _log(recipe.name, f"pretrain {step + 1}/{recipe.pretrain_steps} loss {mean_loss:.3f} cells {mean_acc:.3f}")
+            window = []
+    scale = None
+    if recipe.feature_norm is not None:
+        scale = _rescale_image_features(model, processor, tap, recipe)
+    return {
+        "steps": recipe.pretrain_steps,
+        "wall_s": round(time.time() - start, 1),
+        "curve": curve,
+        "final_cell_accuracy": curve[-1]["cell_accuracy"],
+        "feature_rescale": scale,
+    }
+
+
+@torch.no_grad()
+def _rescale_image_features(model: nn.Module, processor: Any, tap: FeatureTap, recipe: Recipe) -> float:
+    """Scale the projector's last linear layer so image tokens have mean norm ``recipe.feature_norm``."""
+    inner = model.model
+    if hasattr(inner, "multi_modal_projector"):
+        last = inner.multi_modal_projector.linear_2
+    else:
+        last = inner.visual.merger.mlp[-1]
+    items = vqa_task.make_items(recipe.pretrain_batch, recipe.seed, "train")
+    images = _image_inputs(processor, [item["image"] for item in items])
+    model.eval()
+    _vision_forward(model, images)
+    scale = recipe.feature_norm / float(tap.cells().float().norm(dim=-1).mean())
+    last.weight.mul_(scale)
+    last.bias.mul_(scale)
+    return scale
+
+
+def _train_vqa(
+    model: nn.Module,
+    processor: Any,
+    head: CellHead,
+    tap: FeatureTap,
+    recipe: Recipe,
+    data: TrainingSet,
+    curve_items: Sequence[dict[str, Any]],
+) -> dict[str, Any]:
+    """Phase 2: answer-token cross-entropy (+ auxiliary cell loss) over epochs of the training set."""
+    named = list(model.named_parameters()) + [(f"cell_head.{n}", p) for n, p in head.named_parameters()]
+    optimizer = torch.optim.AdamW(
+        _param_groups(named, recipe.weight_decay), lr=recipe.lr, betas=recipe.betas, foreach=True
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, recipe))
+    params = [p for _, p in named]
+    generator = torch.Generator().manual_seed(recipe.seed)
+    order: list[int] = []
+    curve: list[dict[str, Any]] = []
+    window: list[tuple[float, float, float]] = []
+    start = time.time()
+    for step in range(recipe.steps):
+        model.train()
+        while len(order) < recipe.batch_size:  # a new epoch in a new seeded order
+            order += torch.randperm(len(data), generator=generator).tolist()
+        indices, order = order[: recipe.batch_size], order[recipe.batch_size :]
+        batch = training_batch(data, indices, processor)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.autocast_bf16):
+            out = model(**batch)
+        aux, cell_accuracy = head.loss_and_accuracy(tap.cells(), data.targets[indices])
+        loss = out.loss.float() + recipe.aux_weight * aux
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append((out.loss.item(), aux.item(), cell_accuracy))
+        last = step + 1 == recipe.steps
+        if (step + 1) % recipe.log_every == 0 or last:
+            point = {
+                "step": step + 1,
+                "epoch": round((step + 1) * recipe.batch_size / len(data), 3),
+                "elapsed_s": round(time.time() - start, 1),
+                "lr": schedule.get_last_lr()[0],
+                "answer_loss": sum(w[0] for w in window) / len(window),
+                "cell_loss": sum(w[1] for w in window) / len(window),
+                "cell_accuracy": sum(w[2] for w in window) / len(window),
+            }
+            window = []
+            message = (
+                f"step {step + 1}/{recipe.steps} loss {point['answer_loss']:.3f} cells {point['cell_accuracy']:.3f}"
+            )
+            if (step + 1) % recipe.eval_every == 0 or last:
+                result = vqa_task.evaluate(model, processor, curve_items, batch_size=128)
+                point["heldout_accuracy"] = result["accuracy"]
+                point["heldout_by_group"] = result["by_group"]
+                groups = " ".join(f"{g} {a:.2f}" for g, a in result["by_group"].items())
+                message += f" | held-out {result['accuracy']:.3f} ({groups})"
+            curve.append(point)
+            _log(recipe.name, f"{message} [{point['elapsed_s']:.0f}s]")
+    return {
+        "steps": recipe.steps,
+        "samples": recipe.steps * recipe.batch_size,
+        "unique_items": len(data),
+        "epochs": round(recipe.steps * recipe.batch_size / len(data), 3),
+        "wall_s": round(time.time() - start, 1),
+        "curve": curve,
+    }
+
+
+def _heldout(recipe: Recipe) -> list[dict[str, Any]]:
+    return vqa_task.make_items(recipe.heldout_items, HELDOUT_SEED, "test")
+
+
+def _evaluate_saved(path: Path, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Held-out accuracy of the model saved at ``path``, loaded through the Auto classes."""
+    model = load_auto_class().from_pretrained(path, dtype=torch.float32)
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    result = vqa_task.evaluate(model, processor, items, batch_size=128)
+    return {k: result[k] for k in ("accuracy", "by_group", "by_type")} | {"n": len(items)}
+
+
+def _check_tokenizer(path: Path, items: Sequence[dict[str, Any]]) -> None:
+    """The reloaded tokenizer knows every task word and encodes every question and answer without <unk>."""
+    tokenizer = transformers.AutoProcessor.from_pretrained(path).tokenizer
+    texts = list(vqa_task.vocabulary()) + [f"{it['question']} {it['answer']}" for it in items]
+    bad = [t for t in texts if tokenizer.unk_token_id in tokenizer(t, add_special_tokens=False)["input_ids"]]
+    if bad:
+        raise RuntimeError(f"{path}: the saved tokenizer maps words to <unk> in e.g. {bad[:3]}")
+
+
+def _folder_bytes(path: Path) -> dict[str, int]:
+    files = {f.name: f.stat().st_size for f in path.iterdir() if f.is_file()}
+    return {"total": sum(files.values()), "weights": sum(v for k, v in files.items() if k.endswith(".safetensors"))}
+
+
+def train(recipe: Recipe, threads: int) -> dict[str, Any]:
+    """Build, train, save and evaluate one model; write its JSON record and return it."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(recipe.seed)
+    wall = time.time()
+    model, processor = build_vlm(
+        recipe.family,
+        extra_words=vqa_task.vocabulary(),
+        text=recipe.text,
+        vision=recipe.vision,
+        config=recipe.config,
+        image_processor=recipe.image_processor,
+        processor=recipe.processor,
+        seed=recipe.seed,
+    )
+    counts = {
+        "total": sum(p.numel() for p in model.parameters()),
+        "language_model": sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.language_model.")),
+        "lm_head": model.lm_head.weight.numel(),
+    }
+    counts["vision_and_projector"] = counts["total"] - counts["language_model"] - counts["lm_head"]
+    _log(recipe.name, f"built {recipe.architecture}: {counts['total'] / 1e6:.2f}M parameters")
+    heldout = _heldout(recipe)
+    curve_items = heldout[: recipe.curve_items]
+    head = CellHead(model.config.text_config.hidden_size)
+    tap = FeatureTap(model)
+
+    pretrain = _pretrain_vision(model, processor, head, tap, recipe)
+    t0 = time.time()
+    # Training items come from the train stream after the pre-training images (indices are disjoint).
+    first = recipe.pretrain_steps * recipe.pretrain_batch
+    data = encode_training_set(vqa_task.make_items(recipe.train_items, recipe.seed, "train", start=first), processor)
+    encode_s = round(time.time() - t0, 1)
+    _log(recipe.name, f"encoded {len(data)} training items with build_calibration_set in {encode_s:.0f}s")
+    vqa = _train_vqa(model, processor, head, tap, recipe, data, curve_items)
+    tap.close()
+
+    path = MODELS_DIR / recipe.name
+    path.mkdir(parents=True, exist_ok=True)
+    model.to(getattr(torch, recipe.save_dtype)).eval()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    _check_tokenizer(path, heldout)
+    train_wall = round(time.time() - wall, 1)
+
+    final = _evaluate_saved(path, heldout)
+    prior = vqa_task.TextPrior(data.rows)
+    prior_correct = [prior.predict(item) == item["answer"] for item in heldout]
+    record = {
+        "model": recipe.name,
+        "architecture": recipe.architecture,
+        "path": str(path.relative_to(BENCH_DIR.parent)),
+        "recipe": dataclasses.asdict(recipe),
+        "parameters": counts,
+        "bytes_on_disk": _folder_bytes(path),
+        "saved_dtype": recipe.save_dtype,
+        "image_tokens": _num_cells(),
+        "torch_threads": threads,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "wall_s": {
+            "pretrain": pretrain["wall_s"],
+            "encode": encode_s,
+            "vqa": vqa["wall_s"],
+            "build_train_save": train_wall,
+            "total": round(time.time() - wall, 1),
+        },
+        "pretrain": pretrain,
+        "training": vqa,
+        "heldout": final,
+        "heldout_type_share": {t: sum(i["type"] == t for i in heldout) / len(heldout) for t in vqa_task.QUESTION_TYPES},
+        "text_prior": {
+            "accuracy": sum(prior_correct) / len(prior_correct),
+            "by_group": vqa_task.accuracy_by(heldout, prior_correct, "group"),
+            "by_type": vqa_task.accuracy_by(heldout, prior_correct, "type"),
+            "train_items": len(data.rows),
+        },
+    }
+    _write_json(recipe, record)
+    _log(
+        recipe.name,
+        f"held-out accuracy {final['accuracy']:.4f} on {final['n']} items; "
+        f"text-only prior {record['text_prior']['accuracy']:.4f}; total {record['wall_s']['total']:.0f}s",
+    )
+    return record
+
+
+# --------------------------------------------------------------------------- #
+# Verification and reports
+# --------------------------------------------------------------------------- #
+
+
+def _json_path(recipe: Recipe) -> Path:
+    return RESULTS_DIR / f"train_vqa_{recipe.name.removesuffix('-vqa')}.json"
+
+
+def _write_json(recipe: Recipe, record: dict[str, Any]) -> None:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    _json_path(recipe).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def verify(recipe: Recipe, threads: int) -> dict[str, Any]:
+    """Reload the saved model in this (fresh) process, re-measure the held-out accuracy and record it."""
+    torch.set_num_threads(threads)
+    record = json.loads(_json_path(recipe).read_text())
+    path = MODELS_DIR / recipe.name
+    heldout = _heldout(recipe)
+    _check_tokenizer(path, heldout)
+    result = _evaluate_saved(path, heldout)
+    match = abs(result["accuracy"] - record["heldout"]["accuracy"]) < 1e-9
+    record["verified"] = {"accuracy": result["accuracy"], "n": result["n"], "matches_training_run": match}
+    _write_json(recipe, record)
+    _log(recipe.name, f"verified from {path}: {result['accuracy']:.4f} (recorded {record['heldout']['accuracy']:.4f})")
+    if not match:
+        raise SystemExit(f"{recipe.name}: reloaded accuracy differs from the recorded one")
+    return record
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def write_markdown() -> Path:
+    """Summarise every available ``train_vqa_*.json`` into ``benchmarks/results/train_vqa.md``."""
+    records = [json.loads(_json_path(r).read_text()) for r in RECIPES.values() if _json_path(r).exists()]
+    lines = [
+        "# Trained tiny VLMs for the quality table",
+        "",
+        "Synthetic visual QA (`benchmarks/vqa_task.py`): 96x96 scenes, 3x3 grid, 3-7 shapes (5 colours x 4 shapes),",
+        "half over faded `skimage.data` photos; single-word answers. Trained and saved by `benchmarks/train_vqa.py`.",
+        "Accuracy = greedy first answer token on held-out items (test split, never drawn from the train stream).",
+        "Text-only prior = majority answer per question text (seen >= 20 times in training) else per question type,",
+        "learned on the model's own training items.",
+        "",
+        "| model | architecture | params | on disk | FP held-out acc. | text-only prior | items "
+        "| train wall | total wall |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        verified = r.get("verified", {})
+        check = " (reloaded: same)" if verified.get("matches_training_run") else ""
+        lines.append(
+            f"| {r['model']} | {r['architecture']} | {r['parameters']['total'] / 1e6:.2f}M "
+            f"| {r['bytes_on_disk']['weights'] / 2**20:.1f} MiB {r['saved_dtype']} "
+            f"| **{_pct(r['heldout']['accuracy'])} %**{check} | {_pct(r['text_prior']['accuracy'])} % "
+            f"| {r['heldout']['n']} | {r['wall_s']['build_train_save'] / 60:.1f} min "
+            f"| {r['wall_s']['total'] / 60:.1f} min |"
+        )
+    if records:
+        groups = list(records[0]["heldout"]["by_group"])
+        types = list(records[0]["heldout"]["by_type"])
+        lines += ["", "## Held-out accuracy per question group and type (%; prior in parentheses)", ""]
+        lines += [
+            "| question | share | " + " | ".join(r["model"] for r in records) + " |",
+            "|---|---|" + "---|" * len(records),
+        ]
+        share = records[0]["heldout_type_share"]
+        by_group_share = {g: 0.0 for g in groups}
+        for t, s in share.items():
+            by_group_share[vqa_task._TYPES[t][0]] += s  # noqa: SLF001 - the group of each type
+        for g in groups:
+            cells = [f"{_pct(r['heldout']['by_group'][g])} ({_pct(r['text_prior']['by_group'][g])})" for r in records]
+            lines.append(f"| **{g}** | {_pct(by_group_share[g])} % | " + " | ".join(cells) + " |")
+        for t in sorted(types, key=lambda t: (groups.index(vqa_task._TYPES[t][0]), t)):  # noqa: SLF001
+            cells = [f"{_pct(r['heldout']['by_type'][t])} ({_pct(r['text_prior']['by_type'][t])})" for r in records]
+            lines.append(f"| {t} | {_pct(share[t])} % | " + " | ".join(cells) + " |")
+        lines += ["", "## Recipe", ""]
+        for r in records:
+            rc = r["recipe"]
+            t = rc["text"]
+            lines += [
+                f"**{r['model']}** ({r['architecture']}): decoder {t['num_hidden_layers']} layers, hidden "
+                f"{t['hidden_size']}, MLP {t['intermediate_size']}, {t['num_attention_heads']} heads "
+                f"({t['num_key_value_heads']} KV); vision {json.dumps(rc['vision'])}; {r['image_tokens']} image "
+                f"tokens; parameters {json.dumps(r['parameters'])}.",
+                f"Phase 1: {rc['pretrain_steps']} steps x {rc['pretrain_batch']} fresh images; vision tower + "
+                f"projector + linear cell head (colour, shape and index of each cell), AdamW lr {rc['pretrain_lr']}; "
+                f"final cell accuracy {_pct(r['pretrain']['final_cell_accuracy'])} %; position embeddings "
+                f"re-initialised with std {rc['position_embedding_std']}; image tokens rescaled to mean norm "
+                f"{rc['feature_norm']} ({r['wall_s']['pretrain'] / 60:.1f} min).",
+                f"Phase 2: {r['training']['unique_items']} unique training items encoded one by one with "
+                f"`build_calibration_set` ({r['wall_s']['encode'] / 60:.1f} min), {rc['steps']} steps x "
+                f"{rc['batch_size']} ({r['training']['epochs']} epochs), left padding, loss on the answer tokens "
+                f"+ {rc['aux_weight']} x cell loss; AdamW lr {rc['lr']} betas {tuple(rc['betas'])} wd "
+                f"{rc['weight_decay']}, {rc['warmup_steps']} warm-up steps then cosine to {rc['min_lr_ratio']} x; "
+                f"grad clip {rc['grad_clip']}; bf16 autocast {rc['autocast_bf16']}; seed {rc['seed']} "
+                f"({r['wall_s']['vqa'] / 60:.1f} min).",
+                f"Torch threads {r['torch_threads']}; torch {r['versions']['torch']}, transformers "
+                f"{r['versions']['transformers']}.",
+                "",
+            ]
+        lines += ["## Training curve (held-out accuracy on the first 512 held-out items)", ""]
+        for r in records:
+            points = [p for p in r["training"]["curve"] if "heldout_accuracy" in p]
+            lines.append(
+                f"- {r['model']}: " + ", ".join(f"{p['step']}: {_pct(p['heldout_accuracy'])} %" for p in points)
+            )
+    path = RESULTS_DIR / "train_vqa.md"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- #
+# Command line
+# --------------------------------------------------------------------------- #
+
+
+def _self_command(*args: str) -> list[str]:
+    return [sys.executable, os.fspath(Path(__file__).resolve()), *args]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=[*RECIPES, "all"], default="all")
+    parser.add_argument("--verify", action="store_true", help="only reload the saved model(s) and re-check them")
+    parser.add_argument("--no-verify", action="store_true", help="skip the fresh-process check after training")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per model process (default 1)")
+    parser.add_argument("--sequential", action="store_true", help="with --model all: one model after the other")
+    parser.add_argument("--steps", type=int, help="override the recipe's VQA training steps")
+    parser.add_argument("--pretrain-steps", type=int, help="override the recipe's vision pre-training steps")
+    parser.add_argument("--train-items", type=int, help="override the recipe's number of unique training items")
+    parser.add_argument("--verify-in-process", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    names = list(RECIPES) if args.model == "all" else [args.model]
+
+    if args.verify_in_process:
+        for name in names:
+            verify(RECIPES[name], args.threads)
+        return
+    if not args.verify:
+        given = {"steps": args.steps, "pretrain_steps": args.pretrain_steps, "train_items": args.train_items}
+        overrides = {k: v for k, v in given.items() if v is not None}
+        if len(names) > 1 and not args.sequential:
+            passthrough = ["--no-verify", f"--threads={args.threads}"]
+            passthrough += [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
+            procs = [subprocess.Popen(_self_command("--model", name, *passthrough)) for name in names]
+            codes = [proc.wait() for proc in procs]
+            if any(codes):
+                raise SystemExit(f"training failed, exit codes {dict(zip(names, codes, strict=True))}")
+        else:
+            for name in names:
+                train(dataclasses.replace(RECIPES[name], **overrides), args.threads)
+    if args.verify or not args.no_verify:
+        for name in names:  # a fresh process: nothing from training survives but the saved folder
+            subprocess.run(
+                _self_command("--model", name, "--verify-in-process", f"--threads={args.threads}"), check=True
+            )
+    print(write_markdown())
+
+
+if __name__ == "__main__":
+    main()
