@@ -168,6 +168,7 @@ def _worker_llmc(job: dict) -> dict:
         out[seed] = time.perf_counter() - start
         # evaluated here, in the peer's own environment: its checkpoints of these VLMs do not reload in
         # transformers 5.23 (it writes `ignore` as literal module names, which transformers renames on load)
+        Path(job["out"]).mkdir(parents=True, exist_ok=True)
         torch.save(Evaluator(job["model"], job["held_out"]).logprobs(model), Path(job["out"]) / f"seed{seed}.pt")
         model.save_pretrained(Path(job["out"]) / f"seed{seed}", save_compressed=True)
     return {"calib_seconds": out, "peak_rss_mb": _peak_rss_mb()}
