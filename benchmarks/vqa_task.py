@@ -5,12 +5,13 @@ Each scene is a 3 x 3 grid of 32-pixel cells (a 96 x 96 RGB image); 3 to 7 cells
 faded grey crop of a ``skimage.data`` photograph. Questions are chosen so that the language model carries
 a real share of the answer, not only the vision tower:
 
-* ``attribute`` (30 %): the colour or shape at a named cell ("what color is the shape in the top left?"),
+* ``attribute`` (21 %): the colour or shape at a named cell ("what color is the shape in the top left?"),
   the row or column of a uniquely described object ("in which row is the red circle?");
-* ``count`` (22 %): "how many red shapes are there?", "how many circles are there?";
-* ``compare`` (18 %): "are there more red shapes than blue shapes?" (yes/no, balanced), "which color is
-  the most common?" (unique by construction);
-* ``relation`` (30 %): two-step questions, the colour or shape of the object left of / right of / above /
+* ``count`` (30 %): "how many red shapes are there?", "how many circles are there?", "how many shapes
+  are there?";
+* ``compare`` (27 %): "are there more red shapes than blue shapes?" (yes/no, balanced), "which color /
+  shape is the most common?" (unique by construction);
+* ``relation`` (22 %): two-step questions, the colour or shape of the object left of / right of / above /
   below a uniquely described object ("what color is the shape left of the square?").
 
 Items are generated from string-seeded ``random.Random`` streams, one per
@@ -40,6 +41,7 @@ __all__ = [
     "GROUPS",
     "IMAGE_SIZE",
     "QUESTION_TYPES",
+    "RELATIONS",
     "SHAPES",
     "SPLITS",
     "TextPrior",
@@ -87,7 +89,7 @@ _COLUMN_NAMES = ("left", "middle", "right")
 _NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _MIN_OBJECTS, _MAX_OBJECTS = 3, 7
 #: Relations as (phrase, row offset, column offset) from the reference object to the asked-about one.
-_RELATIONS = (("left of", 0, -1), ("right of", 0, 1), ("above", -1, 0), ("below", 1, 0))
+RELATIONS = (("left of", 0, -1), ("right of", 0, 1), ("above", -1, 0), ("below", 1, 0))
 
 #: Photographs bundled with scikit-image (no download), used as faded backgrounds.
 _PHOTOS = (
@@ -193,14 +195,29 @@ def render_scene(scene: Scene, rng: random.Random) -> Image.Image:
     return canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
 
 
-def cell_targets(scene: Scene) -> tuple[list[int], list[int]]:
-    """Per-cell class indices ``(colours, shapes)`` in raster order; 0 is an empty cell, ``i + 1`` is
-    ``list(COLORS)[i]`` / ``SHAPES[i]`` (labels for vision-tower pre-training)."""
+def cell_targets(scene: Scene) -> list[list[int]]:
+    """Per-cell class indices for vision-tower pre-training, ``[10][cells]`` in raster order.
+
+    Row 0 is each cell's colour and row 1 its shape (0 = empty, ``i + 1`` = ``list(COLORS)[i]`` /
+    ``SHAPES[i]``); rows ``2 + 2k`` and ``3 + 2k`` are the colour and shape of the cell's neighbour in
+    direction ``k`` of left, right, above, below (0 also when the neighbour is outside the grid).
+    """
     colors, shapes = list(COLORS), list(SHAPES)
-    return (
-        [0 if obj is None else colors.index(obj[0]) + 1 for obj in scene],
-        [0 if obj is None else shapes.index(obj[1]) + 1 for obj in scene],
-    )
+
+    def classes(index: int | None) -> tuple[int, int]:
+        obj = None if index is None else scene[index]
+        return (0, 0) if obj is None else (colors.index(obj[0]) + 1, shapes.index(obj[1]) + 1)
+
+    def neighbour(index: int, dr: int, dc: int) -> int | None:
+        row, col = divmod(index, GRID)
+        r, c = row + dr, col + dc
+        return r * GRID + c if 0 <= r < GRID and 0 <= c < GRID else None
+
+    cells = range(GRID * GRID)
+    rows = [[classes(i)[k] for i in cells] for k in (0, 1)]
+    for _, dr, dc in RELATIONS:
+        rows += [[classes(neighbour(i, dr, dc))[k] for i in cells] for k in (0, 1)]
+    return rows
 
 
 # --------------------------------------------------------------------------- #
@@ -276,6 +293,10 @@ def _q_count_shape(scene: Scene, rng: random.Random) -> tuple[str, str]:
     return f"how many {_PLURALS[s]} are there?", _NUMBERS[_count(scene, shape=s)]
 
 
+def _q_count_all(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    return "how many shapes are there?", _NUMBERS[_count(scene)]
+
+
 def _q_more_color(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
     c1, c2 = rng.sample(list(COLORS), 2)
     n1, n2 = _count(scene, color=c1), _count(scene, color=c2)
@@ -296,12 +317,17 @@ def _q_most_color(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
     return None if best is None else ("which color is the most common?", best)
 
 
+def _q_most_shape(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
+    best = _most_common(s for _, _, s in _objects(scene))
+    return None if best is None else ("which shape is the most common?", best)
+
+
 def _relation(scene: Scene, rng: random.Random) -> tuple[str, str, tuple[str, str]] | None:
     """A random ``(relation phrase, reference description, (colour, shape) of the related object)``."""
     options = []
     for i, description in _unique_objects(scene):
         row, col = divmod(i, GRID)
-        for phrase, dr, dc in _RELATIONS:
+        for phrase, dr, dc in RELATIONS:
             r, c = row + dr, col + dc
             if 0 <= r < GRID and 0 <= c < GRID and scene[r * GRID + c] is not None:
                 options.append((phrase, description, scene[r * GRID + c]))
@@ -326,16 +352,18 @@ def _q_relation_shape(scene: Scene, rng: random.Random) -> tuple[str, str] | Non
 
 #: Question type -> (group, sampling weight, generator). Weights sum to 100 (percent of items).
 _TYPES: dict[str, tuple[str, int, _Generator]] = {
-    "color_at": ("attribute", 12, _q_color_at),
-    "shape_at": ("attribute", 10, _q_shape_at),
-    "row": ("attribute", 4, _q_row),
-    "column": ("attribute", 4, _q_column),
+    "color_at": ("attribute", 9, _q_color_at),
+    "shape_at": ("attribute", 8, _q_shape_at),
+    "row": ("attribute", 2, _q_row),
+    "column": ("attribute", 2, _q_column),
     "count_color": ("count", 12, _q_count_color),
     "count_shape": ("count", 10, _q_count_shape),
-    "more_color": ("compare", 10, _q_more_color),
+    "count_all": ("count", 8, _q_count_all),
+    "more_color": ("compare", 12, _q_more_color),
     "most_color": ("compare", 8, _q_most_color),
-    "relation_color": ("relation", 15, _q_relation_color),
-    "relation_shape": ("relation", 15, _q_relation_shape),
+    "most_shape": ("compare", 7, _q_most_shape),
+    "relation_color": ("relation", 11, _q_relation_color),
+    "relation_shape": ("relation", 11, _q_relation_shape),
 }
 QUESTION_TYPES: tuple[str, ...] = tuple(_TYPES)
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(group for group, _, _ in _TYPES.values()))
