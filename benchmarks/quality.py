@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "tlq token_fraction=0.5": dict(method="tlq", token_fraction=0.5),
     "tlq token_fraction=0.25": dict(method="tlq", token_fraction=0.25),
     "tlq exposed=off": dict(method="tlq", exposed=False),
+    # llm-compressor's GPTQ uses static activation order by default: the same option on ours, for a fair pair
+    "gptq act_order": dict(method="gptq", act_order=True),
+    "tlq act_order": dict(method="tlq", act_order=True),
 }
 PEERS: dict[str, str] = {"llmc-gptq": "GPTQModifier", "llmc-awq": "AWQModifier"}
 PEER_SCHEMES = ("W4A16-g128", "W3A16-g128")
@@ -193,11 +197,13 @@ def _run_worker(python: str, job: dict, timeout: int = 3600) -> dict:
 class Evaluator:
     """First-answer-token log-probabilities of held-out items, inputs encoded once per model."""
 
-    def __init__(self, model_dir: str, n_items: int, batch_size: int = 64) -> None:
+    def __init__(
+        self, model_dir: str, n_items: int, batch_size: int = 64, seed: int = HELD_OUT_SEED, split: str = "test"
+    ) -> None:
         from transformers import AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.items = vqa_task.make_items(n_items, seed=HELD_OUT_SEED, split="test")
+        self.items = vqa_task.make_items(n_items, seed=seed, split=split)
         tok = self.processor.tokenizer
         self.answers = torch.tensor([tok(i["answer"], add_special_tokens=False)["input_ids"][0] for i in self.items])
         self.batches = []
@@ -245,28 +251,30 @@ def _load(path: Path):
 def _jobs(args) -> list[dict]:
     jobs = []
     methods = dict(METHODS)
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if k in args.methods}
+    ablations = {k: v for k, v in ABLATIONS.items() if not args.methods or k in args.methods}
+    peers = {k: v for k, v in PEERS.items() if not args.methods or k in args.methods}
     for model in args.models:
         for scheme in args.schemes:
             for label, cfg in methods.items():
                 jobs.append(dict(kind="tlq", model_name=model, label=label, scheme_name=scheme, config=cfg))
             if scheme == "W3A16-g128" and not args.quick:
-                for label, cfg in ABLATIONS.items():
+                for label, cfg in ablations.items():
                     jobs.append(dict(kind="tlq", model_name=model, label=label, scheme_name=scheme, config=cfg))
             if args.peers and scheme in PEER_SCHEMES:
-                for label, modifier in PEERS.items():
+                for label, modifier in peers.items():
                     jobs.append(dict(kind="llmc", model_name=model, label=label, scheme_name=scheme, modifier=modifier))
     return jobs
 
 
-def run(args) -> list[dict]:
-    records: list[dict] = []
-    work = Path(tempfile.mkdtemp(prefix="tlq-quality-"))
-    evaluators, refs = {}, {}
+def _fp_records(args, evaluators: dict, refs: dict) -> list[dict]:
+    """Evaluate each FP model once: the reference log-probs, FP accuracy and the text-only prior."""
+    records = []
     for model in args.models:
         path = HERE / "models" / model
         ev = Evaluator(str(path), args.held_out)
-        fp = _load(path)
-        refs[model] = ev.logprobs(fp)
+        refs[model] = ev.logprobs(_load(path))
         prior = vqa_task.text_prior_accuracy(vqa_task.make_items(4000, seed=POOL_SEED, split="train"), ev.items)
         fp_acc = float((refs[model].argmax(-1) == ev.answers).float().mean())
         records.append(
@@ -286,70 +294,187 @@ def run(args) -> list[dict]:
         )
         print(f"{model}: FP accuracy {fp_acc:.1%}, text-only prior {prior:.1%} on {len(ev.items)} items", flush=True)
         evaluators[model] = ev
-        del fp
-    for job in _jobs(args):
-        job.update(
-            model=str(HERE / "models" / job["model_name"]),
-            scheme=SCHEMES[job["scheme_name"]],
-            seeds=args.seeds,
-            threads=args.threads,
-            held_out=args.held_out,
-            out=str(work / f"{job['model_name']}-{job['label']}-{job['scheme_name']}".replace(" ", "_")),
+    return records
+
+
+def _evaluate_job(job: dict, result: dict, ev: Evaluator, ref: torch.Tensor, phase: str) -> list[dict]:
+    """Records for every seed of one finished worker (or one error record)."""
+    library = "llm-compressor" if job["kind"] == "llmc" else "tlq_hf"
+    base = dict(model=job["model_name"], library=library, method=job["label"], scheme=job["scheme_name"], phase=phase)
+    if "error" in result:
+        print(f"{job['model_name']} {job['label']} {job['scheme_name']}: FAILED {result['error']}", flush=True)
+        return [dict(base, seed=None, error=result["error"])]
+    records = []
+    for seed in job["seeds"]:
+        ckpt = Path(job["out"]) / f"seed{seed}"
+        reload_error = None
+        try:
+            logprobs = ev.logprobs(_load(ckpt))
+        except Exception as err:  # noqa: BLE001 - a peer checkpoint that does not reload is a finding
+            if job["kind"] != "llmc":
+                raise
+            reload_error = f"{type(err).__name__}: {err}"[:300]
+            logprobs = torch.load(Path(job["out"]) / f"seed{seed}.pt")
+        m = ev.metrics(ref, logprobs)
+        rec = dict(
+            base,
+            seed=seed,
+            **m,
+            calib_seconds=result["calib_seconds"][str(seed)],
+            peak_rss_mb=result["peak_rss_mb"],
         )
-        python = args.peers_python if job["kind"] == "llmc" else sys.executable
-        result = _run_worker(python, job)
-        library = "llm-compressor" if job["kind"] == "llmc" else "tlq_hf"
-        if "error" in result:
-            print(f"{job['model_name']} {job['label']} {job['scheme_name']}: FAILED {result['error']}", flush=True)
-            records.append(
-                dict(
-                    model=job["model_name"],
-                    library=library,
-                    method=job["label"],
-                    scheme=job["scheme_name"],
-                    seed=None,
-                    error=result["error"],
-                )
-            )
-            continue
-        ev = evaluators[job["model_name"]]
-        for seed in args.seeds:
-            ckpt = Path(job["out"]) / f"seed{seed}"
-            reload_error = None
-            try:
-                logprobs = ev.logprobs(_load(ckpt))
-            except Exception as err:  # noqa: BLE001 - a peer checkpoint that does not reload is a finding
-                if job["kind"] != "llmc":
-                    raise
-                reload_error = f"{type(err).__name__}: {err}"[:300]
-                logprobs = torch.load(Path(job["out"]) / f"seed{seed}.pt")
-            m = ev.metrics(refs[job["model_name"]], logprobs)
-            rec = dict(
-                model=job["model_name"],
-                library=library,
-                method=job["label"],
-                scheme=job["scheme_name"],
-                seed=seed,
-                **m,
-                calib_seconds=result["calib_seconds"][str(seed)],
-                peak_rss_mb=result["peak_rss_mb"],
-            )
-            if reload_error:
-                rec["reload_error"] = reload_error
-            records.append(rec)
-            print(
-                f"{rec['model']:12s} {rec['scheme']:11s} {rec['method']:24s} seed {seed}: acc {m['accuracy']:.1%} "
-                f"KL {m['kl']:.2e} flips {1 - m['agreement']:.1%} {rec['calib_seconds']:.1f}s "
-                f"{rec['peak_rss_mb']:.0f} MB",
-                flush=True,
-            )
-        shutil.rmtree(job["out"], ignore_errors=True)
+        if reload_error:
+            rec["reload_error"] = reload_error
+        records.append(rec)
+        print(
+            f"{rec['model']:12s} {rec['scheme']:11s} {rec['method']:24s} seed {seed}: acc {m['accuracy']:.1%} "
+            f"KL {m['kl']:.2e} flips {1 - m['agreement']:.1%} {rec['calib_seconds']:.1f}s "
+            f"{rec['peak_rss_mb']:.0f} MB [{phase}]",
+            flush=True,
+        )
+    shutil.rmtree(job["out"], ignore_errors=True)
+    return records
+
+
+def _prepare(job: dict, args, work: Path, seeds: list[int], threads: int, tag: str) -> tuple[str, dict]:
+    job.update(
+        model=str(HERE / "models" / job["model_name"]),
+        scheme=SCHEMES[job["scheme_name"]],
+        seeds=seeds,
+        threads=threads,
+        held_out=args.held_out,
+        out=str(work / f"{tag}-{job['model_name']}-{job['label']}-{job['scheme_name']}".replace(" ", "_")),
+    )
+    return (args.peers_python if job["kind"] == "llmc" else sys.executable), job
+
+
+def _timing_jobs(args) -> list[dict]:
+    """TLQ, plain GPTQ and (with --peers) llm-compressor GPTQ at W4A16-g128, for the time-alone pass."""
+    jobs = []
+    scheme = "W4A16-g128"
+    for model in args.models:
+        for label in ("tlq-gptq", "gptq"):
+            jobs.append(dict(kind="tlq", model_name=model, label=label, scheme_name=scheme, config=METHODS[label]))
+        if args.peers:
+            peer = dict(kind="llmc", model_name=model, label="llmc-gptq", scheme_name=scheme, modifier="GPTQModifier")
+            jobs.append(peer)
+    return jobs
+
+
+def run(args) -> list[dict]:
+    """The table (``args.jobs`` workers at a time, one torch thread each), then the time-alone pass."""
+    torch.set_num_threads(1 if args.jobs > 1 else args.threads)
+    work = Path(tempfile.mkdtemp(prefix="tlq-quality-"))
+    evaluators: dict[str, Evaluator] = {}
+    refs: dict[str, torch.Tensor] = {}
+    records = _fp_records(args, evaluators, refs)
+    threads = 1 if args.jobs > 1 else args.threads
+    prepared = [_prepare(job, args, work, args.seeds, threads, "table") for job in _jobs(args)]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(_run_worker, python, job) for python, job in prepared]
+        for (_, job), future in zip(prepared, futures, strict=True):
+            ev, ref = evaluators[job["model_name"]], refs[job["model_name"]]
+            records += _evaluate_job(job, future.result(), ev, ref, "table")
+    if not args.quick and not args.no_timing:
+        # calibration time on an otherwise idle machine, one process at a time, args.threads threads
+        for job in _timing_jobs(args):
+            python, job = _prepare(job, args, work, args.seeds, args.threads, "timing")
+            ev, ref = evaluators[job["model_name"]], refs[job["model_name"]]
+            records += _evaluate_job(job, _run_worker(python, job), ev, ref, "timing")
     shutil.rmtree(work, ignore_errors=True)
     return records
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _table(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("phase", "table") == "table"]
+
+
+def _mean_of(records: list[dict], model: str, method: str, scheme: str, key: str, phase: str = "table") -> float | None:
+    vals = [
+        r[key] if key != "flips" else 1 - r["agreement"]
+        for r in records
+        if r["model"] == model
+        and r["method"] == method
+        and r["scheme"] == scheme
+        and r.get("phase", "table") == phase
+        and "error" not in r
+    ]
+    return statistics.fmean(vals) if vals else None
+
+
+def _timing_section(records: list[dict], args) -> list[str]:
+    rows = [r for r in records if r.get("phase") == "timing" and "error" not in r]
+    if not rows:
+        return []
+    lines = [
+        "## Calibration time alone (W4A16-g128)",
+        "",
+        f"One calibrating process at a time on the otherwise idle machine, {args.threads} torch threads, "
+        f"{NUM_SAMPLES} samples, seeds {args.seeds} (the table above ran {args.jobs} workers at a time, one thread "
+        "each, so its times are under load). Time = the quantize-on-load / `oneshot` call, model load included.",
+        "",
+        "| model | library | method | calib s (mean ± std) | peak RSS MB | ratio to llm-compressor GPTQ |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model in args.models:
+        peer = _mean_of(records, model, "llmc-gptq", "W4A16-g128", "calib_seconds", "timing")
+        for method in ("tlq-gptq", "gptq", "llmc-gptq"):
+            group = [r for r in rows if r["model"] == model and r["method"] == method]
+            if not group:
+                continue
+            mean, std = _mean_std([r["calib_seconds"] for r in group])
+            ratio = f"{mean / peer:.2f}x" if peer else "n/a"
+            lines.append(
+                f"| {model} | {group[0]['library']} | {method} | {mean:.2f} ± {std:.2f} | "
+                f"{group[0]['peak_rss_mb']:.0f} | {ratio} |"
+            )
+    return lines + [""]
+
+
+def _targets_section(records: list[dict], args) -> list[str]:
+    """The issue's targets, computed from the records (met / not met)."""
+    lines = ["## Targets", ""]
+    contenders = [m for m in METHODS] + list(PEERS)
+    for model in args.models:
+        fp = next(r["accuracy"] for r in records if r["model"] == model and r["method"] == "fp")
+        for scheme in ("W3A16-g128", "W2A16-g64", "W4A8"):
+            if scheme not in args.schemes:
+                continue
+            for key in ("kl", "flips"):
+                means = {m: _mean_of(records, model, m, scheme, key) for m in contenders}
+                means = {m: v for m, v in means.items() if v is not None}
+                if "tlq-gptq" not in means:
+                    continue
+                best = min(means, key=means.get)
+                ok = best == "tlq-gptq"
+                lines.append(
+                    f"- {model} {scheme} lowest mean {key}: {'met' if ok else 'NOT met'} (tlq-gptq "
+                    f"{means['tlq-gptq']:.3g}; best {best} {means[best]:.3g})"
+                )
+        for scheme, need in (("W4A16-g128", 0.99), ("W3A16-g128", 0.95)):
+            acc = _mean_of(records, model, "tlq-gptq", scheme, "accuracy")
+            if acc is not None and fp > 0:
+                lines.append(
+                    f"- {model} {scheme} accuracy retained {acc / fp:.1%} of FP (target {need:.0%}): "
+                    f"{'met' if acc / fp >= need else 'NOT met'}"
+                )
+        tlq, gptq = (_mean_of(records, model, m, "W3A16-g128", "kl") for m in ("tlq-gptq", "gptq"))
+        if tlq is not None and gptq:
+            lines.append(f"- {model} moonshot KL(tlq-gptq) / KL(gptq) at W3A16-g128 = {tlq / gptq:.2f} (target <= 0.7)")
+        tlq_t, peer_t = (
+            _mean_of(records, model, m, "W4A16-g128", "calib_seconds", "timing") for m in ("tlq-gptq", "llmc-gptq")
+        )
+        if tlq_t is not None and peer_t:
+            ok = tlq_t / peer_t <= 1.5
+            lines.append(
+                f"- {model} calibration time tlq-gptq / llm-compressor GPTQ = {tlq_t / peer_t:.2f}x (target <= 1.5x): "
+                f"{'met' if ok else 'NOT met'}"
+            )
+    return lines + [""]
 
 
 def write_results(records: list[dict], args, wall: float) -> None:
@@ -374,7 +499,7 @@ def write_results(records: list[dict], args, wall: float) -> None:
             "",
         ]
         for scheme in args.schemes:
-            rows = [r for r in records if r["model"] == model and r["scheme"] == scheme]
+            rows = [r for r in _table(records) if r["model"] == model and r["scheme"] == scheme]
             if not rows:
                 continue
             lines += [
@@ -402,6 +527,7 @@ def write_results(records: list[dict], args, wall: float) -> None:
                     f"{ac:.2%} ± {acs:.2%} | {ts:.1f} | {group[0]['peak_rss_mb']:.0f} |"
                 )
             lines.append("")
+    lines += _timing_section(records, args) + _targets_section(records, args)
     reload_errors = sorted({(r["library"], r["reload_error"]) for r in records if r.get("reload_error")})
     for library, error in reload_errors:
         lines += [
@@ -426,8 +552,8 @@ def _plot(records: list[dict], args, path: Path) -> None:
     for ax, model in zip(axes[0], args.models):
         methods = []
         for r in records:
-            if r["model"] == model and r["method"] != "fp" and "error" not in r and r["method"] not in methods:
-                if not r["method"].startswith("tlq ") or r["method"] in ("tlq-gptq", "tlq-awq"):
+            if r["model"] == model and "error" not in r and r["method"] not in methods:
+                if r["method"] in METHODS or r["method"] in PEERS:
                     methods.append(r["method"])
         width = 0.8 / max(len(methods), 1)
         for k, method in enumerate(methods):
@@ -436,7 +562,11 @@ def _plot(records: list[dict], args, path: Path) -> None:
                 vals = [
                     r["kl"]
                     for r in records
-                    if r["model"] == model and r["method"] == method and r["scheme"] == scheme and "kl" in r
+                    if r["model"] == model
+                    and r["method"] == method
+                    and r["scheme"] == scheme
+                    and "kl" in r
+                    and r.get("phase", "table") == "table"
                 ]
                 ys.append(statistics.fmean(vals) if vals else float("nan"))
             ax.bar([i + k * width for i in range(len(args.schemes))], ys, width, label=method)
@@ -458,11 +588,14 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="one model, W3A16-g128, one seed, no ablations")
     p.add_argument("--models", nargs="*", default=list(MODELS))
     p.add_argument("--schemes", nargs="*", default=list(SCHEMES))
+    p.add_argument("--methods", nargs="*", help="only these method / ablation / peer labels (default: all)")
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     p.add_argument("--held-out", type=int, default=HELD_OUT)
     p.add_argument("--peers", action="store_true", help="also run llm-compressor (python from --peers-python)")
     p.add_argument("--peers-python", default=str(HERE.parent / ".venv-peers" / "bin" / "python"))
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of a worker when --jobs 1 and when timing")
+    p.add_argument("--jobs", type=int, default=2, help="calibration workers at a time (one thread each if > 1)")
+    p.add_argument("--no-timing", action="store_true", help="skip the time-alone pass")
     args = p.parse_args()
     args.argv = sys.argv[1:]
     if args.quick:
