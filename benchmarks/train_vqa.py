@@ -610,6 +610,46 @@ def train(recipe: Recipe, threads: int) -> dict[str, Any]:
     return record
 
 
+def continue_training(recipe: Recipe, steps: int, threads: int) -> dict[str, Any]:
+    """Train the saved model ``steps`` more VQA steps on the next unseen items of the train stream.
+
+    A warm restart of the learning-rate schedule (warm-up, cosine), without the auxiliary cell loss (the
+    cell head is not part of the saved model); the model is saved over the old one, re-evaluated, and the
+    phase is appended to its JSON record under ``continued``.
+    """
+    torch.set_num_threads(threads)
+    torch.manual_seed(recipe.seed + 1)
+    record = json.loads(_json_path(recipe).read_text())
+    rc = record["recipe"]
+    first = rc["pretrain_steps"] * rc["pretrain_batch"] + record["training"]["samples"]
+    first += sum(phase["samples"] for phase in record.get("continued", []))
+    path = MODELS_DIR / recipe.name
+    model = load_auto_class().from_pretrained(path, dtype=torch.float32)
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    phase = dataclasses.replace(recipe, steps=steps, aux_weight=0.0)
+    head, tap = CellHead(model.config.text_config.hidden_size), FeatureTap(model)
+    model.set_attn_implementation(recipe.train_attention)
+    heldout = _heldout(recipe)
+    stream = TrainingStream(phase, processor, first=first)
+    _log(recipe.name, f"continuing for {steps} steps from train item {first}")
+    vqa = _train_vqa(model, processor, head, tap, phase, stream, heldout[: recipe.curve_items])
+    tap.close()
+    model.set_attn_implementation("sdpa")
+    model.to(getattr(torch, recipe.save_dtype)).eval()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    _check_tokenizer(path, heldout)
+    final = _evaluate_saved(path, heldout)
+    record["continued"] = record.get("continued", []) + [vqa | {"first_item": first, "lr": phase.lr}]
+    record["heldout"] = final
+    record["bytes_on_disk"] = _folder_bytes(path)
+    record["wall_s"]["continued"] = record["wall_s"].get("continued", 0.0) + vqa["wall_s"]
+    record.pop("verified", None)
+    _write_json(recipe, record)
+    _log(recipe.name, f"held-out accuracy {final['accuracy']:.4f} on {final['n']} items after continuing")
+    return record
+
+
 # --------------------------------------------------------------------------- #
 # Verification and reports
 # --------------------------------------------------------------------------- #
@@ -710,16 +750,25 @@ def write_markdown() -> Path:
                 f"{rc['weight_decay']}, {rc['warmup_steps']} warm-up steps then cosine to {rc['min_lr_ratio']} x; "
                 f"grad clip {rc['grad_clip']}; bf16 autocast {rc['autocast_bf16']}; seed {rc['seed']} "
                 f"({r['wall_s']['vqa'] / 60:.1f} min).",
+                *[
+                    f"Continued: {c['steps']} more steps x {rc['batch_size']} on the next {c['samples']} unseen "
+                    f"items (warm restart of the schedule at lr {c['lr']}, no cell loss; "
+                    f"{c['wall_s'] / 60:.1f} min)."
+                    for c in r.get("continued", [])
+                ],
                 f"Torch threads {r['torch_threads']}; torch {r['versions']['torch']}, transformers "
                 f"{r['versions']['transformers']}.",
                 "",
             ]
         lines += ["## Training curve (held-out accuracy on the first 512 held-out items)", ""]
         for r in records:
-            points = [p for p in r["training"]["curve"] if "heldout_accuracy" in p]
-            lines.append(
-                f"- {r['model']}: " + ", ".join(f"{p['step']}: {_pct(p['heldout_accuracy'])} %" for p in points)
-            )
+            phases = [r["training"]] + r.get("continued", [])
+            offset, labels = 0, []
+            for phase in phases:
+                points = [p for p in phase["curve"] if "heldout_accuracy" in p]
+                labels += [f"{offset + p['step']}: {_pct(p['heldout_accuracy'])} %" for p in points]
+                offset += phase["steps"]
+            lines.append(f"- {r['model']}: " + ", ".join(labels))
     path = RESULTS_DIR / "train_vqa.md"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -744,6 +793,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sequential", action="store_true", help="with --model all: one model after the other")
     parser.add_argument("--steps", type=int, help="override the recipe's VQA training steps")
     parser.add_argument("--pretrain-steps", type=int, help="override the recipe's vision pre-training steps")
+    parser.add_argument("--continue-steps", type=int, help="train the saved model(s) this many more steps")
     parser.add_argument("--verify-in-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     names = list(RECIPES) if args.model == "all" else [args.model]
@@ -752,7 +802,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in names:
             verify(RECIPES[name], args.threads)
         return
-    if not args.verify:
+    if args.continue_steps:
+        if len(names) > 1 and not args.sequential:
+            passthrough = ["--no-verify", f"--threads={args.threads}", f"--continue-steps={args.continue_steps}"]
+            procs = [subprocess.Popen(_self_command("--model", name, *passthrough)) for name in names]
+            if any(proc.wait() for proc in procs):
+                raise SystemExit("continued training failed")
+        else:
+            for name in names:
+                continue_training(RECIPES[name], args.continue_steps, args.threads)
+    elif not args.verify:
         given = {"steps": args.steps, "pretrain_steps": args.pretrain_steps}
         overrides = {k: v for k, v in given.items() if v is not None}
         if len(names) > 1 and not args.sequential:
