@@ -610,7 +610,7 @@ def train(recipe: Recipe, threads: int) -> dict[str, Any]:
     return record
 
 
-def continue_training(recipe: Recipe, steps: int, threads: int) -> dict[str, Any]:
+def continue_training(recipe: Recipe, steps: int, threads: int, lr: float | None = None) -> dict[str, Any]:
     """Train the saved model ``steps`` more VQA steps on the next unseen items of the train stream.
 
     A warm restart of the learning-rate schedule (warm-up, cosine), without the auxiliary cell loss (the
@@ -626,7 +626,7 @@ def continue_training(recipe: Recipe, steps: int, threads: int) -> dict[str, Any
     path = MODELS_DIR / recipe.name
     model = load_auto_class().from_pretrained(path, dtype=torch.float32)
     processor = transformers.AutoProcessor.from_pretrained(path)
-    phase = dataclasses.replace(recipe, steps=steps, aux_weight=0.0)
+    phase = dataclasses.replace(recipe, steps=steps, aux_weight=0.0, lr=lr or recipe.lr)
     head, tap = CellHead(model.config.text_config.hidden_size), FeatureTap(model)
     model.set_attn_implementation(recipe.train_attention)
     heldout = _heldout(recipe)
@@ -794,6 +794,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="override the recipe's VQA training steps")
     parser.add_argument("--pretrain-steps", type=int, help="override the recipe's vision pre-training steps")
     parser.add_argument("--continue-steps", type=int, help="train the saved model(s) this many more steps")
+    parser.add_argument("--continue-lr", type=float, help="peak learning rate of the continued phase")
     parser.add_argument("--verify-in-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     names = list(RECIPES) if args.model == "all" else [args.model]
@@ -805,12 +806,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.continue_steps:
         if len(names) > 1 and not args.sequential:
             passthrough = ["--no-verify", f"--threads={args.threads}", f"--continue-steps={args.continue_steps}"]
+            passthrough += [f"--continue-lr={args.continue_lr}"] if args.continue_lr else []
             procs = [subprocess.Popen(_self_command("--model", name, *passthrough)) for name in names]
             if any(proc.wait() for proc in procs):
                 raise SystemExit("continued training failed")
         else:
             for name in names:
-                continue_training(RECIPES[name], args.continue_steps, args.threads)
+                continue_training(RECIPES[name], args.continue_steps, args.threads, args.continue_lr)
     elif not args.verify:
         given = {"steps": args.steps, "pretrain_steps": args.pretrain_steps}
         overrides = {k: v for k, v in given.items() if v is not None}

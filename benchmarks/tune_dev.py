@@ -71,7 +71,11 @@ def main() -> None:
             records.append(dict(model=model_name, scheme=scheme, point=label, **overrides, **m))
             print(f"{model_name} {scheme} {label}: KL {m['kl']:.3e} flips {1 - m['agreement']:.2%}", flush=True)
     out = HERE / "results"
-    (out / "tune_dev.json").write_text(json.dumps(records, indent=1))
+    previous = out / "tune_dev.json"
+    if previous.exists():  # keep the other models' records, so models can be tuned one run at a time
+        records = [r for r in json.loads(previous.read_text()) if r["model"] not in args.models] + records
+    previous.write_text(json.dumps(records, indent=1))
+    models = list(dict.fromkeys(r["model"] for r in records))
     lines = [
         "# Development-split choice of damp and gamma",
         "",
@@ -80,12 +84,12 @@ def main() -> None:
         f"seed {DEV_SEED} (not the held-out test split). First-answer-token KL(FP || quantized), mean over models "
         "and schemes in the last columns.",
         "",
-        "| point | " + " | ".join(f"{m} {s}" for m in args.models for s in args.schemes) + " | mean KL | mean flips |",
-        "|---|" + "---|" * (len(args.models) * len(args.schemes) + 2),
+        "| point | " + " | ".join(f"{m} {s}" for m in models for s in args.schemes) + " | mean KL | mean flips |",
+        "|---|" + "---|" * (len(models) * len(args.schemes) + 2),
     ]
     for label, _ in grid():
         cells, kls, flips = [], [], []
-        for model_name, scheme in itertools.product(args.models, args.schemes):
+        for model_name, scheme in itertools.product(models, args.schemes):
             r = next(x for x in records if (x["model"], x["scheme"], x["point"]) == (model_name, scheme, label))
             cells.append(f"{r['kl']:.2e} / {1 - r['agreement']:.1%}")
             kls.append(r["kl"])
