@@ -73,7 +73,9 @@ class TLQConfig(QuantizationConfigMixin):
         token_fraction: keep only this fraction of the most important tokens in the statistics.
         exposed: calibrate layer ``l`` on the outputs of the already-quantized layers (``None`` = method default).
         solver: ``"gptq"``, ``"awq"`` or ``"rtn"`` for ``method="tlq"`` (``None`` = ``"gptq"``).
-        damp, act_order: GPTQ damping (fraction of the mean Hessian diagonal) and column order.
+        damp, act_order: GPTQ damping (fraction of the mean Hessian diagonal) and column order (``True``:
+            columns by decreasing Hessian diagonal with static groups, as llm-compressor's default; no
+            ``g_idx`` needed in the checkpoint).
         smooth_alpha: SmoothQuant migration strength.
     """
 
@@ -99,7 +101,7 @@ class TLQConfig(QuantizationConfigMixin):
         exposed: bool | None = None,
         solver: str | None = None,
         damp: float = 0.01,
-        act_order: bool = False,
+        act_order: bool = True,
         smooth_alpha: float = 0.5,
         **kwargs: Any,
     ) -> None:

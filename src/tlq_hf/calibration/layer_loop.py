@@ -41,7 +41,7 @@ class LayerSettings:
     smoothing: str | None = None  # None | "awq" | "smoothquant"
     exposed: bool = True
     damp: float = 0.01
-    act_order: bool = False
+    act_order: bool = True
     smooth_alpha: float = 0.5
     awq_grid: int = 20
     max_tokens: int = 4096  # per module, for the input-keeping solvers
