@@ -56,7 +56,13 @@ class LayerReport:
 
 
 class _Stats:
-    """Per-module input statistics collected by forward pre-hooks during one layer pass."""
+    """Per-module input statistics collected by forward pre-hooks during one layer pass.
+
+    Hessian rows are buffered and multiplied in large float32 blocks (``flush_elements`` input values at
+    a time, accumulated in float64), instead of one small product per sample and module.
+    """
+
+    flush_elements = 1 << 24  # 64 MiB of float32 inputs per module before a flush
 
     def __init__(
         self, modules: dict[str, nn.Linear], act_bits: int | None, keep_inputs: bool, gram: bool, keep_per_sample: int
@@ -69,6 +75,8 @@ class _Stats:
         self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
         self.token_w: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
         self.absmax: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in modules}
+        self._pending_elements: dict[str, int] = dict.fromkeys(modules, 0)
         self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
@@ -83,16 +91,31 @@ class _Stats:
             amax = x.abs().amax(0)
             self.absmax[name] = amax if name not in self.absmax else torch.maximum(self.absmax[name], amax)
             if self.gram:
-                xa = x[keep].double()
-                h = (xa * a[keep, None].double()).T @ xa
-                self.hessian[name] = h if name not in self.hessian else self.hessian[name] + h
-                self.mass[name] = self.mass.get(name, 0.0) + float(a[keep].sum())
+                self._pending[name].append((x[keep], a[keep]))
+                self._pending_elements[name] += x.numel()
+                if self._pending_elements[name] >= self.flush_elements:
+                    self._flush(name)
             if self.keep_inputs:
                 xs, ws = _subsample_rows(x[keep], a[keep], self.keep_per_sample)
                 self.inputs[name].append(xs.cpu())
                 self.token_w[name].append(ws.cpu())
 
         return hook
+
+    def _flush(self, name: str) -> None:
+        if not self._pending[name]:
+            return
+        x = torch.cat([p[0] for p in self._pending[name]])
+        a = torch.cat([p[1] for p in self._pending[name]])
+        h = ((x * a[:, None]).T @ x).double()
+        self.hessian[name] = h if name not in self.hessian else self.hessian[name] + h
+        self.mass[name] = self.mass.get(name, 0.0) + float(a.double().sum())
+        self._pending[name], self._pending_elements[name] = [], 0
+
+    def normalized_hessian(self, name: str) -> torch.Tensor:
+        """``sum_t a_t x_t x_t^T / sum_t a_t`` over every token the module saw (float32)."""
+        self._flush(name)
+        return (self.hessian[name] / max(self.mass[name], 1e-12)).float()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -153,8 +176,9 @@ def _smooth(layer: nn.Module, model: nn.Module, stats: _Stats, prefix: str, sche
 def _solve(name: str, linear: nn.Linear, stats: _Stats, scheme: QuantScheme, cfg: LayerSettings):
     w, dtype = linear.weight.detach(), linear.weight.dtype
     if cfg.solver == "gptq":
-        h = (stats.hessian[name] / max(stats.mass[name], 1e-12)).float()
-        return gptq(w, h, scheme, damp=cfg.damp, act_order=cfg.act_order, scale_dtype=dtype)
+        return gptq(
+            w, stats.normalized_hessian(name), scheme, damp=cfg.damp, act_order=cfg.act_order, scale_dtype=dtype
+        )
     if cfg.solver == "awq":
         x, a = _subsample_rows(torch.cat(stats.inputs[name]), torch.cat(stats.token_w[name]), cfg.max_tokens)
         qp = awq_clip_search(w, x, a, scheme, scale_dtype=dtype)
