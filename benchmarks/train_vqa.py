@@ -704,12 +704,13 @@ def write_markdown() -> Path:
     for r in records:
         verified = r.get("verified", {})
         check = " (reloaded: same)" if verified.get("matches_training_run") else ""
+        extra = r["wall_s"].get("continued", 0.0)  # continued training, when there was any
         lines.append(
             f"| {r['model']} | {r['architecture']} | {r['parameters']['total'] / 1e6:.2f}M "
             f"| {r['bytes_on_disk']['weights'] / 2**20:.1f} MiB {r['saved_dtype']} "
             f"| **{_pct(r['heldout']['accuracy'])} %**{check} | {_pct(r['text_prior']['accuracy'])} % "
-            f"| {r['heldout']['n']} | {r['wall_s']['build_train_save'] / 60:.1f} min "
-            f"| {r['wall_s']['total'] / 60:.1f} min |"
+            f"| {r['heldout']['n']} | {(r['wall_s']['build_train_save'] + extra) / 60:.1f} min "
+            f"| {(r['wall_s']['total'] + extra) / 60:.1f} min |"
         )
     if records:
         groups = list(records[0]["heldout"]["by_group"])
