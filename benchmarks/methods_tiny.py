@@ -48,6 +48,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--schemes", nargs="*", default=["W3A16-g128"])
     p.add_argument("--samples", type=int, default=32)
+    p.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="GPTQ activation order (the published table predates the act_order=True default: off)",
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "methods_tiny"))
     args = p.parse_args()
     auto, records = load_auto_class(), []
@@ -63,7 +69,7 @@ def main() -> None:
                     dataset=sample_rows(args.samples),
                     num_samples=args.samples,
                     **SCHEMES[scheme],
-                    **extra,
+                    **({"act_order": args.act_order} | extra),
                 )
                 start = time.perf_counter()
                 model = auto.from_pretrained(path, quantization_config=cfg, dtype=torch.float32)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import resource
@@ -69,6 +70,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 PEERS: dict[str, str] = {"llmc-gptq": "GPTQModifier", "llmc-awq": "AWQModifier"}
 PEER_SCHEMES = ("W4A16-g128", "W3A16-g128")
+TIMED = ("tlq-gptq", "gptq", "tlq-awq", "awq")  # tlq_hf rows of the time-alone pass
 NUM_SAMPLES, POOL, HELD_OUT = 128, 1024, 2000
 POOL_SEED, HELD_OUT_SEED = 1234, 5678
 
@@ -82,6 +84,14 @@ def calibration_rows(seed: int) -> list[dict]:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident set size (VmHWM). Not ``ru_maxrss``: Linux keeps that across
+    ``execve``, so a worker would report its (larger) parent's peak from before the fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -127,9 +137,12 @@ def _worker_llmc(job: dict) -> dict:
     processor = AutoProcessor.from_pretrained(job["model"])
     scheme = {"W4A16-g128": "W4A16", "W3A16-g128": "W3A16"}[job["scheme_name"]]
     ignore = ["re:.*lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
-    out = {}
+    out, oneshot_seconds = {}, {}
     for seed in job["seeds"]:
-        samples = build_calibration_set(calibration_rows(seed), processor, NUM_SAMPLES)
+        rows = calibration_rows(seed)
+        # the clock starts where tlq_hf's does (raw rows and a model path): encoding and loading are included
+        start = time.perf_counter()
+        samples = build_calibration_set(rows, processor, NUM_SAMPLES)
         # rows keep the processor's exact tensors (batch dim included); the collator restores dtypes
         ds = Dataset.from_list([{k: v.tolist() for k, v in s.inputs.items()} for s in samples])
         dtypes = {k: v.dtype for k, v in samples[0].inputs.items()}
@@ -158,7 +171,7 @@ def _worker_llmc(job: dict) -> dict:
         else:
             recipe = GPTQModifier(targets="Linear", scheme=scheme, ignore=ignore)
         layer_class = type(find_decoder_stack(model).layers[0]).__name__  # llm-compressor's sequential unit
-        start = time.perf_counter()
+        start_oneshot = time.perf_counter()
         oneshot(
             model=model,
             sequential_targets=[layer_class],
@@ -170,12 +183,13 @@ def _worker_llmc(job: dict) -> dict:
             processor=processor,
         )
         out[seed] = time.perf_counter() - start
+        oneshot_seconds[seed] = time.perf_counter() - start_oneshot
         # evaluated here, in the peer's own environment: its checkpoints of these VLMs do not reload in
         # transformers 5.23 (it writes `ignore` as literal module names, which transformers renames on load)
         Path(job["out"]).mkdir(parents=True, exist_ok=True)
         torch.save(Evaluator(job["model"], job["held_out"]).logprobs(model), Path(job["out"]) / f"seed{seed}.pt")
         model.save_pretrained(Path(job["out"]) / f"seed{seed}", save_compressed=True)
-    return {"calib_seconds": out, "peak_rss_mb": _peak_rss_mb()}
+    return {"calib_seconds": out, "oneshot_seconds": oneshot_seconds, "peak_rss_mb": _peak_rss_mb()}
 
 
 def _run_worker(python: str, job: dict, timeout: int = 3600) -> dict:
@@ -308,19 +322,20 @@ def _evaluate_job(job: dict, result: dict, ev: Evaluator, ref: torch.Tensor, pha
     for seed in job["seeds"]:
         ckpt = Path(job["out"]) / f"seed{seed}"
         reload_error = None
-        try:
-            logprobs = ev.logprobs(_load(ckpt))
-        except Exception as err:  # noqa: BLE001 - a peer checkpoint that does not reload is a finding
-            if job["kind"] != "llmc":
-                raise
-            reload_error = f"{type(err).__name__}: {err}"[:300]
+        if job["kind"] == "llmc":
+            # the peer's own evaluation (in its process, on the model oneshot returned) is authoritative; the
+            # reload of its checkpoint here is checked separately, a failure or a mismatch is a finding
             logprobs = torch.load(Path(job["out"]) / f"seed{seed}.pt")
+            reload_error = _check_peer_reload(ckpt, ev, logprobs)
+        else:
+            logprobs = ev.logprobs(_load(ckpt))
         m = ev.metrics(ref, logprobs)
         rec = dict(
             base,
             seed=seed,
             **m,
             calib_seconds=result["calib_seconds"][str(seed)],
+            **({"oneshot_seconds": result["oneshot_seconds"][str(seed)]} if "oneshot_seconds" in result else {}),
             peak_rss_mb=result["peak_rss_mb"],
         )
         if reload_error:
@@ -336,6 +351,18 @@ def _evaluate_job(job: dict, result: dict, ev: Evaluator, ref: torch.Tensor, pha
     return records
 
 
+def _check_peer_reload(ckpt: Path, ev: Evaluator, own: torch.Tensor) -> str | None:
+    """None if the peer's checkpoint reloads here and reproduces the peer's own log-probs, else why not."""
+    try:
+        reloaded = ev.logprobs(_load(ckpt))
+    except Exception as err:  # noqa: BLE001 - a peer checkpoint that does not reload is a finding
+        return f"{type(err).__name__}: {err}"[:300]
+    if not torch.isfinite(reloaded).all():
+        return "reloads without error but its outputs are non-finite (NaN)"
+    diff = float((reloaded - own).abs().max())
+    return None if diff < 1e-3 else f"reloads without error but its log-probs differ (max abs diff {diff:.3g})"
+
+
 def _prepare(job: dict, args, work: Path, seeds: list[int], threads: int, tag: str) -> tuple[str, dict]:
     job.update(
         model=str(HERE / "models" / job["model_name"]),
@@ -349,27 +376,44 @@ def _prepare(job: dict, args, work: Path, seeds: list[int], threads: int, tag: s
 
 
 def _timing_jobs(args) -> list[dict]:
-    """TLQ, plain GPTQ and (with --peers) llm-compressor GPTQ at W4A16-g128, for the time-alone pass."""
+    """TLQ (both solvers), GPTQ, AWQ and (with --peers) llm-compressor GPTQ and AWQ at W4A16-g128, for the
+    time-alone pass."""
     jobs = []
     scheme = "W4A16-g128"
     for model in args.models:
-        for label in ("tlq-gptq", "gptq"):
+        for label in TIMED:
             jobs.append(dict(kind="tlq", model_name=model, label=label, scheme_name=scheme, config=METHODS[label]))
         if args.peers:
-            peer = dict(kind="llmc", model_name=model, label="llmc-gptq", scheme_name=scheme, modifier="GPTQModifier")
-            jobs.append(peer)
+            for label, modifier in PEERS.items():
+                jobs.append(dict(kind="llmc", model_name=model, label=label, scheme_name=scheme, modifier=modifier))
     return jobs
 
 
 def run(args) -> list[dict]:
-    """The table (``args.jobs`` workers at a time, one torch thread each), then the time-alone pass."""
+    """The table (``args.jobs`` workers at a time, one torch thread each), then the time-alone pass.
+
+    With ``--timing-only`` the table records come from the existing quality.json and only the time-alone
+    pass is re-run (its records replace the old ones)."""
     torch.set_num_threads(1 if args.jobs > 1 else args.threads)
     work = Path(tempfile.mkdtemp(prefix="tlq-quality-"))
     evaluators: dict[str, Evaluator] = {}
     refs: dict[str, torch.Tensor] = {}
     records = _fp_records(args, evaluators, refs)
-    threads = 1 if args.jobs > 1 else args.threads
-    prepared = [_prepare(job, args, work, args.seeds, threads, "table") for job in _jobs(args)]
+    if args.timing_only or args.peers_only:
+        old = json.loads((HERE / "results" / "quality.json").read_text())
+        if args.timing_only:
+            records = [r for r in old if r.get("phase") != "timing"]
+            prepared = []
+        else:  # re-run every llm-compressor job (table and time-alone pass), keep tlq_hf's records
+            records = [r for r in old if r["library"] != "llm-compressor"]
+            threads = 1 if args.jobs > 1 else args.threads
+            prepared = [
+                _prepare(j, args, work, args.seeds, threads, "table") for j in _jobs(args) if j["kind"] == "llmc"
+            ]
+    else:
+        prepared = [
+            _prepare(job, args, work, args.seeds, 1 if args.jobs > 1 else args.threads, "table") for job in _jobs(args)
+        ]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(_run_worker, python, job) for python, job in prepared]
         for (_, job), future in zip(prepared, futures, strict=True):
@@ -378,11 +422,19 @@ def run(args) -> list[dict]:
     if not args.quick and not args.no_timing:
         # calibration time on an otherwise idle machine, one process at a time, args.threads threads
         for job in _timing_jobs(args):
+            if args.peers_only and job["kind"] != "llmc":
+                continue
             python, job = _prepare(job, args, work, args.seeds, args.threads, "timing")
             ev, ref = evaluators[job["model_name"]], refs[job["model_name"]]
             records += _evaluate_job(job, _run_worker(python, job), ev, ref, "timing")
     shutil.rmtree(work, ignore_errors=True)
     return records
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -402,8 +454,14 @@ def _mean_of(records: list[dict], model: str, method: str, scheme: str, key: str
         and r["scheme"] == scheme
         and r.get("phase", "table") == phase
         and "error" not in r
+        and _finite(r)
     ]
     return statistics.fmean(vals) if vals else None
+
+
+def _finite(record: dict) -> bool:
+    """False for a run whose quantized model produced non-finite log-probs (a failed run, reported apart)."""
+    return "kl" not in record or math.isfinite(record["kl"])
 
 
 def _timing_section(records: list[dict], args) -> list[str]:
@@ -415,24 +473,32 @@ def _timing_section(records: list[dict], args) -> list[str]:
         "",
         f"One calibrating process at a time on the otherwise idle machine, {args.threads} torch threads, "
         f"{NUM_SAMPLES} samples, seeds {args.seeds} (the table above ran {args.jobs} workers at a time, one thread "
-        "each, so its times are under load). Time = the quantize-on-load / `oneshot` call, model load included.",
+        "each, so its times are under load). Time = from the raw rows and the model path to the quantized model in "
+        "memory: tlq_hf's quantize-on-load `from_pretrained`; llm-compressor's row encoding (same processor), model "
+        "load and `oneshot` (the `oneshot` call alone in parentheses).",
         "",
-        "| model | library | method | calib s (mean ± std) | peak RSS MB | ratio to llm-compressor GPTQ |",
+        "| model | library | method | calib s (mean ± std) | peak RSS MB | ratio to llm-compressor (same solver) |",
         "|---|---|---|---|---|---|",
     ]
     for model in args.models:
-        peer = _mean_of(records, model, "llmc-gptq", "W4A16-g128", "calib_seconds", "timing")
-        for method in ("tlq-gptq", "gptq", "llmc-gptq"):
+        for method in (*TIMED, *PEERS):
             group = [r for r in rows if r["model"] == model and r["method"] == method]
             if not group:
                 continue
+            peer_label = "llmc-awq" if method.endswith("awq") else "llmc-gptq"
+            peer = _mean_of(records, model, peer_label, "W4A16-g128", "calib_seconds", "timing")
             mean, std = _mean_std([r["calib_seconds"] for r in group])
             ratio = f"{mean / peer:.2f}x" if peer else "n/a"
+            if "oneshot_seconds" in group[0]:
+                ratio += f" (oneshot alone {statistics.fmean(r['oneshot_seconds'] for r in group):.2f} s)"
             lines.append(
-                f"| {model} | {group[0]['library']} | {method} | {mean:.2f} ± {std:.2f} | "
-                f"{group[0]['peak_rss_mb']:.0f} | {ratio} |"
+                f"| {model} | {group[0]['library']} | {method} | {mean:.2f} ± {std:.2f} | {_rss(group[0])} | {ratio} |"
             )
     return lines + [""]
+
+
+def _rss(record: dict) -> str:
+    return "n/a" if record.get("peak_rss_mb") is None else f"{record['peak_rss_mb']:.0f}"
 
 
 def _targets_section(records: list[dict], args) -> list[str]:
@@ -481,15 +547,29 @@ def write_results(records: list[dict], args, wall: float) -> None:
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     (results / "quality.json").write_text(json.dumps(records, indent=1))
+    meta_path = results / "quality_meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    key = "timing_only" if args.timing_only else "peers_only" if args.peers_only else "table"
+    meta[key] = {"command": f"python benchmarks/quality.py {' '.join(args.argv)}", "wall_min": round(wall / 60, 1)}
+    if key == "table":
+        meta = {"table": meta["table"]}
+    table = meta.get("table", meta[key])
+    timing_note = ""
+    for rerun, what in (("timing_only", "The time-alone pass was"), ("peers_only", "The llm-compressor jobs were")):
+        if rerun in meta:
+            again = meta[rerun]
+            timing_note += f" {what} re-run with `{again['command']}` ({again['wall_min']} min)."
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     lines = [
         "# Quality table: trained benchmark VLMs",
         "",
-        f"Command: `python benchmarks/quality.py {' '.join(args.argv)}`"
-        f" ({wall / 60:.1f} min on this machine). {NUM_SAMPLES} calibration items per seed (seeds "
+        f"Command: `{table['command']}`"
+        f" ({table['wall_min']:.1f} min on this machine).{timing_note} {NUM_SAMPLES} calibration items per seed (seeds "
         f"{args.seeds}), {args.held_out} held-out items; KL(FP || quantized) and flips at the first answer "
         "token; mean ± std over seeds. Calibration time and peak RSS are per calibrating process.",
         "",
     ]
+    failures: list[str] = []
     for model in args.models:
         fp = next(r for r in records if r["model"] == model and r["method"] == "fp")
         lines += [
@@ -518,21 +598,45 @@ def write_results(records: list[dict], args, wall: float) -> None:
                 if "error" in group[0]:
                     lines.append(f"| {key[0]} | {key[1]} | failed: {group[0]['error']} | | | | |")
                     continue
+                bad = [x["seed"] for x in group if not _finite(x)]
+                group = [x for x in group if _finite(x)]
+                if bad:
+                    failures.append(f"{model} {scheme} {key[0]} {key[1]}: seed(s) {bad}")
+                if not group:
+                    lines.append(f"| {key[0]} | {key[1]} | non-finite output on every seed | | | | |")
+                    continue
                 kl, kls = _mean_std([x["kl"] for x in group])
                 fl, fls = _mean_std([1 - x["agreement"] for x in group])
                 ac, acs = _mean_std([x["accuracy"] for x in group])
                 ts, _ = _mean_std([x["calib_seconds"] for x in group])
                 lines.append(
-                    f"| {key[0]} | {key[1]} | {kl:.2e} ± {kls:.1e} | {fl:.2%} ± {fls:.2%} | "
-                    f"{ac:.2%} ± {acs:.2%} | {ts:.1f} | {group[0]['peak_rss_mb']:.0f} |"
+                    f"| {key[0]} | {key[1]}{' (†)' if bad else ''} | {kl:.2e} ± {kls:.1e} | {fl:.2%} ± {fls:.2%} | "
+                    f"{ac:.2%} ± {acs:.2%} | {ts:.1f} | {_rss(group[0])} |"
                 )
             lines.append("")
-    lines += _timing_section(records, args) + _targets_section(records, args)
-    reload_errors = sorted({(r["library"], r["reload_error"]) for r in records if r.get("reload_error")})
-    for library, error in reload_errors:
+    if failures:
         lines += [
-            f"Note: {library} checkpoints did not reload here (`{error}`); their rows were evaluated in "
-            "the calibrating process, in the peer's own environment, with the same evaluation code.",
+            "(†) Mean ± std over the finite seeds only: these runs produced non-finite (NaN) log-probabilities on "
+            "the held-out items, i.e. a broken model: " + "; ".join(failures) + ".",
+            "",
+        ]
+    if any(r.get("peak_rss_mb") is None for r in _table(records) if r["method"] != "fp" and "error" not in r):
+        lines += [
+            "Peak RSS is n/a in table rows whose worker read `ru_maxrss`, which Linux carries over from the parent "
+            "process across `exec` (it reported the parent's peak); workers now read VmHWM, and the time-alone pass "
+            "below measures it.",
+            "",
+        ]
+    lines += _timing_section(records, args) + _targets_section(records, args)
+    peer_rows = [r for r in records if r["library"] == "llm-compressor" and "kl" in r]
+    failed = [r for r in peer_rows if r.get("reload_error")]
+    if peer_rows:
+        example = f" (e.g. `{failed[0]['reload_error']}`)" if failed else ""
+        lines += [
+            f"Peer rows are the peer's own evaluation of the model `oneshot` returned, in its environment, with "
+            f"the same evaluation code. Its saved checkpoints failed to reload here (transformers "
+            f"{_transformers_version()}) or reproduce those outputs in {len(failed)} of {len(peer_rows)} runs"
+            f"{example}.",
             "",
         ]
     (results / "RESULTS.md").write_text("\n".join(lines))
@@ -567,6 +671,7 @@ def _plot(records: list[dict], args, path: Path) -> None:
                     and r["scheme"] == scheme
                     and "kl" in r
                     and r.get("phase", "table") == "table"
+                    and _finite(r)
                 ]
                 ys.append(statistics.fmean(vals) if vals else float("nan"))
             ax.bar([i + k * width for i in range(len(args.schemes))], ys, width, label=method)
@@ -596,6 +701,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads of a worker when --jobs 1 and when timing")
     p.add_argument("--jobs", type=int, default=2, help="calibration workers at a time (one thread each if > 1)")
     p.add_argument("--no-timing", action="store_true", help="skip the time-alone pass")
+    p.add_argument("--timing-only", action="store_true", help="re-run only the time-alone pass (keeps the table)")
+    p.add_argument("--peers-only", action="store_true", help="re-run only the llm-compressor jobs (with --peers)")
     args = p.parse_args()
     args.argv = sys.argv[1:]
     if args.quick:
