@@ -231,7 +231,7 @@ def _vision_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _cell_targets(items: Sequence[dict[str, Any]]) -> torch.Tensor:
-    """``[B, 2, cells]`` colour and shape classes of each item's scene."""
+    """``[B, rows, cells]`` classes of each item's scene (the rows of :func:`vqa_task.cell_targets`)."""
     return torch.tensor([vqa_task.cell_targets(item["scene"]) for item in items], dtype=torch.long)
 
 
@@ -246,7 +246,7 @@ class TrainingSet:
 
     tokens: list[dict[str, torch.Tensor]]  # per item: input_ids, attention_mask, ... and labels, [1, T]
     images: list[Any]  # per item: the PIL image
-    targets: torch.Tensor  # [N, 2, cells] colour and shape classes per cell
+    targets: torch.Tensor  # [N, rows, cells] per-cell classes (see _cell_targets)
     rows: list[dict[str, str]]  # per item: question, answer, type (for the text-only prior)
 
     def __len__(self) -> int:
@@ -522,6 +522,19 @@ def _folder_bytes(path: Path) -> dict[str, int]:
     return {"total": sum(files.values()), "weights": sum(v for k, v in files.items() if k.endswith(".safetensors"))}
 
 
+def _save(model: nn.Module, processor: Any, recipe: Recipe, heldout: Sequence[dict[str, Any]]) -> Path:
+    """Save model (default attention, ``recipe.save_dtype``) and processor under ``MODELS_DIR/<name>``, then
+    check that the reloaded tokenizer knows every word of ``heldout``."""
+    path = MODELS_DIR / recipe.name
+    path.mkdir(parents=True, exist_ok=True)
+    model.set_attn_implementation("sdpa")
+    model.to(getattr(torch, recipe.save_dtype)).eval()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    _check_tokenizer(path, heldout)
+    return path
+
+
 def train(recipe: Recipe, threads: int) -> dict[str, Any]:
     """Build, train, save and evaluate one model; write its JSON record and return it."""
     torch.set_num_threads(threads)
@@ -556,13 +569,7 @@ def train(recipe: Recipe, threads: int) -> dict[str, Any]:
     vqa = _train_vqa(model, processor, head, tap, recipe, stream, curve_items)
     tap.close()
 
-    path = MODELS_DIR / recipe.name
-    path.mkdir(parents=True, exist_ok=True)
-    model.set_attn_implementation("sdpa")
-    model.to(getattr(torch, recipe.save_dtype)).eval()
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    _check_tokenizer(path, heldout)
+    path = _save(model, processor, recipe, heldout)
     train_wall = round(time.time() - wall, 1)
 
     final = _evaluate_saved(path, heldout)
@@ -634,11 +641,7 @@ def continue_training(recipe: Recipe, steps: int, threads: int, lr: float | None
     _log(recipe.name, f"continuing for {steps} steps from train item {first}")
     vqa = _train_vqa(model, processor, head, tap, phase, stream, heldout[: recipe.curve_items])
     tap.close()
-    model.set_attn_implementation("sdpa")
-    model.to(getattr(torch, recipe.save_dtype)).eval()
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    _check_tokenizer(path, heldout)
+    _save(model, processor, recipe, heldout)
     final = _evaluate_saved(path, heldout)
     record["continued"] = record.get("continued", []) + [vqa | {"first_item": first, "lr": phase.lr}]
     record["heldout"] = final
@@ -785,6 +788,14 @@ def _self_command(*args: str) -> list[str]:
     return [sys.executable, os.fspath(Path(__file__).resolve()), *args]
 
 
+def _in_parallel(names: Sequence[str], passthrough: Sequence[str], what: str) -> None:
+    """Run this script once per model name, all at once, with ``passthrough`` arguments; fail if any fails."""
+    procs = [subprocess.Popen(_self_command("--model", name, *passthrough)) for name in names]
+    codes = [proc.wait() for proc in procs]
+    if any(codes):
+        raise SystemExit(f"{what} failed, exit codes {dict(zip(names, codes, strict=True))}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=[*RECIPES, "all"], default="all")
@@ -808,9 +819,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if len(names) > 1 and not args.sequential:
             passthrough = ["--no-verify", f"--threads={args.threads}", f"--continue-steps={args.continue_steps}"]
             passthrough += [f"--continue-lr={args.continue_lr}"] if args.continue_lr else []
-            procs = [subprocess.Popen(_self_command("--model", name, *passthrough)) for name in names]
-            if any(proc.wait() for proc in procs):
-                raise SystemExit("continued training failed")
+            _in_parallel(names, passthrough, "continued training")
         else:
             for name in names:
                 continue_training(RECIPES[name], args.continue_steps, args.threads, args.continue_lr)
@@ -820,10 +829,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if len(names) > 1 and not args.sequential:
             passthrough = ["--no-verify", f"--threads={args.threads}"]
             passthrough += [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
-            procs = [subprocess.Popen(_self_command("--model", name, *passthrough)) for name in names]
-            codes = [proc.wait() for proc in procs]
-            if any(codes):
-                raise SystemExit(f"training failed, exit codes {dict(zip(names, codes, strict=True))}")
+            _in_parallel(names, passthrough, "training")
         else:
             for name in names:
                 train(dataclasses.replace(RECIPES[name], **overrides), args.threads)
