@@ -137,6 +137,7 @@ def _worker_llmc(job: dict) -> dict:
     processor = AutoProcessor.from_pretrained(job["model"])
     scheme = {"W4A16-g128": "W4A16", "W3A16-g128": "W3A16"}[job["scheme_name"]]
     ignore = ["re:.*lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
+    evaluator = Evaluator(job["model"], job["held_out"])  # encodes the held-out items once for every seed
     out, oneshot_seconds = {}, {}
     for seed in job["seeds"]:
         rows = calibration_rows(seed)
@@ -187,7 +188,7 @@ def _worker_llmc(job: dict) -> dict:
         # evaluated here, in the peer's own environment: its checkpoints of these VLMs do not reload in
         # transformers 5.23 (it writes `ignore` as literal module names, which transformers renames on load)
         Path(job["out"]).mkdir(parents=True, exist_ok=True)
-        torch.save(Evaluator(job["model"], job["held_out"]).logprobs(model), Path(job["out"]) / f"seed{seed}.pt")
+        torch.save(evaluator.logprobs(model), Path(job["out"]) / f"seed{seed}.pt")
         model.save_pretrained(Path(job["out"]) / f"seed{seed}", save_compressed=True)
     return {"calib_seconds": out, "oneshot_seconds": oneshot_seconds, "peak_rss_mb": _peak_rss_mb()}
 
@@ -262,23 +263,24 @@ def _load(path: Path):
 # ----------------------------------------------------------------------------- the table
 
 
+def _job(model: str, label: str, scheme: str) -> dict:
+    """A tlq_hf job (``label`` in METHODS / ABLATIONS) or an llm-compressor job (``label`` in PEERS)."""
+    job = dict(model_name=model, label=label, scheme_name=scheme)
+    if label in PEERS:
+        return job | dict(kind="llmc", modifier=PEERS[label])
+    return job | dict(kind="tlq", config=METHODS.get(label) or ABLATIONS[label])
+
+
 def _jobs(args) -> list[dict]:
     jobs = []
-    methods = dict(METHODS)
-    if args.methods:
-        methods = {k: v for k, v in methods.items() if k in args.methods}
-    ablations = {k: v for k, v in ABLATIONS.items() if not args.methods or k in args.methods}
-    peers = {k: v for k, v in PEERS.items() if not args.methods or k in args.methods}
     for model in args.models:
         for scheme in args.schemes:
-            for label, cfg in methods.items():
-                jobs.append(dict(kind="tlq", model_name=model, label=label, scheme_name=scheme, config=cfg))
+            labels = list(METHODS)
             if scheme == "W3A16-g128" and not args.quick:
-                for label, cfg in ablations.items():
-                    jobs.append(dict(kind="tlq", model_name=model, label=label, scheme_name=scheme, config=cfg))
+                labels += list(ABLATIONS)
             if args.peers and scheme in PEER_SCHEMES:
-                for label, modifier in peers.items():
-                    jobs.append(dict(kind="llmc", model_name=model, label=label, scheme_name=scheme, modifier=modifier))
+                labels += list(PEERS)
+            jobs += [_job(model, label, scheme) for label in labels if not args.methods or label in args.methods]
     return jobs
 
 
@@ -378,15 +380,8 @@ def _prepare(job: dict, args, work: Path, seeds: list[int], threads: int, tag: s
 def _timing_jobs(args) -> list[dict]:
     """TLQ (both solvers), GPTQ, AWQ and (with --peers) llm-compressor GPTQ and AWQ at W4A16-g128, for the
     time-alone pass."""
-    jobs = []
-    scheme = "W4A16-g128"
-    for model in args.models:
-        for label in TIMED:
-            jobs.append(dict(kind="tlq", model_name=model, label=label, scheme_name=scheme, config=METHODS[label]))
-        if args.peers:
-            for label, modifier in PEERS.items():
-                jobs.append(dict(kind="llmc", model_name=model, label=label, scheme_name=scheme, modifier=modifier))
-    return jobs
+    labels = list(TIMED) + (list(PEERS) if args.peers else [])
+    return [_job(model, label, "W4A16-g128") for model in args.models for label in labels]
 
 
 def run(args) -> list[dict]:
@@ -394,26 +389,21 @@ def run(args) -> list[dict]:
 
     With ``--timing-only`` the table records come from the existing quality.json and only the time-alone
     pass is re-run (its records replace the old ones)."""
-    torch.set_num_threads(1 if args.jobs > 1 else args.threads)
+    threads = 1 if args.jobs > 1 else args.threads  # per table worker
+    torch.set_num_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="tlq-quality-"))
     evaluators: dict[str, Evaluator] = {}
     refs: dict[str, torch.Tensor] = {}
     records = _fp_records(args, evaluators, refs)
-    if args.timing_only or args.peers_only:
+    table_jobs = _jobs(args)
+    if args.timing_only or args.peers_only:  # keep the old records that are not re-run
         old = json.loads((HERE / "results" / "quality.json").read_text())
         if args.timing_only:
-            records = [r for r in old if r.get("phase") != "timing"]
-            prepared = []
-        else:  # re-run every llm-compressor job (table and time-alone pass), keep tlq_hf's records
+            records, table_jobs = [r for r in old if r.get("phase") != "timing"], []
+        else:  # every llm-compressor job, table and time-alone pass
             records = [r for r in old if r["library"] != "llm-compressor"]
-            threads = 1 if args.jobs > 1 else args.threads
-            prepared = [
-                _prepare(j, args, work, args.seeds, threads, "table") for j in _jobs(args) if j["kind"] == "llmc"
-            ]
-    else:
-        prepared = [
-            _prepare(job, args, work, args.seeds, 1 if args.jobs > 1 else args.threads, "table") for job in _jobs(args)
-        ]
+            table_jobs = [j for j in table_jobs if j["kind"] == "llmc"]
+    prepared = [_prepare(job, args, work, args.seeds, threads, "table") for job in table_jobs]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(_run_worker, python, job) for python, job in prepared]
         for (_, job), future in zip(prepared, futures, strict=True):
