@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from _helpers import auto_class, write_dataset_folder
 from transformers import AutoProcessor
 
@@ -49,3 +50,40 @@ def test_tlq_quantize_command_calibrates_on_a_dataset_folder(tiny_vlm_dirs, tmp_
     )
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "compressed-tensors"
+
+
+def test_cli_everything_on_disk_with_checkpoints_equals_in_memory(tiny_vlm_dirs, tmp_path):
+    """--max-memory cpu=2MB sends the whole model to disk; the checkpoint is the in-memory one, bit for bit."""
+    pytest.importorskip("datasets")
+    from safetensors.torch import load_file
+
+    folder = write_dataset_folder(tmp_path / "calib", 4)
+    common = ["--dataset", str(folder), "--num-samples", "4", "--bits", "4"]
+    path = tiny_vlm_dirs["qwen2_vl"]
+    assert quantize_main([path, "--out", str(tmp_path / "ref"), *common]) == 0
+    offloaded = [
+        path,
+        "--out",
+        str(tmp_path / "disk"),
+        "--max-memory",
+        "cpu=2MB",
+        "--offload-dir",
+        str(tmp_path / "offload"),
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+    ]
+    assert quantize_main(offloaded + common) == 0
+    assert '"layers_done": 2' in (tmp_path / "ckpt" / "manifest.json").read_text()
+    ref, disk = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "disk" / "model.safetensors")
+    assert set(ref) == set(disk) and all(torch.equal(ref[k], disk[k]) for k in ref)
+
+
+def test_max_memory_and_device_map_arguments():
+    from tlq_hf.cli import _device_map, parse_max_memory
+
+    assert parse_max_memory("cpu=4GiB, 0=20GiB") == {"cpu": "4GiB", 0: "20GiB"}
+    assert parse_max_memory(None) is None
+    with pytest.raises(SystemExit, match="DEVICE=SIZE"):
+        parse_max_memory("4GiB")
+    assert _device_map('{"model.layers.0": "disk"}') == {"model.layers.0": "disk"}
+    assert _device_map("auto") == "auto"

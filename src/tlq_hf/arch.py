@@ -19,6 +19,7 @@ __all__ = [
     "ARCH_FACTS",
     "DEFAULT_SMOOTH_MAPPINGS",
     "IMAGE_TOKEN_ATTRS",
+    "decoder_device_map",
     "find_final_norm",
     "image_token_id",
     "smooth_mappings",
@@ -225,3 +226,26 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
         from accelerate.hooks import add_hook_to_module
 
         add_hook_to_module(new, hook)
+
+
+def decoder_device_map(model: nn.Module, decoder: str | int = "disk", rest: str | int = "cpu") -> dict[str, str | int]:
+    """A ``device_map`` that puts every decoder layer on ``decoder`` and every other top module on ``rest``.
+
+    ``model`` may be an empty (meta) model built from the config; e.g. ``decoder="disk"`` streams the decoder
+    from the offload folder while the vision tower, embeddings and head stay in memory.
+    """
+    path = find_decoder_stack(model).path
+    out: dict[str, str | int] = {}
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        for child_name, child in module.named_children():
+            name = f"{prefix}{child_name}"
+            if name == path:
+                out.update({f"{name}.{i}": decoder for i in range(len(child))})
+            elif path.startswith(name + "."):
+                walk(name + ".", child)
+            else:
+                out[name] = rest
+
+    walk("", model)
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import Any
 
@@ -77,6 +78,11 @@ class TLQConfig(QuantizationConfigMixin):
             columns by decreasing Hessian diagonal with static groups, as llm-compressor's default; no
             ``g_idx`` needed in the checkpoint).
         smooth_alpha: SmoothQuant migration strength.
+        offload_dir: folder for calibration activations (layer boundaries, gradients, targets), one file
+            per sample, so host memory holds one layer's worth; ``None`` keeps them in host memory.
+            Never serialised.
+        checkpoint_dir: folder for per-layer calibration checkpoints; a run restarted with the same model,
+            data and config skips the layers already finished there. Never serialised.
     """
 
     def __init__(
@@ -103,13 +109,18 @@ class TLQConfig(QuantizationConfigMixin):
         damp: float = 0.01,
         act_order: bool = True,
         smooth_alpha: float = 0.5,
+        offload_dir: str | os.PathLike | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = "tlq"
         kwargs.pop("quant_method", None)
         self.tlq_version = kwargs.pop("tlq_version", __version__)
         if kwargs:
-            raise TypeError(f"TLQConfig got unknown argument(s) {sorted(kwargs)}; valid ones are {list(_SERIALIZED)}.")
+            raise TypeError(
+                f"TLQConfig got unknown argument(s) {sorted(kwargs)}; valid ones are "
+                f"{[*_SERIALIZED, 'dataset', 'processor', 'offload_dir', 'checkpoint_dir']}."
+            )
         self.bits, self.group_size, self.sym, self.act_bits = bits, group_size, sym, act_bits
         self.method, self.ignore, self.save_format = method, ignore, save_format
         self.dataset, self.processor = dataset, processor
@@ -117,6 +128,8 @@ class TLQConfig(QuantizationConfigMixin):
         self.importance, self.gamma, self.importance_clip = importance, gamma, list(importance_clip)
         self.uniform_mix, self.token_fraction, self.exposed, self.solver = uniform_mix, token_fraction, exposed, solver
         self.damp, self.act_order, self.smooth_alpha = damp, act_order, smooth_alpha
+        self.offload_dir = os.fspath(offload_dir) if offload_dir is not None else None
+        self.checkpoint_dir = os.fspath(checkpoint_dir) if checkpoint_dir is not None else None
         self.post_init()
 
     def post_init(self) -> None:

@@ -39,16 +39,16 @@ class CapturedSample:
     answer_mask: torch.Tensor  # [T] bool: answer tokens (labels != -100)
 
 
-def to_device(obj: Any, device: torch.device | str) -> Any:
-    """Move every tensor inside nested tuples / lists / dicts to ``device``."""
+def to_device(obj: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
+    """Move every tensor inside nested tuples / lists / dicts to ``device`` (floating ones to ``dtype`` if given)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
+        return tuple(to_device(o, device, dtype) for o in obj)
     if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
+        return [to_device(o, device, dtype) for o in obj]
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, dtype) for k, v in obj.items()}
     return obj
 
 

@@ -26,7 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import DecoderStack, find_final_norm
-from .capture import CapturedSample, layer_forward, module_device, to_device
+from .activations import ActivationStore
+from .capture import CapturedSample, layer_forward, to_device
+from .distributed import Comm
+from .offload import Onloaded, onloaded
 
 __all__ = [
     "IMPORTANCE_KINDS",
@@ -38,6 +41,7 @@ __all__ = [
     "temper",
     "modality_balance",
     "select_tokens",
+    "TokenWeighting",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,12 +67,11 @@ class Tempering:
 
 @dataclass
 class GradientPass:
-    """What the block-wise pass returns."""
+    """What the block-wise pass returns (for this rank's samples)."""
 
     raw: dict[str, list[torch.Tensor]]  # module name -> per-sample raw importance [T]
-    boundaries: list[list[torch.Tensor]]  # X[l] for l = 0..L, per sample [1, T, H] (offload device)
     layer_raw: list[list[torch.Tensor]]  # per layer, per sample raw importance [T] at the layer's output
-    loss: float
+    loss: float  # mean answer loss over all samples (all ranks)
     seconds: float = 0.0
 
 
@@ -124,57 +127,72 @@ def gradient_importance(
     captured: list[CapturedSample],
     targets: dict[str, nn.Module],
     kind: str = "fisher",
-    offload: str = "cpu",
+    spill_dir: str | None = None,
+    comm: Comm | None = None,
 ) -> GradientPass:
-    """Block-wise backward of the answer loss; per-module, per-token raw importance."""
+    """Block-wise backward of the answer loss; per-module, per-token raw importance.
+
+    The boundaries ``X[0..L]`` live in :class:`ActivationStore` objects (spilled to ``spill_dir`` if given);
+    each is dropped as soon as the backward has passed it. Each layer is onloaded once per direction.
+    """
     import time
 
     start = time.perf_counter()
+    comm = comm or Comm()
     reduce = _REDUCE[kind]
     norm, head = find_final_norm(model, stack), model.get_output_embeddings()
     n_layers = len(stack.layers)
-    boundaries: list[list[torch.Tensor]] = [[s.hidden for s in captured]]
+    boundaries = [ActivationStore.of([s.hidden for s in captured], spill_dir, "x0")]
     with torch.no_grad():
         for i, layer in enumerate(tqdm(stack.layers, desc="tlq importance fwd", unit="layer", leave=False)):
-            device = module_device(layer)
-            boundaries.append(
-                [
-                    layer_forward(layer, h.to(device), to_device(s.kwargs, device)).to(offload)
-                    for h, s in zip(boundaries[i], captured)
-                ]
-            )
+            out = ActivationStore(spill_dir, f"x{i + 1}")
+            with onloaded(layer) as on:
+                for h, s in zip(boundaries[i], captured):
+                    y = layer_forward(layer, h.to(on.device, on.compute_dtype), _kwargs(s, on))
+                    out.append(y.to(on.store_dtype))
+            boundaries.append(out)
     raw: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
     layer_raw: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
-    grads: list[torch.Tensor] = []
+    grads = ActivationStore(spill_dir, "g")
     total = 0.0
     with _NoParamGrad(model), torch.enable_grad():
-        device = module_device(head)
-        for h, s in zip(boundaries[-1], captured):
-            h = h.to(device).detach().requires_grad_(True)
-            loss = answer_loss(head(norm(h)), s.labels)
-            loss.backward()
-            total += float(loss.detach())
-            grads.append(h.grad.to(offload))
+        with onloaded(norm), onloaded(head) as on:
+            for h, s in zip(boundaries[-1], captured):
+                h = h.to(on.device, on.compute_dtype).detach().requires_grad_(True)
+                loss = answer_loss(head(norm(h)), s.labels)
+                loss.backward()
+                total += float(loss.detach())
+                grads.append(h.grad.float())
+        boundaries.pop().close()
         for i in tqdm(range(n_layers - 1, -1, -1), desc="tlq importance bwd", unit="layer", leave=False):
-            layer, device = stack.layers[i], module_device(stack.layers[i])
+            layer = stack.layers[i]
             layer_raw[i] = [reduce(g[0]).cpu() for g in grads]
             grabber = _OutputGrabber(_layer_targets(stack, targets, i))
+            new_grads = ActivationStore(spill_dir, "g")
             try:
-                new_grads = []
-                for h, g, s in zip(boundaries[i], grads, captured):
-                    h = h.to(device).detach().requires_grad_(True)
-                    out = layer_forward(layer, h, to_device(s.kwargs, device))
-                    out.backward(g.to(device))
-                    for name, output in grabber.outputs.items():
-                        raw[name].append(reduce(output.grad[0]).cpu())
-                    new_grads.append(h.grad.to(offload))
-                    grabber.outputs.clear()
-                grads = new_grads
+                with onloaded(layer) as on:
+                    for h, g, s in zip(boundaries[i], grads, captured):
+                        h = h.to(on.device, on.compute_dtype).detach().requires_grad_(True)
+                        out = layer_forward(layer, h, _kwargs(s, on))
+                        out.backward(g.to(on.device, out.dtype))
+                        for name, output in grabber.outputs.items():
+                            raw[name].append(reduce(output.grad[0]).cpu())
+                        new_grads.append(h.grad.float())
+                        grabber.outputs.clear()
             finally:
                 grabber.remove()
-    loss = total / max(len(captured), 1)
-    logger.info("tlq importance: answer loss %.4f over %d samples", loss, len(captured))
-    return GradientPass(raw, boundaries, layer_raw, loss, time.perf_counter() - start)
+            grads.close()
+            boundaries.pop().close()
+            grads = new_grads
+    grads.close()
+    total, count = comm.sum(total, len(captured))
+    loss = total / max(count, 1)
+    logger.info("tlq importance: answer loss %.4f over %d samples", loss, int(count))
+    return GradientPass(raw, layer_raw, loss, time.perf_counter() - start)
+
+
+def _kwargs(sample: CapturedSample, on: Onloaded) -> dict:
+    return to_device(sample.kwargs, on.device, on.compute_dtype)
 
 
 def reference_importance(
@@ -213,28 +231,81 @@ def temper(raw: torch.Tensor, t: Tempering) -> torch.Tensor:
     return (1 - t.mix) * a + t.mix
 
 
-def modality_balance(raw: list[torch.Tensor], vision_masks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """MBQ-style weights: every token gets the mean raw importance of its modality (over all samples)."""
-    vis = torch.cat([r[m] for r, m in zip(raw, vision_masks)])
-    txt = torch.cat([r[~m] for r, m in zip(raw, vision_masks)])
-    v_mean = float(vis.mean()) if vis.numel() else 0.0
-    t_mean = float(txt.mean()) if txt.numel() else 0.0
+def modality_balance(
+    raw: list[torch.Tensor], vision_masks: list[torch.Tensor], comm: Comm | None = None
+) -> list[torch.Tensor]:
+    """MBQ-style weights: every token gets the mean raw importance of its modality (over all samples, all ranks)."""
+    comm = comm or Comm()
+    vis = torch.cat([r[m] for r, m in zip(raw, vision_masks)]).double()
+    txt = torch.cat([r[~m] for r, m in zip(raw, vision_masks)]).double()
+    v_sum, v_n, t_sum, t_n = comm.sum(float(vis.sum()), vis.numel(), float(txt.sum()), txt.numel())
+    v_mean = v_sum / v_n if v_n else 0.0
+    t_mean = t_sum / t_n if t_n else 0.0
     return [torch.where(m, torch.full_like(r, v_mean), torch.full_like(r, t_mean)) for r, m in zip(raw, vision_masks)]
 
 
-def select_tokens(weights: list[torch.Tensor], fraction: float) -> list[torch.Tensor]:
-    """Keep the ``ceil(fraction * N)`` most important tokens over all samples (others get weight 0)."""
+def select_tokens(
+    weights: list[torch.Tensor], fraction: float, comm: Comm | None = None, samples: list[int] | None = None
+) -> list[torch.Tensor]:
+    """Keep the ``ceil(fraction * N)`` most important tokens over all samples (others get weight 0).
+
+    ``N`` counts every rank's tokens; ties at the threshold are kept in global sample order (``samples``
+    are the global indices of this rank's ``weights``), so the result does not depend on the sharding.
+    """
     if fraction >= 1.0:
         return weights
-    flat = torch.cat(weights)
+    comm = comm or Comm()
+    samples = list(range(len(weights))) if samples is None else samples
+    flat = torch.cat(comm.gather(torch.cat(weights).float()))
     k = max(1, math.ceil(fraction * flat.numel()))
     threshold = torch.topk(flat, k).values.min()
-    ties_left = k - int((flat > threshold).sum())  # ties at the threshold are kept in order
+    ties_left = k - int((flat > threshold).sum())
+    ties = torch.tensor([[i, int((w == threshold).sum())] for i, w in zip(samples, weights)], dtype=torch.int64)
+    quota: dict[int, int] = {}
+    for i, n in sorted(torch.cat(comm.gather(ties.reshape(-1, 2))).tolist()):
+        quota[i] = min(n, ties_left)
+        ties_left -= quota[i]
     kept = []
-    for w in weights:
+    for i, w in zip(samples, weights):
         keep = w > threshold
-        ties = (w == threshold).nonzero().flatten()[:ties_left]
-        keep[ties] = True
-        ties_left -= len(ties)
+        keep[(w == threshold).nonzero().flatten()[: quota[i]]] = True
         kept.append(torch.where(keep, w, torch.zeros_like(w)))
     return kept
+
+
+@dataclass
+class TokenWeighting:
+    """Token weights for a group of modules (or a layer output) from this rank's raw importance.
+
+    A group of modules reading one input (q/k/v) is weighted like one linear with concatenated outputs: its
+    raw importance is the sum of its members' (the squared gradient norm over all their outputs). Weights
+    are then tempered per sample (or set to the per-modality mean for ``"modality"``) and optionally
+    restricted to the most important ``token_fraction`` of all tokens.
+    """
+
+    grad: GradientPass
+    kind: str
+    tempering: Tempering
+    token_fraction: float
+    vision_masks: list[torch.Tensor]
+    samples: list[int]
+    comm: Comm
+
+    def _weights(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
+        t = self.tempering
+        if self.kind == "modality":  # the per-modality ratio itself: normalised and clipped, not tempered
+            weights = [
+                temper(a, Tempering(1.0, t.lo, t.hi, 0.0)) for a in modality_balance(raw, self.vision_masks, self.comm)
+            ]
+        else:
+            weights = [temper(a, t) for a in raw]
+        return select_tokens(weights, self.token_fraction, self.comm, self.samples)
+
+    def for_modules(self, names: list[str]) -> list[torch.Tensor]:
+        """Per-sample weights ``[T]`` for a group of modules that read the same input."""
+        per_module = [self.grad.raw[n] for n in names]
+        return self._weights([torch.stack(parts).sum(0) for parts in zip(*per_module)])
+
+    def for_layer(self, index: int) -> list[torch.Tensor]:
+        """Per-sample weights ``[T]`` at the output of decoder layer ``index`` (for error reports)."""
+        return self._weights(self.grad.layer_raw[index])

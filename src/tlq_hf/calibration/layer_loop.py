@@ -1,13 +1,20 @@
 """Quantization-exposed layer-wise calibration.
 
-For ``l = 0..L-1``: layer ``l`` sees ``X_in`` = what the already-quantized layers ``0..l-1`` produce
-(``exposed=True``) or the full-precision boundary ``X_fp[l]`` (``exposed=False``). One pass of the
-still-full-precision layer on ``X_in`` collects, per target linear, the importance-weighted statistics
-its solver needs (a weighted Hessian for GPTQ; subsampled inputs for AWQ / SmoothQuant). The solver's
-codes replace the linears by packed modules, and the quantized layer's output on ``X_in`` becomes the
-next layer's input. The report gives, per layer, the importance-weighted relative error of the layer
-output against the full-precision target ``X_fp[l+1]``: ``before`` (full-precision layer on ``X_in``: the
-error carried in) and ``after`` (quantized layer on ``X_in``).
+For ``l = 0..L-1`` the loop carries a :class:`LoopState`: the full-precision input ``X_fp[l]`` and the
+exposed input ``X_in[l]`` (what the already-quantized layers ``0..l-1`` produce; the same store when
+``exposed=False``), one tensor per sample of this rank, in :class:`ActivationStore` objects. One step:
+
+1. onload layer ``l`` (from the device map's CPU / disk copy, float32 on CPU);
+2. full-precision target ``Y_fp = f(X_fp)`` (recomputed here rather than kept from the gradient pass);
+3. one pass of the full-precision layer on ``X_in`` feeds the statistics of each group of modules that
+   read the same input (:mod:`.stats`), weighted by token importance; statistics are reduced over ranks;
+4. smoothing (AWQ / SmoothQuant) folds per-channel scales and rescales the statistics it invalidates;
+5. each group is solved once, by its owner rank, and broadcast; packed modules replace the linears;
+6. the quantized layer's output on ``X_in`` is the next ``X_in``.
+
+The report gives, per layer, the importance-weighted relative error of the layer output against ``Y_fp``:
+``before`` (full-precision layer on ``X_in``: the error carried in) and ``after`` (quantized layer).
+Solvers and smoothers are looked up by name in :data:`LAYER_SOLVERS` and :data:`SMOOTHERS`.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,12 +30,26 @@ from tqdm.auto import tqdm
 
 from ..arch import DecoderStack, smooth_mappings
 from ..nn import TLQLinear, dequant_cache
-from ..primitives import fake_quantize_activation, quantize_codes
+from ..primitives import QParams, quantize_codes
 from ..qtypes import QuantScheme
-from ..solvers import awq_clip_search, awq_scale_search, gptq, rtn, smoothquant_scales
-from .capture import CapturedSample, layer_forward, module_device, to_device
+from ..solvers import awq_clip_search, awq_scale_search, gptq_factor, gptq_quantize, rtn, smoothquant_scales
+from .activations import ActivationStore
+from .capture import CapturedSample, layer_forward, to_device
+from .distributed import Comm
+from .importance import TokenWeighting
+from .offload import onloaded
+from .stats import STATISTICS, StatCollector, StatGroup, shared_input_groups
 
-__all__ = ["LayerSettings", "LayerReport", "calibrate_layers"]
+__all__ = [
+    "LAYER_SOLVERS",
+    "SMOOTHERS",
+    "LayerSettings",
+    "LayerReport",
+    "LayerSolver",
+    "LoopState",
+    "LayerLoop",
+    "Smoother",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +58,14 @@ logger = logging.getLogger(__name__)
 class LayerSettings:
     """How each layer is calibrated (a method's recipe resolved against the config)."""
 
-    solver: str = "gptq"  # "rtn" | "gptq" | "awq"
-    smoothing: str | None = None  # None | "awq" | "smoothquant"
+    solver: str = "gptq"  # a key of LAYER_SOLVERS
+    smoothing: str | None = None  # None or a key of SMOOTHERS
     exposed: bool = True
     damp: float = 0.01
     act_order: bool = True
     smooth_alpha: float = 0.5
     awq_grid: int = 20
-    max_tokens: int = 4096  # per module, for the input-keeping solvers
+    max_tokens: int = 4096  # rows kept per group (over all samples) for the input-keeping solvers
 
 
 @dataclass
@@ -55,82 +76,76 @@ class LayerReport:
     seconds: float
 
 
-class _Stats:
-    """Per-module input statistics collected by forward pre-hooks during one layer pass.
-
-    Hessian rows are buffered and multiplied in large float32 blocks (``flush_elements`` input values at
-    a time, accumulated in float64), instead of one small product per sample and module.
-    """
-
-    flush_elements = 1 << 24  # 64 MiB of float32 inputs per module before a flush
-
-    def __init__(
-        self, modules: dict[str, nn.Linear], act_bits: int | None, keep_inputs: bool, gram: bool, keep_per_sample: int
-    ):
-        self.act_bits, self.keep_inputs, self.gram = act_bits, keep_inputs, gram
-        self.keep_per_sample = keep_per_sample  # input rows kept per sample (memory stays bounded)
-        self.weights: dict[str, torch.Tensor | None] = {}
-        self.hessian: dict[str, torch.Tensor] = {}
-        self.mass: dict[str, float] = {}
-        self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
-        self.token_w: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
-        self.absmax: dict[str, torch.Tensor] = {}
-        self._pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in modules}
-        self._pending_elements: dict[str, int] = dict.fromkeys(modules, 0)
-        self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
-
-    def _hook(self, name: str):
-        def hook(module, args):
-            x = args[0].detach()
-            if self.act_bits is not None:
-                x = fake_quantize_activation(x, self.act_bits)
-            x = x.reshape(-1, x.shape[-1]).float()
-            a = self.weights.get(name)
-            a = torch.ones(x.shape[0], device=x.device) if a is None else a.to(x.device).float()
-            keep = a > 0
-            amax = x.abs().amax(0)
-            self.absmax[name] = amax if name not in self.absmax else torch.maximum(self.absmax[name], amax)
-            if self.gram:
-                self._pending[name].append((x[keep], a[keep]))
-                self._pending_elements[name] += x.numel()
-                if self._pending_elements[name] >= self.flush_elements:
-                    self._flush(name)
-            if self.keep_inputs:
-                xs, ws = _subsample_rows(x[keep], a[keep], self.keep_per_sample)
-                self.inputs[name].append(xs.cpu())
-                self.token_w[name].append(ws.cpu())
-
-        return hook
-
-    def _flush(self, name: str) -> None:
-        if not self._pending[name]:
-            return
-        x = torch.cat([p[0] for p in self._pending[name]])
-        a = torch.cat([p[1] for p in self._pending[name]])
-        h = ((x * a[:, None]).T @ x).double()
-        self.hessian[name] = h if name not in self.hessian else self.hessian[name] + h
-        self.mass[name] = self.mass.get(name, 0.0) + float(a.double().sum())
-        self._pending[name], self._pending_elements[name] = [], 0
-
-    def normalized_hessian(self, name: str) -> torch.Tensor:
-        """``sum_t a_t x_t x_t^T / sum_t a_t`` over every token the module saw (float32)."""
-        self._flush(name)
-        return (self.hessian[name] / max(self.mass[name], 1e-12)).float()
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+Solution = tuple[torch.Tensor, QParams]
 
 
-def _weighted_rel_error(
-    outs: list[torch.Tensor], refs: list[torch.Tensor], weights: list[torch.Tensor] | None
-) -> float:
-    num = den = 0.0
-    for i, (o, r) in enumerate(zip(outs, refs)):
-        a = torch.ones(r.shape[1]) if weights is None else weights[i].float()
-        num += float((a * (o.float() - r.float()).pow(2).sum(-1)[0].cpu()).sum())
-        den += float((a * r.float().pow(2).sum(-1)[0].cpu()).sum())
-    return num / max(den, 1e-30)
+@dataclass(frozen=True)
+class LayerSolver:
+    """A solver as the layer loop uses it: the statistics it needs and how it solves one group."""
+
+    needs: tuple[str, ...]
+    solve: Callable[[list[torch.Tensor], StatGroup, QuantScheme, LayerSettings, torch.dtype], list[Solution]]
+
+
+@dataclass(frozen=True)
+class Smoother:
+    """A per-channel migration: the statistics it needs and its scale ``s`` for one (producer, consumers) fold."""
+
+    needs: tuple[str, ...]
+    scales: Callable[[list[torch.Tensor], StatGroup, QuantScheme, LayerSettings], torch.Tensor]
+
+
+def _solve_gptq(weights, group, scheme, cfg, scale_dtype) -> list[Solution]:
+    hessian = group.stats.pop("hessian").take_normalized()
+    factor = gptq_factor(hessian, damp=cfg.damp, act_order=cfg.act_order, overwrite=True)
+    del hessian
+    return [gptq_quantize(w, factor, scheme, scale_dtype=scale_dtype) for w in weights]
+
+
+def _solve_awq(weights, group, scheme, cfg, scale_dtype) -> list[Solution]:
+    x, a = group.stats["inputs"].rows(cfg.max_tokens)
+    out = []
+    for w in weights:
+        qp = awq_clip_search(w, x, a, scheme, scale_dtype=scale_dtype)
+        out.append((quantize_codes(w, qp, scheme), qp))
+    return out
+
+
+def _solve_rtn(weights, group, scheme, cfg, scale_dtype) -> list[Solution]:
+    return [rtn(w, scheme, scale_dtype=scale_dtype) for w in weights]
+
+
+LAYER_SOLVERS: dict[str, LayerSolver] = {
+    "gptq": LayerSolver(("hessian",), _solve_gptq),
+    "awq": LayerSolver(("inputs",), _solve_awq),
+    "rtn": LayerSolver((), _solve_rtn),
+}
+
+
+def _awq_scales(weights, group, scheme, cfg) -> torch.Tensor:
+    x, a = group.stats["inputs"].rows(cfg.max_tokens)
+    s, _, _ = awq_scale_search(weights, x, a, scheme, grid=cfg.awq_grid, scale_dtype=weights[0].dtype)
+    return s
+
+
+def _smoothquant_scales(weights, group, scheme, cfg) -> torch.Tensor:
+    return smoothquant_scales(group.stats["absmax"].absmax, weights, cfg.smooth_alpha)
+
+
+SMOOTHERS: dict[str, Smoother] = {
+    "awq": Smoother(("inputs",), _awq_scales),
+    "smoothquant": Smoother(("absmax",), _smoothquant_scales),
+}
+
+
+@dataclass
+class LoopState:
+    """Everything the loop carries from one layer to the next (and what a resumed run restores)."""
+
+    layer: int  # the next layer to calibrate
+    x_fp: ActivationStore  # full-precision input of ``layer``, this rank's samples
+    x_in: ActivationStore  # exposed input of ``layer`` (``x_fp`` itself when not exposed)
+    reports: list[LayerReport] = field(default_factory=list)
 
 
 def _fold(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor) -> None:
@@ -147,105 +162,174 @@ def _fold(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor) -> N
             c.weight.mul_(s.to(c.weight.dtype)[None, :])
 
 
-def _subsample_rows(x: torch.Tensor, a: torch.Tensor, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.shape[0] <= max_tokens:
-        return x, a
-    idx = torch.linspace(0, x.shape[0] - 1, max_tokens).round().long()
-    return x[idx], a[idx]
+class _ErrorSum:
+    """Importance-weighted ``sum_t a_t ||y_t - r_t||^2`` and ``sum_t a_t ||r_t||^2`` over samples."""
+
+    def __init__(self) -> None:
+        self.num = self.den = 0.0
+
+    def add(self, out: torch.Tensor, ref: torch.Tensor, a: torch.Tensor | None) -> None:
+        a = torch.ones(ref.shape[1]) if a is None else a.float()
+        self.num += float((a * (out.float() - ref.float()).pow(2).sum(-1)[0].cpu()).sum())
+        self.den += float((a * ref.float().pow(2).sum(-1)[0].cpu()).sum())
+
+    def value(self, comm: Comm) -> float:
+        num, den = comm.sum(self.num, self.den)
+        return num / max(den, 1e-30)
 
 
-def _smooth(layer: nn.Module, model: nn.Module, stats: _Stats, prefix: str, scheme: QuantScheme, cfg: LayerSettings):
-    """Fold per-channel scales for every (producer, consumers) mapping of the layer."""
-    names = dict(layer.named_modules())
-    for producer, consumers in smooth_mappings(model, layer):
-        keys = [f"{prefix}.{c}" for c in consumers]
-        if not all(k in stats.absmax for k in keys):
-            continue
-        weights = [names[c].weight for c in consumers]
-        if cfg.smoothing == "smoothquant":
-            s = smoothquant_scales(stats.absmax[keys[0]], weights, cfg.smooth_alpha)
-        else:
-            x, a = _subsample_rows(torch.cat(stats.inputs[keys[0]]), torch.cat(stats.token_w[keys[0]]), cfg.max_tokens)
-            s, _, _ = awq_scale_search(weights, x, a, scheme, grid=cfg.awq_grid, scale_dtype=weights[0].dtype)
-        _fold(names[producer], [names[c] for c in consumers], s)
-        for k in keys:
-            stats.inputs[k] = [x / s for x in stats.inputs[k]]
-            stats.absmax[k] = stats.absmax[k] / s
+class LayerLoop:
+    """The exposed layer-wise calibration of one decoder stack; ``swap(name, module)`` installs packed linears."""
 
+    def __init__(
+        self,
+        model: nn.Module,
+        stack: DecoderStack,
+        targets: dict[str, nn.Linear],
+        captured: list[CapturedSample],
+        scheme: QuantScheme,
+        settings: LayerSettings,
+        weighting: TokenWeighting | None,
+        swap: Callable[[str, nn.Module], None],
+        samples: list[int] | None = None,
+        total_samples: int | None = None,
+        comm: Comm | None = None,
+        spill_dir: str | None = None,
+    ) -> None:
+        self.model, self.stack, self.targets, self.captured = model, stack, targets, captured
+        self.scheme, self.cfg, self.weighting, self.swap = scheme, settings, weighting, swap
+        self.samples = list(range(len(captured))) if samples is None else samples
+        self.total_samples = total_samples or len(captured)
+        self.comm, self.spill_dir = comm or Comm(), spill_dir
+        self.solver = LAYER_SOLVERS[settings.solver]
+        self.smoother = SMOOTHERS[settings.smoothing] if settings.smoothing is not None else None
 
-def _solve(name: str, linear: nn.Linear, stats: _Stats, scheme: QuantScheme, cfg: LayerSettings):
-    w, dtype = linear.weight.detach(), linear.weight.dtype
-    if cfg.solver == "gptq":
-        return gptq(
-            w, stats.normalized_hessian(name), scheme, damp=cfg.damp, act_order=cfg.act_order, scale_dtype=dtype
-        )
-    if cfg.solver == "awq":
-        x, a = _subsample_rows(torch.cat(stats.inputs[name]), torch.cat(stats.token_w[name]), cfg.max_tokens)
-        qp = awq_clip_search(w, x, a, scheme, scale_dtype=dtype)
-        return quantize_codes(w, qp, scheme), qp
-    return rtn(w, scheme, scale_dtype=dtype)
+    def initial_state(self) -> LoopState:
+        x = ActivationStore.of([s.hidden for s in self.captured], self.spill_dir, "x_in")
+        return LoopState(0, x, x)
 
+    def run(self, state: LoopState, on_layer_done: Callable[[LoopState], None] | None = None) -> list[LayerReport]:
+        """Calibrate layers ``state.layer .. L-1``; ``on_layer_done(state)`` after each (e.g. a checkpoint)."""
+        n = len(self.stack.layers)
+        bar = tqdm(total=n, initial=state.layer, desc=f"tlq layers ({self.cfg.solver})", unit="layer")
+        while state.layer < n:
+            self.step(state)
+            bar.update(1)
+            if on_layer_done is not None:
+                on_layer_done(state)
+        bar.close()
+        return state.reports
 
-def calibrate_layers(
-    model: nn.Module,
-    stack: DecoderStack,
-    targets: dict[str, nn.Linear],
-    captured: list[CapturedSample],
-    scheme: QuantScheme,
-    cfg: LayerSettings,
-    module_weights: dict[str, list[torch.Tensor]] | None,
-    layer_weights: list[list[torch.Tensor]] | None,
-    fp_boundaries: list[list[torch.Tensor]] | None,
-    swap: Callable[[str, nn.Module], None],
-    offload: str = "cpu",
-) -> list[LayerReport]:
-    """Quantize the decoder layer by layer; ``swap(name, module)`` installs each packed linear."""
-    x_fp = [s.hidden for s in captured]
-    x_in = x_fp
-    reports = []
-    for i, layer in enumerate(tqdm(stack.layers, desc=f"tlq layers ({cfg.solver})", unit="layer")):
-        start = time.perf_counter()
-        device = module_device(layer)
-        prefix = stack.layer_prefix(i)
-        layer_targets = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
-        kwargs = [to_device(s.kwargs, device) for s in captured]
-        with torch.no_grad():
-            if fp_boundaries is not None:
-                y_fp = fp_boundaries[i + 1]
-            else:
-                y_fp = [layer_forward(layer, h.to(device), kw).to(offload) for h, kw in zip(x_fp, kwargs)]
-            if not cfg.exposed:
-                x_in = x_fp
-            stats = _Stats(
-                layer_targets,
-                scheme.act_bits,
-                keep_inputs=cfg.solver == "awq" or cfg.smoothing == "awq",
-                gram=cfg.solver == "gptq",
-                keep_per_sample=max(1, -(-cfg.max_tokens // len(captured))),
-            )
-            y_before = []
+    def step(self, state: LoopState) -> None:
+        """Calibrate layer ``state.layer`` and advance ``state`` to the next one."""
+        i, cfg, start = state.layer, self.cfg, time.perf_counter()
+        layer = self.stack.layers[i]
+        prefix = self.stack.layer_prefix(i) + "."
+        modules = {n: m for n, m in self.targets.items() if n.startswith(prefix)}
+        lw = self.weighting.for_layer(i) if self.weighting is not None else [None] * len(self.captured)
+        before, after = _ErrorSum(), _ErrorSum()
+        y_fp = ActivationStore(self.spill_dir, "x_fp")
+        y_in = ActivationStore(self.spill_dir, "x_in") if cfg.exposed else y_fp
+        with torch.no_grad(), onloaded(layer, keep=True) as on:
+            kwargs = [to_device(s.kwargs, on.device, on.compute_dtype) for s in self.captured]
+
+            def forward(x: torch.Tensor, j: int) -> torch.Tensor:
+                return layer_forward(layer, x.to(on.device, on.compute_dtype), kwargs[j])
+
+            if cfg.exposed:
+                for j, x in enumerate(state.x_fp):
+                    y_fp.append(forward(x, j).to(on.store_dtype))
+            live = {n: layer.get_submodule(n[len(prefix) :]) for n in modules}
+            groups = self._groups(live, lambda: forward(state.x_in[0], 0))
+            collector = StatCollector(groups, live, self.scheme.act_bits)
+            weights = [self.weighting.for_modules(g.members) if self.weighting else None for g in groups]
             try:
-                for j, (h, kw) in enumerate(zip(x_in, kwargs)):
-                    stats.weights = {n: (module_weights[n][j] if module_weights else None) for n in layer_targets}
-                    y_before.append(layer_forward(layer, h.to(device), kw).to(offload))
+                for j, x in enumerate(state.x_in):
+                    collector.begin(self.samples[j], [w[j] if w is not None else None for w in weights])
+                    y = forward(x, j)
+                    if cfg.exposed:
+                        before.add(y, y_fp[j], lw[j])
+                    else:
+                        y_fp.append(y.to(on.store_dtype))
             finally:
-                stats.remove()
-            if cfg.smoothing is not None:
-                _smooth(layer, model, stats, prefix, scheme, cfg)
-            for name, linear in layer_targets.items():
-                codes, qp = _solve(name, linear, stats, scheme, cfg)
-                swap(name, TLQLinear.from_codes(codes, qp, scheme, bias=linear.bias))
-            del stats
+                collector.close()
+            del weights
+            for g in groups:
+                g.reduce(self.comm)
+            if self.smoother is not None:
+                self._smooth(layer, groups, prefix)
+            self._solve(layer, live, groups, on.store_dtype)
+            del groups, collector, live
             with dequant_cache(layer):
-                y_after = [layer_forward(layer, h.to(device), kw).to(offload) for h, kw in zip(x_in, kwargs)]
-        lw = layer_weights[i] if layer_weights is not None else None
-        report = LayerReport(
-            i,
-            _weighted_rel_error(y_before, y_fp, lw),
-            _weighted_rel_error(y_after, y_fp, lw),
-            time.perf_counter() - start,
-        )
+                for j, x in enumerate(state.x_in):
+                    y = forward(x, j)
+                    after.add(y, y_fp[j], lw[j])
+                    if cfg.exposed:
+                        y_in.append(y.to(on.store_dtype))
+        report = LayerReport(i, before.value(self.comm), after.value(self.comm), time.perf_counter() - start)
         logger.info("tlq layer %d: weighted rel. error %.3e -> %.3e", i, report.error_before, report.error_after)
-        reports.append(report)
-        x_fp, x_in = y_fp, y_after
-    return reports
+        for store in {id(s): s for s in (state.x_fp, state.x_in)}.values():
+            store.close()
+        state.layer, state.x_fp, state.x_in = i + 1, y_fp, y_in
+        state.reports.append(report)
+
+    def _groups(self, modules: dict[str, nn.Module], run_one: Callable[[], object]) -> list[StatGroup]:
+        """One group per shared input, or per module when token weights are per module (see :mod:`.stats`)."""
+        needs = set(self.solver.needs) | set(self.smoother.needs if self.smoother else ())
+        rows = max(1, -(-self.cfg.max_tokens // self.total_samples))
+        groups = []
+        for members in shared_input_groups(modules, run_one):
+            split = [members] if self.weighting is None else [[m] for m in members]
+            for part in split:
+                stats = {k: STATISTICS[k](rows_per_sample=rows) for k in sorted(needs)}
+                groups.append(StatGroup(part, stats, input_of=members[0]))
+        return groups
+
+    def _smooth(self, layer: nn.Module, groups: list[StatGroup], prefix: str) -> None:
+        """Fold per-channel scales for every (producer, consumers) mapping whose consumers are all targets.
+
+        The scale is searched on the first consumer's statistics (the consumers share their input); every
+        consumer's statistics are rescaled after the fold.
+        """
+        by_member = {m: g for g in groups for m in g.members}
+        names = dict(layer.named_modules())
+        for k, (producer, consumers) in enumerate(smooth_mappings(self.model, layer)):
+            affected = [by_member.get(prefix + c) for c in consumers]
+            if any(g is None for g in affected):
+                continue
+            weights = [names[c].weight for c in consumers]
+            owner = self.comm.owner(k)
+            s = torch.empty(weights[0].shape[1], dtype=torch.float32, device=weights[0].device)
+            if self.comm.rank == owner:
+                s = self.smoother.scales(weights, affected[0], self.scheme, self.cfg).float()
+            self.comm.broadcast_(s, owner)
+            _fold(names[producer], [names[c] for c in consumers], s)
+            for group in {id(g): g for g in affected}.values():
+                group.rescale(s)
+
+    def _solve(self, layer: nn.Module, live: dict[str, nn.Module], groups: list[StatGroup], dtype) -> None:
+        """Each group solved by its owner rank, broadcast, and swapped in as packed modules."""
+        for k, group in enumerate(groups):
+            linears = [live[n] for n in group.members]
+            owner = self.comm.owner(k)
+            if self.comm.rank == owner:
+                solutions = self.solver.solve([m.weight.detach() for m in linears], group, self.scheme, self.cfg, dtype)
+            else:
+                solutions = [self._empty_solution(m, dtype) for m in linears]
+            for name, linear, (codes, qp) in zip(group.members, linears, solutions):
+                for t in (codes, qp.scale, qp.zero):
+                    self.comm.broadcast_(t, owner)
+                self.swap(name, TLQLinear.from_codes(codes, qp, self.scheme, bias=linear.bias))
+            group.stats.clear()
+
+    def _empty_solution(self, linear: nn.Module, dtype: torch.dtype) -> Solution:
+        out_f, in_f = linear.weight.shape
+        n_groups = self.scheme.groups(in_f)
+        device = linear.weight.device
+        return (
+            torch.empty(out_f, in_f, dtype=torch.int8, device=device),
+            QParams(
+                scale=torch.empty(out_f, n_groups, dtype=dtype, device=device),
+                zero=torch.zeros(out_f, n_groups, dtype=torch.int8, device=device),
+            ),
+        )

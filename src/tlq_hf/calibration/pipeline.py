@@ -9,6 +9,7 @@ optionally a token subset) -> layer-wise calibration with the method's solver. M
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -21,9 +22,13 @@ from ..nn import TLQLinear
 from ..primitives import dequantize_codes
 from ..qtypes import QuantScheme
 from ..solvers import rtn
+from .activations import spill_root
 from .capture import capture_layer_inputs
-from .importance import Tempering, gradient_importance, modality_balance, select_tokens, temper
-from .layer_loop import LayerReport, LayerSettings, calibrate_layers
+from .distributed import Comm, init_from_env
+from .importance import Tempering, TokenWeighting, gradient_importance
+from .layer_loop import LayerLoop, LayerReport, LayerSettings
+from .offload import onloaded
+from .resume import LayerCheckpoint, fingerprint
 
 __all__ = ["RECIPES", "Recipe", "ModuleReport", "QuantizationReport", "quantize_model", "resolve_recipe"]
 
@@ -112,15 +117,25 @@ class QuantizationReport:
 
 
 def _round_to_nearest(model: nn.Module, targets: dict[str, nn.Linear], scheme: QuantScheme) -> list[ModuleReport]:
+    """Round each target to nearest, onloading one parent module (a decoder layer, say) at a time."""
+    by_parent: dict[str, list[str]] = {}
+    for name in targets:
+        by_parent.setdefault(name.rpartition(".")[0], []).append(name)
     reports = []
-    for name, linear in tqdm(targets.items(), desc="tlq rtn", unit="linear", leave=False):
-        start = time.perf_counter()
-        weight = linear.weight.detach()
-        codes, qparams = rtn(weight, scheme, scale_dtype=weight.dtype)
-        deq = dequantize_codes(codes, qparams, scheme, dtype=torch.float32)
-        err = float((deq - weight.float()).norm() / weight.float().norm().clamp_min(1e-12))
-        swap_module(model, name, TLQLinear.from_codes(codes, qparams, scheme, bias=linear.bias))
-        reports.append(ModuleReport(name, err, time.perf_counter() - start))
+    bar = tqdm(total=len(targets), desc="tlq rtn", unit="linear", leave=False)
+    for parent, names in by_parent.items():
+        with torch.no_grad(), onloaded(model.get_submodule(parent), keep=True) as on:
+            for name in names:
+                start = time.perf_counter()
+                linear = targets[name]
+                weight = linear.weight.detach()
+                codes, qparams = rtn(weight, scheme, scale_dtype=on.store_dtype)
+                deq = dequantize_codes(codes, qparams, scheme, dtype=torch.float32)
+                err = float((deq - weight.float()).norm() / weight.float().norm().clamp_min(1e-12))
+                swap_module(model, name, TLQLinear.from_codes(codes, qparams, scheme, bias=linear.bias))
+                reports.append(ModuleReport(name, err, time.perf_counter() - start))
+                bar.update(1)
+    bar.close()
     return reports
 
 
@@ -129,20 +144,6 @@ def _check_targets(targets: dict[str, nn.Linear], scheme: QuantScheme) -> None:
         raise ValueError("No linear layer selected for quantization: check TLQConfig(ignore=...).")
     for name, linear in targets.items():
         scheme.check_in_features(linear.in_features, name)
-        if linear.weight.device.type == "meta":
-            raise ValueError(
-                f"{name} has its weight offloaded (on 'meta'): quantize-on-load needs the decoder weights in "
-                "memory. Give the CPU enough room in `max_memory` (or load without disk offload), then save."
-            )
-
-
-def _token_weights(config, recipe: Recipe, raw, vision_masks) -> list[torch.Tensor]:
-    lo, hi = config.importance_clip
-    if recipe.importance == "modality":  # the per-modality ratio itself: normalised and clipped, not tempered
-        weights = [temper(a, Tempering(1.0, lo, hi, 0.0)) for a in modality_balance(raw, vision_masks)]
-    else:
-        weights = [temper(a, Tempering(config.gamma, lo, hi, config.uniform_mix)) for a in raw]
-    return select_tokens(weights, config.token_fraction)
 
 
 def _load_samples(model: nn.Module, config):
@@ -185,44 +186,86 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
         logger.info("tlq_hf: %d linears outside the decoder stack are rounded to nearest", len(outside))
         report.modules = _round_to_nearest(model, outside, scheme)
 
+    init_from_env()
+    comm = Comm.current()
     t0 = time.perf_counter()
     samples = _load_samples(model, config)
-    captured = capture_layer_inputs(model, stack, samples)
-    report.samples, report.tokens = len(captured), sum(c.hidden.shape[1] for c in captured)
+    shard = comm.shard(len(samples))
+    if not shard:
+        raise ValueError(
+            f"{len(samples)} calibration samples cannot be shared by {comm.world} processes: use more rows."
+        )
+    captured = capture_layer_inputs(model, stack, [samples[i] for i in shard])
+    report.samples = len(samples)
+    (report.tokens,) = [int(t) for t in comm.sum(sum(c.hidden.shape[1] for c in captured))]
     report.phases["capture"] = time.perf_counter() - t0
 
-    module_weights = layer_weights = boundaries = None
-    if recipe.importance is not None and recipe.importance != "uniform":
-        t0 = time.perf_counter()
-        vision = [s.vision_mask for s in captured]
-        grad = gradient_importance(model, stack, captured, in_stack, kind=recipe.importance)
-        module_weights = {n: _token_weights(config, recipe, raw, vision) for n, raw in grad.raw.items()}
-        layer_weights = [_token_weights(config, recipe, raw, vision) for raw in grad.layer_raw]
-        boundaries, report.answer_loss = grad.boundaries, grad.loss
-        report.phases["importance"] = time.perf_counter() - t0
+    spill = spill_root(config.offload_dir)
+    try:
+        checkpoint, done = None, 0
+        if config.checkpoint_dir is not None:
+            digest = fingerprint(config.to_dict(), model, stack, captured)
+            checkpoint = LayerCheckpoint(config.checkpoint_dir, digest, comm)
+            done = checkpoint.open()
+        weighting = None
+        if recipe.importance is not None and recipe.importance != "uniform":
+            t0 = time.perf_counter()
+            if checkpoint is not None and checkpoint.has_importance():
+                grad = checkpoint.load_importance(len(captured))
+            else:
+                grad = gradient_importance(model, stack, captured, in_stack, recipe.importance, spill, comm)
+                if checkpoint is not None:
+                    checkpoint.save_importance(grad)
+            lo, hi = config.importance_clip
+            weighting = TokenWeighting(
+                grad,
+                recipe.importance,
+                Tempering(config.gamma, lo, hi, config.uniform_mix),
+                config.token_fraction,
+                [s.vision_mask for s in captured],
+                shard,
+                comm,
+            )
+            report.answer_loss = grad.loss
+            report.phases["importance"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    settings = LayerSettings(
-        solver=recipe.solver,
-        smoothing=recipe.smoothing,
-        exposed=recipe.exposed,
-        damp=config.damp,
-        act_order=config.act_order,
-        smooth_alpha=config.smooth_alpha,
-    )
-    report.layers = calibrate_layers(
-        model,
-        stack,
-        in_stack,
-        captured,
-        scheme,
-        settings,
-        module_weights,
-        layer_weights,
-        boundaries,
-        swap=lambda name, new: swap_module(model, name, new),
-    )
-    report.phases["layers"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        settings = LayerSettings(
+            solver=recipe.solver,
+            smoothing=recipe.smoothing,
+            exposed=recipe.exposed,
+            damp=config.damp,
+            act_order=config.act_order,
+            smooth_alpha=config.smooth_alpha,
+        )
+        loop = LayerLoop(
+            model,
+            stack,
+            in_stack,
+            captured,
+            scheme,
+            settings,
+            weighting,
+            swap=lambda name, new: swap_module(model, name, new),
+            samples=shard,
+            total_samples=len(samples),
+            comm=comm,
+            spill_dir=spill,
+        )
+        if done:
+            state = checkpoint.restore(model, stack, scheme, done, spill)
+        else:
+            state = loop.initial_state()
+        on_done = None
+        if checkpoint is not None:
+            on_done = lambda st: checkpoint.commit(st, stack.layers[st.layer - 1])  # noqa: E731
+        report.layers = loop.run(state, on_done)
+        for store in {id(s): s for s in (state.x_fp, state.x_in)}.values():
+            store.close()
+        report.phases["layers"] = time.perf_counter() - t0
+    finally:
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
     report.seconds = time.perf_counter() - start
     logger.info("tlq_hf: %s\n%s", report.summary(), report.table())
     return report

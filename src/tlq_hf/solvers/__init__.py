@@ -5,14 +5,17 @@ explicit argument.
 """
 
 from .awq import awq_clip_search, awq_scale_search, weighted_output_error
-from .gptq import gptq, weighted_hessian
+from .gptq import GPTQFactor, gptq, gptq_factor, gptq_quantize, weighted_hessian
 from .rtn import rtn
 from .smoothquant import smoothquant_scales
 
 __all__ = [
     "awq_clip_search",
     "awq_scale_search",
+    "GPTQFactor",
     "gptq",
+    "gptq_factor",
+    "gptq_quantize",
     "rtn",
     "smoothquant_scales",
     "weighted_hessian",

@@ -7,12 +7,14 @@ natural column order ("static groups", qparams from the original weight), so the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..primitives import QParams, compute_qparams
 from ..qtypes import QuantScheme
 
-__all__ = ["gptq", "weighted_hessian"]
+__all__ = ["GPTQFactor", "gptq", "gptq_factor", "gptq_quantize", "weighted_hessian"]
 
 
 def weighted_hessian(x: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,6 +31,44 @@ def _group_qparams(w: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtyp
     return compute_qparams(w, per_row, scale_dtype=scale_dtype)
 
 
+@dataclass(frozen=True)
+class GPTQFactor:
+    """One Hessian's factorisation, shared by every weight that reads the same input (q/k/v, gate/up).
+
+    ``perm`` is the column order (decreasing Hessian diagonal with act order, else natural), ``hinv`` the
+    upper Cholesky factor of the damped, permuted inverse Hessian, ``dead`` the input channels that never
+    carried a value (their weight columns are zeroed).
+    """
+
+    perm: torch.Tensor
+    hinv: torch.Tensor
+    dead: torch.Tensor
+    act_order: bool
+
+
+@torch.no_grad()
+def gptq_factor(
+    hessian: torch.Tensor, *, damp: float = 0.01, act_order: bool = False, overwrite: bool = False
+) -> GPTQFactor:
+    """Damp and factorise ``hessian [in, in]`` once for :func:`gptq_quantize` (``overwrite``: reuse its memory)."""
+    H = hessian.detach().float()
+    if not overwrite and H.data_ptr() == hessian.data_ptr():  # .float() did not copy
+        H = H.clone()
+    in_features = H.shape[0]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        H = H[perm][:, perm]
+    else:
+        perm = torch.arange(in_features, device=H.device)
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    L = torch.linalg.cholesky(H)
+    del H
+    L = torch.cholesky_inverse(L)
+    return GPTQFactor(perm, torch.linalg.cholesky(L, upper=True), dead, act_order)
+
+
 @torch.no_grad()
 def gptq(
     weight: torch.Tensor,
@@ -41,15 +81,28 @@ def gptq(
     scale_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, QParams]:
     """Quantize ``weight [out, in]`` minimising ``tr((W - Q) H (W - Q)^T)``; return ``(codes, qparams)``."""
+    scheme.check_in_features(weight.shape[1])
+    factor = gptq_factor(hessian.to(weight.device), damp=damp, act_order=act_order)
+    return gptq_quantize(weight, factor, scheme, block_size=block_size, scale_dtype=scale_dtype)
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    factor: GPTQFactor,
+    scheme: QuantScheme,
+    *,
+    block_size: int = 128,
+    scale_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, QParams]:
+    """GPTQ column sweep of ``weight [out, in]`` against a precomputed :class:`GPTQFactor`."""
     scale_dtype = scale_dtype or weight.dtype
+    act_order = factor.act_order
     out_features, in_features = weight.shape
     scheme.check_in_features(in_features)
     gs = scheme.effective_group_size(in_features)
     W = weight.detach().float().clone()
-    H = hessian.detach().float().clone().to(W.device)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W[:, factor.dead.to(W.device)] = 0.0
 
     n_groups = scheme.groups(in_features)
     scale = torch.empty(out_features, n_groups, dtype=scale_dtype, device=W.device)
@@ -58,16 +111,12 @@ def gptq(
         for g in range(n_groups):
             qp = _group_qparams(W[:, g * gs : (g + 1) * gs], scheme, scale_dtype)
             scale[:, g], zero[:, g] = qp.scale[:, 0], qp.zero[:, 0]
-        perm = torch.argsort(torch.diag(H), descending=True)
     else:
-        perm = torch.arange(in_features, device=W.device)
         block_size = max(gs, (block_size // gs) * gs) if gs <= in_features else in_features
+    perm = factor.perm.to(W.device)
     inv_perm = torch.argsort(perm)
-    W, H = W[:, perm], H[perm][:, perm]
-
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_features, device=W.device)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    W = W[:, perm]
+    Hinv = factor.hinv.to(W.device)
 
     codes = torch.zeros_like(W, dtype=torch.int8)
     for i1 in range(0, in_features, block_size):

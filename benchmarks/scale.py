@@ -1,0 +1,369 @@
+"""Scale benchmark: calibrate big VLMs from a disk-offloaded device map, across processes, and measure memory.
+
+Writes ``benchmarks/results/scale.json`` (``{"runs": [...]}``, one record per row, see ``_record``) and
+``benchmarks/results/SCALE.md``. Each row runs in its own process; peak RSS is read from the OS (VmHWM of
+every process of the row, summed for torchrun rows) and the anonymous RSS is sampled every 0.1 s (file-backed
+pages of mmapped safetensors would otherwise flatter or inflate it).
+
+Models are random-weight checkpoints with real text shapes, written to disk tensor by tensor in bf16 (never
+whole in memory), with a locally built processor whose images give hundreds of image tokens:
+
+- ``llava-1b``: LLaVA with Llama-3.2-1B text shapes (hidden 2048, intermediate 8192, 16 layers, 32 heads,
+  8 kv heads, vocab 128256), a small CLIP tower at 224 px / patch 14 (256 image tokens);
+- ``qwen2vl-7b``: Qwen2-VL-7B text shapes (28 layers, hidden 3584, intermediate 18944, 28 heads, 4 kv heads,
+  vocab 152064), a small vision tower at 448 px (256 image tokens);
+- ``llava-1b-L{n}``: the llava-1b width at depth ``n`` (the depth sweep).
+
+Usage::
+
+    python benchmarks/scale.py --rows llava-1b-disk sweep          # default rows
+    python benchmarks/scale.py --rows qwen2vl-7b-disk               # the 7B row (about an hour on 2 cores)
+    python benchmarks/scale.py --rows llava-1b-2proc
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+MODELS_DIR = Path(os.environ.get("TLQ_SCALE_MODELS", Path(tempfile.gettempdir()) / "tlq-scale-models"))
+
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+)
+QWEN2VL_7B = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+)
+MODELS = {
+    "llava-1b": dict(family="llava", text=LLAMA_1B, vocab=128256, image=224),
+    "qwen2vl-7b": dict(family="qwen2_vl", text=QWEN2VL_7B, vocab=152064, image=448),
+}
+
+
+def _spec_overrides(family: str, image: int) -> tuple[dict, dict, dict]:
+    """(vision config, image processor, processor) overrides giving ``(image / 14)^2``-ish image tokens."""
+    if family == "llava":
+        return (
+            dict(image_size=image, patch_size=14),
+            dict(size={"shortest_edge": image}, crop_size={"height": image, "width": image}),
+            dict(patch_size=14),
+        )
+    pixels = image * image
+    return (
+        dict(patch_size=14, spatial_merge_size=2),
+        dict(patch_size=14, merge_size=2, min_pixels=pixels, max_pixels=pixels),
+        {},
+    )
+
+
+def build_model(name: str, layers: int | None = None, seed: int = 0) -> Path:
+    """Write the random-weight bf16 checkpoint and processor of ``name`` (``layers`` overrides depth)."""
+    from tlq_hf import tiny_models as tm
+
+    spec_args = MODELS[name]
+    text = dict(spec_args["text"])
+    if layers is not None:
+        text["num_hidden_layers"] = layers
+    path = MODELS_DIR / f"{name}-L{text['num_hidden_layers']}"
+    if (path / "model.safetensors.index.json").exists():
+        return path
+    vision, image_proc, proc_kwargs = _spec_overrides(spec_args["family"], spec_args["image"])
+    spec = tm._FAMILY_SPECS[spec_args["family"]]
+    image_cls, image_kwargs = spec.image_processor
+    video = spec.video_processor
+    if video is not None:
+        video = (video[0], {**video[1], **{k: v for k, v in image_proc.items() if k in video[1]}})
+    spec = dataclasses.replace(
+        spec,
+        image_processor=(image_cls, {**image_kwargs, **image_proc}),
+        video_processor=video,
+        processor_kwargs={**spec.processor_kwargs, **proc_kwargs},
+    )
+    tokenizer = tm._build_tokenizer(spec)
+    processor = tm._build_processor(spec, tokenizer)
+    config = tm._build_config(spec, tokenizer, text, vision)
+    config.get_text_config(decoder=True).vocab_size = spec_args["vocab"]
+    config.dtype = torch.bfloat16
+    cls = tm._transformers_class(spec.model_class)
+    with torch.device("meta"):
+        meta = cls(config)
+    path.mkdir(parents=True, exist_ok=True)
+    _stream_random_weights(meta, path, seed)
+    config.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def _stream_random_weights(meta: torch.nn.Module, path: Path, seed: int, shard_bytes: int = 2 << 30) -> None:
+    """N(0, 0.02) matrices, ones for norm weights, zeros for biases: written shard by shard in bf16."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    shard: dict[str, torch.Tensor] = {}
+    index: dict[str, str] = {}
+    size, n = 0, 0
+
+    def flush() -> None:
+        nonlocal shard, size, n
+        if shard:
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, path / name, metadata={"format": "pt"})
+            index.update(dict.fromkeys(shard, name))
+            shard, size, n = {}, 0, n + 1
+
+    for key, t in meta.state_dict().items():
+        if t.ndim >= 2:
+            value = (torch.randn(t.shape, generator=gen) * 0.02).to(torch.bfloat16)
+        elif key.endswith("bias"):
+            value = torch.zeros(t.shape, dtype=torch.bfloat16)
+        else:
+            value = torch.ones(t.shape, dtype=torch.bfloat16)
+        nbytes = value.numel() * 2
+        if size + nbytes > shard_bytes:
+            flush()
+        shard[key] = value
+        size += nbytes
+    flush()
+    total = sum(meta.state_dict()[k].numel() * 2 for k in index)
+    with open(path / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": index}, f, indent=1)
+
+
+# ----------------------------------------------------------------------------------------- worker side
+class _AnonPeak:
+    """Samples RssAnon of this process every 0.1 s."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _status_kb("RssAnon") * 1024)
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _status_kb("RssAnon") * 1024)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _worker(job: dict) -> dict:
+    import torch.distributed as dist
+    from accelerate import init_empty_weights
+
+    from tlq_hf import TLQConfig
+    from tlq_hf.arch import decoder_device_map
+    from tlq_hf.data import sample_rows
+    from tlq_hf.tiny_models import load_auto_class
+
+    anon = _AnonPeak()
+    start = time.perf_counter()
+    cls = load_auto_class()
+    path = job["path"]
+    work = Path(job["work"])
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    kwargs: dict = {"dtype": torch.bfloat16}
+    if job["offload"] != "none":
+        with init_empty_weights():
+            meta = cls.from_config(config)
+        kwargs["device_map"] = decoder_device_map(meta, decoder=job["offload"], rest="cpu")
+        kwargs["offload_folder"] = str(work / "weights")
+    cfg = TLQConfig(
+        bits=4,
+        group_size=128,
+        dataset=sample_rows(job["samples"], size=job["image"]),
+        num_samples=job["samples"],
+        max_length=4096,
+        offload_dir=str(work / "acts") if job["offload"] == "disk" else None,
+    )
+    model = cls.from_pretrained(path, quantization_config=cfg, **kwargs)
+    report = model.tlq_report
+    wall = time.perf_counter() - start
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and job.get("save"):
+        model.save_pretrained(work / "out")
+    return {
+        "rank": rank,
+        "wall_s": wall,
+        "calibration_s": report.seconds,
+        "phases": report.phases,
+        "tokens": report.tokens,
+        "samples": report.samples,
+        "layer_seconds": [r.seconds for r in report.layers],
+        "peak_rss_bytes": _status_kb("VmHWM") * 1024,
+        "peak_anon_rss_bytes": anon.stop(),
+        "maxrss_self_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+# ----------------------------------------------------------------------------------------- parent side
+def _checkpoint_stats(path: Path) -> dict:
+    from transformers import AutoConfig
+
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    text = AutoConfig.from_pretrained(path).get_text_config(decoder=True)
+    from safetensors import safe_open
+
+    params = 0
+    layer0 = 0
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(path / shard, framework="pt") as f:
+            for key in f.keys():
+                n = 1
+                for d in f.get_slice(key).get_shape():
+                    n *= d
+                params += n
+                if ".layers.0." in key and "vision" not in key and "visual" not in key:
+                    layer0 += n
+    layer_bytes = layer0 * 2
+    return {
+        "params": params,
+        "bf16_bytes": params * 2,
+        "layers": text.num_hidden_layers,
+        "layer_bf16_bytes": layer_bytes,
+    }
+
+
+def run_row(name: str, model: str, offload: str, processes: int, samples: int, layers: int | None = None) -> dict:
+    path = build_model(model, layers)
+    stats = _checkpoint_stats(path)
+    with tempfile.TemporaryDirectory(prefix="tlq-scale-") as work:
+        job = {"path": str(path), "work": work, "offload": offload, "samples": samples, "image": MODELS[model]["image"]}
+        script = [str(Path(__file__).resolve()), "--worker", json.dumps(job)]
+        if processes > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+            cmd += script
+        else:
+            cmd = [sys.executable, *script]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"row {name} failed:\n{proc.stderr[-4000:]}")
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    main = next(r for r in results if r["rank"] == 0)
+    record = {
+        "name": name,
+        "library": "tlq_hf",
+        "model": model if layers is None else f"{model}-L{layers}",
+        "layers": stats["layers"],
+        "params": stats["params"],
+        "bf16_bytes": stats["bf16_bytes"],
+        "samples": main["samples"],
+        "tokens": main["tokens"],
+        "offload": offload,
+        "processes": processes,
+        "wall_s": round(wall, 2),
+        "peak_rss_bytes": sum(r["peak_rss_bytes"] for r in results),
+        "peak_anon_rss_bytes": sum(r["peak_anon_rss_bytes"] for r in results),
+        "phases": {k: round(v, 2) for k, v in main["phases"].items()},
+        "layer_seconds": [round(s, 2) for s in main["layer_seconds"]],
+        "layer_bf16_bytes": stats["layer_bf16_bytes"],
+        "command": "python benchmarks/scale.py --rows " + name,
+    }
+    return record
+
+
+ROWS = {
+    "llava-1b-disk": lambda: [run_row("llava-1b-disk", "llava-1b", "disk", 1, 16)],
+    "llava-1b-cpu": lambda: [run_row("llava-1b-cpu", "llava-1b", "none", 1, 16)],
+    "llava-1b-2proc": lambda: [run_row("llava-1b-2proc", "llava-1b", "disk", 2, 16)],
+    "qwen2vl-7b-disk": lambda: [run_row("qwen2vl-7b-disk", "qwen2vl-7b", "disk", 1, 8)],
+    "sweep": lambda: [
+        {**run_row(f"sweep-L{n}", "llava-1b", "disk", 1, 8, layers=n), "sweep": "llava-1b-width"} for n in (2, 4, 8)
+    ],
+}
+
+
+def write(records: list[dict]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "scale.json"
+    old = json.loads(path.read_text())["runs"] if path.exists() else []
+    names = {r["name"] for r in records}
+    runs = [r for r in old if r["name"] not in names] + records
+    path.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    gib = 1 << 30
+    lines = [
+        "# Scale benchmark",
+        "",
+        "Random-weight VLMs with real text shapes, bf16 on disk, TLQ W4A16-g128 (gradient pass included),",
+        "2-core CPU machine. Peak RSS: VmHWM of the row's processes (summed over ranks); anon: peak RssAnon.",
+        "",
+        "| row | model | layers | bf16 GiB | samples / tokens | offload | procs | wall s | peak RSS GiB (x bf16) "
+        "| peak anon GiB | capture / importance / layers s | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        ph = r.get("phases", {})
+        lines.append(
+            f"| {r['name']} | {r['model']} | {r['layers']} | {r['bf16_bytes'] / gib:.2f} | {r['samples']} / "
+            f"{r['tokens']} | {r['offload']} | {r['processes']} | {r['wall_s']:.0f} | "
+            f"{r['peak_rss_bytes'] / gib:.2f} ({r['peak_rss_bytes'] / r['bf16_bytes']:.2f}x) | "
+            f"{r.get('peak_anon_rss_bytes', 0) / gib:.2f} | {ph.get('capture', 0):.0f} / {ph.get('importance', 0):.0f}"
+            f" / {ph.get('layers', 0):.0f} | `{r['command']}` |"
+        )
+    sweep = sorted((r for r in runs if r.get("sweep")), key=lambda r: r["layers"])
+    if len(sweep) >= 2:
+        a, b = sweep[0], sweep[-1]
+        per_layer = (b["peak_rss_bytes"] - a["peak_rss_bytes"]) / (b["layers"] - a["layers"])
+        lines += [
+            "",
+            f"Depth sweep ({a['layers']} -> {b['layers']} layers): peak RSS grows {per_layer / 2**20:.1f} MiB per "
+            f"added layer = {per_layer / a['layer_bf16_bytes']:.3f}x one layer's bf16 bytes "
+            f"({a['layer_bf16_bytes'] / 2**20:.0f} MiB).",
+        ]
+    (RESULTS / "SCALE.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        print(json.dumps(_worker(json.loads(sys.argv[2]))), flush=True)
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", nargs="*", default=["llava-1b-disk", "sweep"], choices=sorted(ROWS))
+    args = p.parse_args()
+    for row in args.rows:
+        records = ROWS[row]()
+        for r in records:
+            print(json.dumps({k: v for k, v in r.items() if k != "layer_seconds"}), flush=True)
+        write(records)
+
+
+if __name__ == "__main__":
+    main()

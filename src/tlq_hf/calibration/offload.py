@@ -1,0 +1,128 @@
+"""Bringing one decoder layer onto its execution device, and leaving it where it can live afterwards.
+
+``from_pretrained(..., device_map=...)`` may leave a layer's weights on ``"meta"`` with an accelerate hook
+that loads them from the CPU or the offload folder at every forward. Calibration runs the same layer many
+times, so :func:`onloaded` materialises every tensor of the layer once on its execution device for the
+whole block (and keeps the hooks from offloading in between). On a CPU, half-precision layers compute in
+float32 inside the block (CPU bf16 matmuls in the backward layout are two orders of magnitude slower);
+activations stay stored in the model dtype.
+
+On exit the layer is put back exactly as it was (``keep=False``: full-precision passes), or, after
+calibration swapped packed modules in (``keep=True``), settled: every remaining tensor returns to its
+original dtype and stays materialised on the execution device, and no hook offloads it any more. A packed
+layer is about 0.27x its bf16 size, so it lives in memory where the map's weights could not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .capture import module_device
+
+__all__ = ["Onloaded", "onloaded", "compute_dtype_for"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype_for(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer stored in ``dtype`` computes in on ``device`` during calibration."""
+    return torch.float32 if device.type == "cpu" and dtype in _HALF else dtype
+
+
+@dataclass(frozen=True)
+class Onloaded:
+    """Where and in which dtype an onloaded layer computes, and the dtype its activations are stored in."""
+
+    device: torch.device
+    compute_dtype: torch.dtype
+    store_dtype: torch.dtype
+
+
+def _offload_hook(module: nn.Module):
+    hook = getattr(module, "_hf_hook", None)
+    return hook if getattr(hook, "offload", False) else None
+
+
+def _all_hooks(module: nn.Module) -> list:
+    hook = getattr(module, "_hf_hook", None)
+    return list(getattr(hook, "hooks", [hook])) if hook is not None else []
+
+
+@contextmanager
+def onloaded(layer: nn.Module, keep: bool = False) -> Iterator[Onloaded]:
+    """Materialise ``layer`` on its execution device (float32 on CPU for half dtypes) inside the block."""
+    device = module_device(layer)
+    saved: list[tuple[nn.Module, str, bool, torch.Tensor]] = []  # (module, name, is_param, original tensor)
+    original_dtype: dict[tuple[int, str], torch.dtype] = {}
+    paused = []
+    store_dtype = None
+    for module in layer.modules():
+        hook = _offload_hook(module)
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is None:
+                continue
+            is_param = name in module._parameters
+            value = tensor
+            if tensor.device.type == "meta":
+                if hook is None or name not in hook.weights_map:
+                    raise RuntimeError(f"{type(module).__name__}.{name} is on 'meta' with no offloaded copy to load")
+                value = hook.weights_map[name]
+            if value.is_floating_point():
+                store_dtype = store_dtype or value.dtype
+                dtype = compute_dtype_for(device, value.dtype)
+                original_dtype[(id(module), name)] = value.dtype
+            else:
+                dtype = value.dtype
+            if value.device == device and value.dtype == dtype and value is tensor:
+                continue
+            new = value.to(device=device, dtype=dtype)
+            saved.append((module, name, is_param, tensor))
+            if is_param:
+                module._parameters[name] = nn.Parameter(new, requires_grad=tensor.requires_grad)
+            else:
+                module._buffers[name] = new
+        for h in _all_hooks(module):
+            if getattr(h, "offload", False):
+                h.offload = False
+                paused.append(h)
+    store_dtype = store_dtype or torch.float32
+    try:
+        yield Onloaded(device, compute_dtype_for(device, store_dtype), store_dtype)
+    except BaseException:
+        keep = False
+        raise
+    finally:
+        if keep:
+            _settle(layer, original_dtype, saved)
+        else:
+            for module, name, is_param, tensor in saved:
+                (module._parameters if is_param else module._buffers)[name] = tensor
+            for h in paused:
+                h.offload = True
+
+
+def _settle(layer: nn.Module, original_dtype: dict[tuple[int, str], torch.dtype], saved: list) -> None:
+    """After calibration: tensors back to their stored dtype, resident; hooks only align devices.
+
+    Modules swapped out of the layer get their original tensors back, so no onloaded copy outlives the block.
+    """
+    present = {id(m) for m in layer.modules()}
+    for module, name, is_param, tensor in saved:
+        if id(module) not in present:
+            (module._parameters if is_param else module._buffers)[name] = tensor
+    for module in layer.modules():
+        for h in _all_hooks(module):
+            h.offload = False  # a swapped-in packed module carries the old hook too
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            dtype = original_dtype.get((id(module), name))
+            if tensor is None or dtype is None or tensor.dtype == dtype:
+                continue
+            if name in module._parameters:
+                module._parameters[name] = nn.Parameter(tensor.to(dtype), requires_grad=tensor.requires_grad)
+            else:
+                module._buffers[name] = tensor.to(dtype)

@@ -1,0 +1,308 @@
+"""Per-solver calibration statistics, shared by the modules that see the same input.
+
+A :class:`Statistic` accumulates what a solver needs from the (importance-weighted) tokens a module's input
+carried: a weighted Hessian (GPTQ), a bounded subsample of input rows (AWQ scale / clip search), the
+per-channel absolute maximum (SmoothQuant). Each has ``update`` (one sample's rows), ``rescale`` (the
+inputs were divided per channel by ``s``: a smoothing fold), ``reduce`` (across processes) and
+``state_dict`` / ``load_state_dict``. They are looked up by kind in :data:`STATISTICS`.
+
+Modules that read the same input tensor (q/k/v, gate/up) are found generically by running one sample
+through the layer and seeing which modules received the very same tensor object. They share one hook
+(the input is prepared once); with the same token weights (every baseline) they also form one
+:class:`StatGroup`: one statistic, one factorisation. With per-module token importance (TLQ: the gradient
+at each module's own output) the objectives differ, so each module keeps its own statistic.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..primitives import fake_quantize_activation
+from .distributed import Comm
+
+__all__ = [
+    "STATISTICS",
+    "Statistic",
+    "HessianStatistic",
+    "InputRowsStatistic",
+    "AbsMaxStatistic",
+    "StatGroup",
+    "StatCollector",
+    "register_statistic",
+    "shared_input_groups",
+    "subsample_rows",
+]
+
+STATISTICS: dict[str, type[Statistic]] = {}
+
+
+def register_statistic(cls: type[Statistic]) -> type[Statistic]:
+    """Class decorator: make ``cls`` available under ``cls.kind``."""
+    STATISTICS[cls.kind] = cls
+    return cls
+
+
+def subsample_rows(x: torch.Tensor, a: torch.Tensor, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most ``max_rows`` rows of ``x`` (and their weights ``a``), evenly strided."""
+    if x.shape[0] <= max_rows:
+        return x, a
+    idx = torch.linspace(0, x.shape[0] - 1, max_rows).round().long()
+    return x[idx], a[idx]
+
+
+class Statistic(ABC):
+    """What one solver needs from the rows ``x [N, in]`` (float32) with token weights ``a [N]`` (>= 0)."""
+
+    kind: ClassVar[str]
+
+    @abstractmethod
+    def update(self, x: torch.Tensor, a: torch.Tensor, sample: int) -> None: ...
+
+    @abstractmethod
+    def rescale(self, s: torch.Tensor) -> None:
+        """The inputs became ``x / s`` (per input channel)."""
+
+    @abstractmethod
+    def reduce(self, comm: Comm) -> None:
+        """Combine every rank's statistic; afterwards all ranks hold the same value."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+@register_statistic
+class HessianStatistic(Statistic):
+    """``H = sum_t a_t x_t x_t^T`` and ``mass = sum_t a_t`` over tokens with ``a_t > 0``.
+
+    One float32 product per sample (its rows are one GEMM), accumulated in float64: a sample's contribution
+    does not depend on which other samples share its process, so sharded runs give the same Hessian as one
+    process up to float64 rounding of the final sum.
+    """
+
+    kind = "hessian"
+
+    def __init__(self, **_: object) -> None:
+        self.sum: torch.Tensor | None = None
+        self.mass = 0.0
+
+    def update(self, x: torch.Tensor, a: torch.Tensor, sample: int) -> None:
+        keep = a > 0
+        x, a = x[keep], a[keep]
+        h = ((x * a[:, None]).T @ x).double()
+        self.sum = h if self.sum is None else self.sum.add_(h)
+        self.mass += float(a.double().sum())
+
+    def rescale(self, s: torch.Tensor) -> None:
+        if self.sum is not None:
+            inv = 1.0 / s.to(self.sum.device, torch.float64)
+            self.sum = self.sum * inv[:, None] * inv[None, :]
+
+    def reduce(self, comm: Comm) -> None:
+        if comm.world == 1:
+            return
+        if self.sum is None:
+            raise RuntimeError("a rank saw no tokens for a module: use at least as many samples as processes")
+        comm.all_reduce_(self.sum)
+        (self.mass,) = comm.sum(self.mass)
+
+    def normalized(self) -> torch.Tensor:
+        """``sum_t a_t x_t x_t^T / sum_t a_t`` (float32)."""
+        if self.sum is None:
+            raise RuntimeError("no calibration tokens reached this module")
+        return (self.sum / max(self.mass, 1e-12)).float()
+
+    def take_normalized(self) -> torch.Tensor:
+        """:meth:`normalized`, releasing the accumulated sum (the solver owns the result)."""
+        h = self.normalized()
+        self.sum = None
+        return h
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"sum": self.sum, "mass": torch.tensor(self.mass, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.sum, self.mass = state["sum"], float(state["mass"])
+
+
+@register_statistic
+class InputRowsStatistic(Statistic):
+    """Up to ``rows_per_sample`` evenly strided input rows (with their weights) of every sample, on CPU."""
+
+    kind = "inputs"
+
+    def __init__(self, rows_per_sample: int = 4096, **_: object) -> None:
+        self.rows_per_sample = rows_per_sample
+        self.samples: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, x: torch.Tensor, a: torch.Tensor, sample: int) -> None:
+        keep = a > 0
+        xs, ws = subsample_rows(x[keep], a[keep], self.rows_per_sample)
+        self.samples[sample] = (xs.cpu(), ws.cpu())
+
+    def rows(self, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All kept rows in sample order, subsampled to at most ``max_rows``."""
+        order = sorted(self.samples)
+        x = torch.cat([self.samples[i][0] for i in order])
+        a = torch.cat([self.samples[i][1] for i in order])
+        return subsample_rows(x, a, max_rows)
+
+    def rescale(self, s: torch.Tensor) -> None:
+        s = s.cpu().float()
+        self.samples = {i: (x / s, a) for i, (x, a) in self.samples.items()}
+
+    def reduce(self, comm: Comm) -> None:
+        if comm.world == 1:
+            return
+        state = self.state_dict()
+        parts = {k: comm.gather(v) for k, v in state.items()}
+        self.load_state_dict({k: torch.cat(v) for k, v in parts.items()})
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        order = sorted(self.samples)
+        return {
+            "x": torch.cat([self.samples[i][0] for i in order]),
+            "a": torch.cat([self.samples[i][1] for i in order]),
+            "sample": torch.cat([torch.full((len(self.samples[i][1]),), i, dtype=torch.int64) for i in order]),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.samples = {}
+        for i in torch.unique(state["sample"]).tolist():
+            rows = state["sample"] == i
+            self.samples[int(i)] = (state["x"][rows], state["a"][rows])
+
+
+@register_statistic
+class AbsMaxStatistic(Statistic):
+    """Per input channel ``max_t |x_t|`` over every token."""
+
+    kind = "absmax"
+
+    def __init__(self, **_: object) -> None:
+        self.absmax: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor, a: torch.Tensor, sample: int) -> None:
+        amax = x.abs().amax(0)
+        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+
+    def rescale(self, s: torch.Tensor) -> None:
+        if self.absmax is not None:
+            self.absmax = self.absmax / s.to(self.absmax.device)
+
+    def reduce(self, comm: Comm) -> None:
+        comm.all_reduce_(self.absmax, op="max")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"absmax": self.absmax}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.absmax = state["absmax"]
+
+
+@dataclass
+class StatGroup:
+    """Target modules that read the same input with the same token weights, and the statistics of that input.
+
+    ``input_of`` names the module whose input hook feeds the group when that is not ``members[0]`` (a group
+    of one module inside a larger shared input, when each module has its own token weights).
+    """
+
+    members: list[str]
+    stats: dict[str, Statistic] = field(default_factory=dict)
+    input_of: str | None = None
+
+    def rescale(self, s: torch.Tensor) -> None:
+        for stat in self.stats.values():
+            stat.rescale(s)
+
+    def reduce(self, comm: Comm) -> None:
+        for stat in self.stats.values():
+            stat.reduce(comm)
+
+
+def shared_input_groups(modules: dict[str, nn.Module], run_one: Callable[[], object]) -> list[list[str]]:
+    """Partition ``modules`` by the input tensor they receive during ``run_one()`` (one layer forward).
+
+    Inputs are held until the forward returns, so two modules share a group only if they received the very
+    same tensor object. Modules never called form groups of their own. Group order follows call order.
+    """
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def hook(name):
+        def record(module, args):
+            seen.append((name, args[0]))
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        run_one()
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    placed = set()
+    for name, tensor in seen:
+        if name in placed:
+            continue
+        placed.add(name)
+        for source, members in groups:
+            if source is tensor:
+                members.append(name)
+                break
+        else:
+            groups.append((tensor, [name]))
+    return [members for _, members in groups] + [[n] for n in modules if n not in placed]
+
+
+class StatCollector:
+    """Forward pre-hooks, one per shared input (on the module that reads it first), feeding every group that
+    reads that input: the input is fake-quantized and flattened once, however many groups it feeds.
+
+    Before each sample's forward, :meth:`begin` names the sample and each group's token weights (``None``:
+    uniform), in the order of ``groups``. With ``act_bits`` the statistics see the fake-quantized
+    activations the packed layer will compute with.
+    """
+
+    def __init__(self, groups: list[StatGroup], modules: dict[str, nn.Module], act_bits: int | None) -> None:
+        self.groups, self.act_bits = groups, act_bits
+        self.sample = 0
+        self.weights: list[torch.Tensor | None] = [None] * len(groups)
+        readers: dict[int, list[int]] = {}  # id of the module that gets the input first -> groups it feeds
+        first: dict[int, nn.Module] = {}
+        for i, g in enumerate(groups):
+            module = modules[g.input_of or g.members[0]]
+            readers.setdefault(id(module), []).append(i)
+            first[id(module)] = module
+        self.handles = [first[k].register_forward_pre_hook(self._hook(idx)) for k, idx in readers.items()]
+
+    def begin(self, sample: int, weights: list[torch.Tensor | None]) -> None:
+        self.sample, self.weights = sample, weights
+
+    def _hook(self, indices: list[int]):
+        def hook(module, args):
+            x = args[0].detach()
+            if self.act_bits is not None:
+                x = fake_quantize_activation(x, self.act_bits)
+            x = x.reshape(-1, x.shape[-1]).float()
+            for index in indices:
+                a = self.weights[index]
+                a = torch.ones(x.shape[0], device=x.device) if a is None else a.to(x.device).float()
+                for stat in self.groups[index].stats.values():
+                    stat.update(x, a, self.sample)
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []

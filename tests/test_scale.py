@@ -1,0 +1,287 @@
+"""Scale: device-map offload, spilled activations, shared statistics, resume after SIGKILL, torch.distributed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from _helpers import auto_class
+from safetensors.torch import load_file
+from transformers import AutoProcessor
+
+from tlq_hf import TLQConfig
+from tlq_hf.arch import decoder_device_map, find_decoder_stack, select_quant_targets
+from tlq_hf.calibration import layer_loop
+from tlq_hf.calibration.activations import ActivationStore
+from tlq_hf.calibration.capture import capture_layer_inputs, layer_forward
+from tlq_hf.calibration.resume import CheckpointMismatchError
+from tlq_hf.calibration.stats import STATISTICS, StatGroup, shared_input_groups
+from tlq_hf.data import build_calibration_set, sample_rows
+from tlq_hf.qtypes import QuantScheme
+from tlq_hf.solvers import gptq, gptq_factor, gptq_quantize, weighted_hessian
+
+FAMILY = "qwen2_vl"
+ROWS = 6
+
+
+def _config(**kw) -> TLQConfig:
+    return TLQConfig(bits=4, group_size=128, dataset=sample_rows(ROWS), num_samples=ROWS, **kw)
+
+
+def _saved(folder) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def _assert_same_checkpoint(a, b) -> None:
+    x, y = _saved(a), _saved(b)
+    assert set(x) == set(y)
+    different = [k for k in x if not torch.equal(x[k], y[k])]
+    assert not different, different[:5]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_vlm_dirs, tmp_path_factory):
+    """The in-memory TLQ run every other path must reproduce, saved."""
+    model = auto_class().from_pretrained(tiny_vlm_dirs[FAMILY], dtype=torch.float32, quantization_config=_config())
+    out = tmp_path_factory.mktemp("reference")
+    model.save_pretrained(out)
+    return out
+
+
+def test_disk_offloaded_device_map_equals_in_memory(tiny_vlm_dirs, reference, tmp_path):
+    path = tiny_vlm_dirs[FAMILY]
+    config = auto_class().from_pretrained(path).config
+    with torch.device("meta"):
+        device_map = decoder_device_map(auto_class().from_config(config))
+    assert sorted(set(device_map.values())) == ["cpu", "disk"]
+    acts = tmp_path / "acts"
+    model = auto_class().from_pretrained(
+        path,
+        dtype=torch.float32,
+        device_map=device_map,
+        offload_folder=str(tmp_path / "weights"),
+        quantization_config=_config(offload_dir=acts),
+    )
+    assert model.tlq_report.layers and not os.listdir(acts)  # spilled activations cleaned up
+    stack = find_decoder_stack(model)
+    assert all(t.device.type == "cpu" for t in stack.layers.state_dict().values())  # packed layers resident
+    model.save_pretrained(tmp_path / "out")
+    _assert_same_checkpoint(reference, tmp_path / "out")
+
+
+def test_bf16_model_calibrates_in_float32_on_cpu_and_keeps_its_dtype(tiny_vlm_dirs):
+    model = auto_class().from_pretrained(tiny_vlm_dirs[FAMILY], dtype=torch.bfloat16, quantization_config=_config())
+    stack = find_decoder_stack(model)
+    dtypes = {t.dtype for t in stack.layers.state_dict().values() if t.is_floating_point()}
+    assert dtypes == {torch.bfloat16}
+    assert all(r.error_after < 0.05 for r in model.tlq_report.layers)
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    from tlq_hf import TLQConfig
+    from tlq_hf.calibration import resume
+    from tlq_hf.data import sample_rows
+    from tlq_hf.tiny_models import load_auto_class
+
+    path, ckpt, out, kill = sys.argv[1:5]
+    if kill == "1":
+        commit = resume.LayerCheckpoint.commit
+
+        def commit_then_die(self, state, layer):
+            commit(self, state, layer)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        resume.LayerCheckpoint.commit = commit_then_die
+    cfg = TLQConfig(bits=int(sys.argv[5]), group_size=128, dataset=sample_rows({rows}), num_samples={rows},
+                    checkpoint_dir=ckpt)
+    model = load_auto_class().from_pretrained(path, dtype=torch.float32, quantization_config=cfg)
+    model.save_pretrained(out)
+    """
+).format(rows=ROWS)
+
+
+def _run_kill_script(tmp_path, path, ckpt, out, kill: bool, bits: int = 4):
+    script = tmp_path / "run.py"
+    script.write_text(_KILL_SCRIPT)
+    cmd = [sys.executable, str(script), path, str(ckpt), str(out), "1" if kill else "0", str(bits)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny_vlm_dirs, reference, tmp_path):
+    path, ckpt = tiny_vlm_dirs[FAMILY], tmp_path / "ckpt"
+    killed = _run_kill_script(tmp_path, path, ckpt, tmp_path / "never", kill=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "never").exists()
+    assert '"layers_done": 1' in (ckpt / "manifest.json").read_text()
+    resumed = _run_kill_script(tmp_path, path, ckpt, tmp_path / "out", kill=False)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr and "1 layer(s) finished" in resumed.stderr
+    _assert_same_checkpoint(reference, tmp_path / "out")
+    # the same folder with another config is refused, not mixed
+    other = _run_kill_script(tmp_path, path, ckpt, tmp_path / "other", kill=False, bits=3)
+    assert other.returncode != 0 and "CheckpointMismatchError" in other.stderr
+
+
+def test_checkpoint_of_another_config_is_refused_in_process(tiny_vlm_dirs, tmp_path):
+    path = tiny_vlm_dirs[FAMILY]
+    auto_class().from_pretrained(path, dtype=torch.float32, quantization_config=_config(checkpoint_dir=tmp_path))
+    with pytest.raises(CheckpointMismatchError, match="different model, data set or TLQConfig"):
+        auto_class().from_pretrained(
+            path, dtype=torch.float32, quantization_config=_config(checkpoint_dir=tmp_path, damp=0.05)
+        )
+
+
+_DIST_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    import torch.distributed as dist
+    from tlq_hf import TLQConfig
+    from tlq_hf.data import sample_rows
+    from tlq_hf.tiny_models import load_auto_class
+
+    torch.set_num_threads(1)
+    path, out, method = sys.argv[1:4]
+    cfg = TLQConfig(bits=4, group_size=128, dataset=sample_rows(8), num_samples=8, method=method, token_fraction=0.5)
+    model = load_auto_class().from_pretrained(path, dtype=torch.float32, quantization_config=cfg)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        model.save_pretrained(out)
+    if dist.is_initialized():
+        assert dist.get_world_size() == 2 and dist.get_backend() == "gloo"
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["tlq", "mbq"])
+def test_two_processes_equal_one(tiny_vlm_dirs, tmp_path, method):
+    """Same threads per process: the 2-rank gloo run writes the 1-process checkpoint bit for bit."""
+    script = tmp_path / "dist.py"
+    script.write_text(_DIST_SCRIPT)
+    path = tiny_vlm_dirs[FAMILY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, str(script), path, str(tmp_path / "one"), method], capture_output=True, text=True, env=env
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        + [str(script), path, str(tmp_path / "two"), method],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    _assert_same_checkpoint(tmp_path / "one", tmp_path / "two")
+
+
+def test_activation_store_spills_to_disk_and_holds_nothing_in_memory(tmp_path):
+    tensors = [torch.randn(1, 5 + i, 8, dtype=torch.bfloat16) for i in range(3)]
+    memory = ActivationStore.of(tensors)
+    disk = ActivationStore.of(tensors, tmp_path)
+    assert memory.resident_bytes() == sum(t.numel() * 2 for t in tensors) and disk.resident_bytes() == 0
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 3
+    for a, b, t in zip(memory, disk, tensors):
+        assert torch.equal(a, t) and torch.equal(b, t) and b.dtype == torch.bfloat16
+    disk.close()
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("kind", sorted(STATISTICS))
+def test_statistic_rescale_equals_statistic_of_rescaled_inputs(kind):
+    """A smoothing fold divides the inputs by s: every statistic must follow (the stale-Hessian bug)."""
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(7 + i, 16, generator=gen) for i in range(3)]
+    ws = [torch.rand(7 + i, generator=gen) for i in range(3)]
+    s = torch.rand(16, generator=gen) + 0.5
+    folded, direct = STATISTICS[kind](rows_per_sample=5), STATISTICS[kind](rows_per_sample=5)
+    for j, (x, a) in enumerate(zip(xs, ws)):
+        folded.update(x, a, j)
+        direct.update(x / s, a, j)
+    folded.rescale(s)
+    for key, value in direct.state_dict().items():
+        assert torch.allclose(folded.state_dict()[key].double(), value.double(), rtol=1e-5, atol=1e-6), key
+    roundtrip = STATISTICS[kind](rows_per_sample=5)
+    roundtrip.load_state_dict(folded.state_dict())
+    for key, value in folded.state_dict().items():
+        assert torch.equal(roundtrip.state_dict()[key], value)
+
+
+def test_smoothing_with_gptq_solver_rescales_the_hessian(tiny_vlm_dirs, monkeypatch):
+    """method=awq, solver=gptq: GPTQ must solve with the Hessian of the smoothed inputs."""
+    seen = []
+    solve = layer_loop.LAYER_SOLVERS["gptq"].solve
+
+    def checking_solve(weights, group, scheme, cfg, dtype):
+        seen.append((group.members, group.stats["hessian"].normalized()))
+        return solve(weights, group, scheme, cfg, dtype)
+
+    monkeypatch.setitem(layer_loop.LAYER_SOLVERS, "gptq", layer_loop.LayerSolver(("hessian",), checking_solve))
+    recorded: dict[str, torch.Tensor] = {}
+    original_rescale = StatGroup.rescale
+
+    def recording_rescale(self, s):
+        recorded[self.members[0]] = s.clone()
+        original_rescale(self, s)
+
+    monkeypatch.setattr(StatGroup, "rescale", recording_rescale)
+    path = tiny_vlm_dirs[FAMILY]
+    model = auto_class().from_pretrained(path, dtype=torch.float32)
+    full = {n: m.weight.detach().clone() for n, m in select_quant_targets(model, None).items()}
+    auto_class().from_pretrained(
+        path, dtype=torch.float32, quantization_config=_config(method="awq", solver="gptq", exposed=False)
+    )
+    assert recorded, "no smoothing fold happened"
+    rescaled = [(members, h) for members, h in seen if members[0] in recorded]
+    assert rescaled
+    # the layer-0 q/k/v group: recompute its Hessian from the FP inputs divided by the fold's scale
+    samples = build_calibration_set(sample_rows(ROWS), AutoProcessor.from_pretrained(path), ROWS)
+    stack = find_decoder_stack(model)
+    captured = capture_layer_inputs(model, stack, samples)
+    members, h_used = next((m, h) for m, h in rescaled if m[0].startswith(stack.layer_prefix(0) + "."))
+    inputs = []
+    module = model.get_submodule(members[0])
+    handle = module.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for c in captured:
+            layer_forward(stack.layers[0], c.hidden, c.kwargs)
+    handle.remove()
+    expected = weighted_hessian(torch.cat(inputs) / recorded[members[0]])
+    assert torch.allclose(h_used, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    assert full  # weights existed
+
+
+def test_modules_sharing_an_input_share_one_statistic_and_factorisation(tiny_vlm_dirs):
+    path = tiny_vlm_dirs[FAMILY]
+    model = auto_class().from_pretrained(path, dtype=torch.float32)
+    stack = find_decoder_stack(model)
+    samples = build_calibration_set(sample_rows(2), AutoProcessor.from_pretrained(path), 2)
+    captured = capture_layer_inputs(model, stack, samples)
+    prefix = stack.layer_prefix(0) + "."
+    modules = {n: m for n, m in select_quant_targets(model, None).items() if n.startswith(prefix)}
+    with torch.no_grad():
+        groups = shared_input_groups(
+            modules, lambda: layer_forward(stack.layers[0], captured[0].hidden, captured[0].kwargs)
+        )
+    short = [[n[len(prefix) :] for n in g] for g in groups]
+    assert short == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+    # one factorisation reused for q/k/v gives exactly the codes of three separate GPTQ runs
+    x = torch.randn(300, 256, generator=torch.Generator().manual_seed(1))
+    hessian = weighted_hessian(x)
+    scheme = QuantScheme(bits=3, group_size=128, sym=True)
+    factor = gptq_factor(hessian, damp=0.01, act_order=True)
+    for name in groups[0]:
+        w = modules[name].weight.detach()
+        shared_codes, shared_qp = gptq_quantize(w, factor, scheme)
+        codes, qp = gptq(w, hessian, scheme, damp=0.01, act_order=True)
+        assert torch.equal(shared_codes, codes) and torch.equal(shared_qp.scale, qp.scale)
