@@ -309,9 +309,9 @@ class LayerLoop:
 
     def _solve(self, layer: nn.Module, live: dict[str, nn.Module], groups: list[StatGroup], dtype) -> None:
         """Each group solved by its owner rank, broadcast, and swapped in as packed modules."""
-        for k, group in enumerate(groups):
+        owners = self._owners([[live[n] for n in g.members] for g in groups])
+        for group, owner in zip(groups, owners):
             linears = [live[n] for n in group.members]
-            owner = self.comm.owner(k)
             if self.comm.rank == owner:
                 solutions = self.solver.solve([m.weight.detach() for m in linears], group, self.scheme, self.cfg, dtype)
             else:
@@ -321,6 +321,21 @@ class LayerLoop:
                     self.comm.broadcast_(t, owner)
                 self.swap(name, TLQLinear.from_codes(codes, qp, self.scheme, bias=linear.bias))
             group.stats.clear()
+
+    def _owners(self, groups: list[list[nn.Module]]) -> list[int]:
+        """Owner rank of each group: largest solve first to the least-loaded rank (same on every rank).
+
+        Cost model of a GPTQ-style solve: factorising ``in x in`` plus sweeping every member's columns.
+        """
+        costs = [
+            float(ms[0].weight.shape[1]) ** 3 / 3 + sum(float(m.weight.numel()) * 128 for m in ms) for ms in groups
+        ]
+        load = [0.0] * self.comm.world
+        owners = [0] * len(groups)
+        for k in sorted(range(len(groups)), key=lambda k: (-costs[k], k)):
+            owners[k] = min(range(self.comm.world), key=lambda r: (load[r], r))
+            load[owners[k]] += costs[k]
+        return owners
 
     def _empty_solution(self, linear: nn.Module, dtype: torch.dtype) -> Solution:
         out_f, in_f = linear.weight.shape

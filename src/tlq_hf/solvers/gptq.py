@@ -119,22 +119,27 @@ def gptq_quantize(
     Hinv = factor.hinv.to(W.device)
 
     codes = torch.zeros_like(W, dtype=torch.int8)
+    scale_f, zero_f = scale.float(), zero.float()  # per-column reads in float32 (act order: final already)
+    columns = perm.tolist()
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1)
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = columns[i1 + i]
             g = col // gs
             if not act_order and col % gs == 0:  # group starts here: qparams from the updated weights
                 qp = _group_qparams(W1[:, i : i + gs], scheme, scale_dtype)
                 scale[:, g], zero[:, g] = qp.scale[:, 0], qp.zero[:, 0]
-            s, z = scale[:, g].float(), zero[:, g].float()
+                scale_f[:, g], zero_f[:, g] = scale[:, g].float(), zero[:, g].float()
+            s, z = scale_f[:, g], zero_f[:, g]
             w = W1[:, i]
             q = torch.clamp(torch.round(w / s) + z, scheme.qmin, scheme.qmax)
-            codes[:, i1 + i] = q.to(torch.int8)
+            Q1[:, i] = q
             err = (w - (q - z) * s) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # in place: no [out, block] temporary
             Err1[:, i] = err
+        codes[:, i1:i2] = Q1.to(torch.int8)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return codes[:, inv_perm].contiguous(), QParams(scale=scale, zero=zero)
