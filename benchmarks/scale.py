@@ -202,7 +202,8 @@ def _worker(job: dict) -> dict:
     if job["offload"] != "none":
         with init_empty_weights():
             meta = cls.from_config(config)
-        kwargs["device_map"] = decoder_device_map(meta, decoder=job["offload"], rest="cpu")
+        # offloaded rows put everything (embeddings, head, vision tower) where the decoder goes
+        kwargs["device_map"] = decoder_device_map(meta, decoder=job["offload"], rest=job["offload"])
         kwargs["offload_folder"] = str(work / "weights")
     cfg = TLQConfig(
         bits=4,
@@ -226,6 +227,56 @@ def _worker(job: dict) -> dict:
         "tokens": report.tokens,
         "samples": report.samples,
         "layer_seconds": [r.seconds for r in report.layers],
+        "peak_rss_bytes": _status_kb("VmHWM") * 1024,
+        "peak_anon_rss_bytes": anon.stop(),
+        "maxrss_self_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def _worker_llmc(job: dict) -> dict:
+    """llm-compressor GPTQ W4A16 through ``oneshot`` on the same rows, sequential decoder layers, bf16 model."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoProcessor
+
+    from tlq_hf.arch import find_decoder_stack
+    from tlq_hf.data import build_calibration_set, sample_rows
+    from tlq_hf.tiny_models import load_auto_class
+
+    anon = _AnonPeak()
+    start = time.perf_counter()
+    processor = AutoProcessor.from_pretrained(job["path"])
+    samples = build_calibration_set(sample_rows(job["samples"], size=job["image"]), processor, job["samples"], 4096)
+    ds = Dataset.from_list([{k: v.tolist() for k, v in s.inputs.items()} for s in samples])
+    dtypes = {k: v.dtype for k, v in samples[0].inputs.items()}
+
+    def collate(batch):
+        return {k: torch.tensor(v, dtype=dtypes[k]) for k, v in batch[0].items()}
+
+    model = load_auto_class().from_pretrained(job["path"], dtype=torch.bfloat16)
+    ignore = ["re:.*lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
+    layer_class = type(find_decoder_stack(model).layers[0]).__name__
+    t0 = time.perf_counter()
+    oneshot(
+        model=model,
+        sequential_targets=[layer_class],
+        dataset=ds,
+        recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=ignore),
+        num_calibration_samples=job["samples"],
+        max_seq_length=4096,
+        data_collator=collate,
+        processor=processor,
+    )
+    oneshot_s = time.perf_counter() - t0
+    return {
+        "rank": 0,
+        "wall_s": time.perf_counter() - start,
+        "calibration_s": oneshot_s,
+        "phases": {"oneshot": oneshot_s},
+        "tokens": sum(s.num_tokens for s in samples),
+        "samples": len(samples),
+        "layer_seconds": [],
         "peak_rss_bytes": _status_kb("VmHWM") * 1024,
         "peak_anon_rss_bytes": anon.stop(),
         "maxrss_self_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -260,19 +311,37 @@ def _checkpoint_stats(path: Path) -> dict:
     }
 
 
-def run_row(name: str, model: str, offload: str, processes: int, samples: int, layers: int | None = None) -> dict:
+PEER_PYTHON = HERE.parent / ".venv-peers" / "bin" / "python"
+
+
+def run_row(
+    name: str,
+    model: str,
+    offload: str,
+    processes: int,
+    samples: int,
+    layers: int | None = None,
+    library: str = "tlq_hf",
+) -> dict:
     path = build_model(model, layers)
     stats = _checkpoint_stats(path)
     with tempfile.TemporaryDirectory(prefix="tlq-scale-") as work:
         job = {"path": str(path), "work": work, "offload": offload, "samples": samples, "image": MODELS[model]["image"]}
+        job["library"] = library
         script = [str(Path(__file__).resolve()), "--worker", json.dumps(job)]
-        if processes > 1:
+        env = dict(os.environ)
+        if library == "llm-compressor":
+            if not PEER_PYTHON.exists():
+                raise RuntimeError(f"no {PEER_PYTHON}: create it as benchmarks/PEERS.md says")
+            cmd = [str(PEER_PYTHON), *script]
+            env["PYTHONPATH"] = str(HERE.parent / "src")
+        elif processes > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
             cmd += script
         else:
             cmd = [sys.executable, *script]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"row {name} failed:\n{proc.stderr[-4000:]}")
@@ -280,7 +349,7 @@ def run_row(name: str, model: str, offload: str, processes: int, samples: int, l
     main = next(r for r in results if r["rank"] == 0)
     record = {
         "name": name,
-        "library": "tlq_hf",
+        "library": library,
         "model": model if layers is None else f"{model}-L{layers}",
         "layers": stats["layers"],
         "params": stats["params"],
@@ -303,6 +372,7 @@ def run_row(name: str, model: str, offload: str, processes: int, samples: int, l
 ROWS = {
     "llava-1b-disk": lambda: [run_row("llava-1b-disk", "llava-1b", "disk", 1, 16)],
     "llava-1b-cpu": lambda: [run_row("llava-1b-cpu", "llava-1b", "none", 1, 16)],
+    "llava-1b-llmc": lambda: [run_row("llava-1b-llmc", "llava-1b", "none", 1, 16, library="llm-compressor")],
     "llava-1b-2proc": lambda: [run_row("llava-1b-2proc", "llava-1b", "disk", 2, 16)],
     "qwen2vl-7b-disk": lambda: [run_row("qwen2vl-7b-disk", "qwen2vl-7b", "disk", 1, 8)],
     "sweep": lambda: [
@@ -353,7 +423,9 @@ def write(records: list[dict]) -> None:
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        print(json.dumps(_worker(json.loads(sys.argv[2]))), flush=True)
+        job = json.loads(sys.argv[2])
+        worker = _worker_llmc if job.get("library") == "llm-compressor" else _worker
+        print(json.dumps(worker(job)), flush=True)
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", nargs="*", default=["llava-1b-disk", "sweep"], choices=sorted(ROWS))

@@ -92,3 +92,22 @@ def test_exposed_inputs_differ_from_full_precision_after_layer_zero(tiny_vlm_dir
     assert errors[True][0] == 0 and errors[False][0] == 0  # layer 0 always sees the true input
     assert errors[True][1] > 1e-6  # quantized layer 0 changed what layer 1 sees
     assert errors[False][1] == 0
+
+
+def test_chunked_head_loss_and_gradient_equal_autograd():
+    from torch import nn
+
+    from tlq_hf.calibration.importance import _head_loss_and_grad
+
+    gen = torch.Generator().manual_seed(0)
+    head = nn.Linear(16, 50, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(50, 16, generator=gen))
+        head.bias.copy_(torch.randn(50, generator=gen))
+    x = torch.randn(5, 16, generator=gen, requires_grad=True)
+    targets = torch.tensor([0, 7, 13, 49, 21])
+    loss_ref = torch.nn.functional.cross_entropy(head(x), targets)
+    loss_ref.backward()
+    loss, grad = _head_loss_and_grad(x.detach(), head, targets, torch.float32, chunk=7)
+    assert torch.allclose(loss, loss_ref.detach(), rtol=1e-6)
+    assert torch.allclose(grad, x.grad, rtol=1e-5, atol=1e-7)

@@ -285,3 +285,20 @@ def test_modules_sharing_an_input_share_one_statistic_and_factorisation(tiny_vlm
         shared_codes, shared_qp = gptq_quantize(w, factor, scheme)
         codes, qp = gptq(w, hessian, scheme, damp=0.01, act_order=True)
         assert torch.equal(shared_codes, codes) and torch.equal(shared_qp.scale, qp.scale)
+
+
+def test_gradient_pass_with_spilled_boundaries_equals_in_memory(tiny_vlm_dirs, tmp_path):
+    from tlq_hf.calibration.importance import gradient_importance
+
+    path = tiny_vlm_dirs["llava"]
+    model = auto_class().from_pretrained(path, dtype=torch.float32)
+    stack = find_decoder_stack(model)
+    samples = build_calibration_set(sample_rows(3), AutoProcessor.from_pretrained(path), 3)
+    captured = capture_layer_inputs(model, stack, samples)
+    targets = select_quant_targets(model, None)
+    memory = gradient_importance(model, stack, captured, targets)
+    spilled = gradient_importance(model, stack, captured, targets, spill_dir=str(tmp_path))
+    assert not list(tmp_path.rglob("*.safetensors"))  # every boundary and gradient file dropped after use
+    assert memory.loss == spilled.loss
+    for name in targets:
+        assert all(torch.equal(a, b) for a, b in zip(memory.raw[name], spilled.raw[name]))

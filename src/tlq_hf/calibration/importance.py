@@ -29,7 +29,7 @@ from ..arch import DecoderStack, find_final_norm
 from .activations import ActivationStore
 from .capture import CapturedSample, layer_forward, to_device
 from .distributed import Comm
-from .offload import Onloaded, onloaded
+from .offload import Onloaded, compute_dtype_for, onloaded
 
 __all__ = [
     "IMPORTANCE_KINDS",
@@ -80,6 +80,52 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = logits[:, :-1].float()
     target = labels[:, 1:].to(logits.device)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+
+
+def _head_loss_and_grad(
+    hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, compute_dtype: torch.dtype, chunk: int = 16384
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of ``head(hidden [N, H])`` against ``targets [N]`` and its gradient wrt ``hidden``.
+
+    The vocabulary is processed in chunks of ``chunk`` rows of the head's weight, each cast to
+    ``compute_dtype`` on its own, so a half-precision head on a CPU computes in float32 without a float32
+    copy of the whole head (two passes: log-sum-exp, then the softmax gradient).
+    """
+    x = hidden.to(compute_dtype)
+    weight, bias = head.weight, head.bias
+    vocab = weight.shape[0]
+    lse = torch.full((x.shape[0],), float("-inf"), dtype=torch.float32, device=x.device)
+    target_logit = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    for lo in range(0, vocab, chunk):
+        logits = _chunk_logits(x, weight, bias, lo, chunk, compute_dtype)
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, -1))
+        inside = (targets >= lo) & (targets < lo + logits.shape[1])
+        target_logit[inside] = logits[inside, targets[inside] - lo]
+    loss = (lse - target_logit).mean()
+    grad = torch.zeros_like(x, dtype=torch.float32)
+    n = x.shape[0]
+    for lo in range(0, vocab, chunk):
+        logits = _chunk_logits(x, weight, bias, lo, chunk, compute_dtype)
+        d = torch.exp(logits - lse[:, None]) / n
+        inside = (targets >= lo) & (targets < lo + logits.shape[1])
+        d[inside, targets[inside] - lo] -= 1.0 / n
+        grad += d @ weight[lo : lo + chunk].to(compute_dtype).float()
+    return loss, grad
+
+
+def _chunk_logits(x, weight, bias, lo, chunk, dtype) -> torch.Tensor:
+    w = weight[lo : lo + chunk].to(dtype)
+    out = x @ w.T
+    if bias is not None:
+        out = out + bias[lo : lo + chunk].to(dtype)
+    return out.float()
+
+
+def _answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions ``p`` whose output predicts an answer token, and those tokens (``labels[p + 1]``)."""
+    nxt = labels[0, 1:]
+    pos = (nxt != -100).nonzero().flatten()
+    return pos, nxt[pos]
 
 
 class _OutputGrabber:
@@ -156,11 +202,19 @@ def gradient_importance(
     grads = ActivationStore(spill_dir, "g")
     total = 0.0
     with _NoParamGrad(model), torch.enable_grad():
-        with onloaded(norm), onloaded(head) as on:
+        chunked = isinstance(head, nn.Linear)  # else: plain autograd through the head module
+        with onloaded(norm), onloaded(head, upcast=not chunked) as on:
+            compute = compute_dtype_for(on.device, on.store_dtype)
             for h, s in zip(boundaries[-1], captured):
-                h = h.to(on.device, on.compute_dtype).detach().requires_grad_(True)
-                loss = answer_loss(head(norm(h)), s.labels)
-                loss.backward()
+                h = h.to(on.device, compute).detach().requires_grad_(True)
+                if chunked:  # only positions that predict an answer token carry loss
+                    pos, target = _answer_positions(s.labels.to(on.device))
+                    normed = norm(h)[0, pos]
+                    loss, g = _head_loss_and_grad(normed.detach(), head, target, compute)
+                    normed.backward(g.to(normed.dtype))
+                else:
+                    loss = answer_loss(head(norm(h)), s.labels)
+                    loss.backward()
                 total += float(loss.detach())
                 grads.append(h.grad.float())
         boundaries.pop().close()

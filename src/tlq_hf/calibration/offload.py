@@ -54,8 +54,8 @@ def _all_hooks(module: nn.Module) -> list:
 
 
 @contextmanager
-def onloaded(layer: nn.Module, keep: bool = False) -> Iterator[Onloaded]:
-    """Materialise ``layer`` on its execution device (float32 on CPU for half dtypes) inside the block."""
+def onloaded(layer: nn.Module, keep: bool = False, upcast: bool = True) -> Iterator[Onloaded]:
+    """Materialise ``layer`` on its execution device (float32 on CPU for half dtypes unless ``upcast=False``)."""
     device = module_device(layer)
     saved: list[tuple[nn.Module, str, bool, torch.Tensor]] = []  # (module, name, is_param, original tensor)
     original_dtype: dict[tuple[int, str], torch.dtype] = {}
@@ -74,7 +74,7 @@ def onloaded(layer: nn.Module, keep: bool = False) -> Iterator[Onloaded]:
                 value = hook.weights_map[name]
             if value.is_floating_point():
                 store_dtype = store_dtype or value.dtype
-                dtype = compute_dtype_for(device, value.dtype)
+                dtype = compute_dtype_for(device, value.dtype) if upcast else value.dtype
                 original_dtype[(id(module), name)] = value.dtype
             else:
                 dtype = value.dtype
