@@ -37,7 +37,7 @@ from .activations import ActivationStore
 from .capture import CapturedSample, layer_forward, to_device
 from .distributed import Comm
 from .importance import TokenWeighting
-from .offload import onloaded
+from .offload import onloaded, release_host_memory
 from .stats import STATISTICS, StatCollector, StatGroup, shared_input_groups
 
 __all__ = [
@@ -272,6 +272,7 @@ class LayerLoop:
             store.close()
         state.layer, state.x_fp, state.x_in = i + 1, y_fp, y_in
         state.reports.append(report)
+        release_host_memory()
 
     def _groups(self, modules: dict[str, nn.Module], run_one: Callable[[], object]) -> list[StatGroup]:
         """One group per shared input, or per module when token weights are per module (see :mod:`.stats`)."""

@@ -15,6 +15,7 @@ layer is about 0.27x its bf16 size, so it lives in memory where the map's weight
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from torch import nn
 
 from .capture import module_device
 
-__all__ = ["Onloaded", "onloaded", "compute_dtype_for"]
+__all__ = ["Onloaded", "onloaded", "compute_dtype_for", "release_host_memory"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -41,6 +42,24 @@ class Onloaded:
     device: torch.device
     compute_dtype: torch.dtype
     store_dtype: torch.dtype
+
+
+def _load_trim():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_malloc_trim = _load_trim()
+
+
+def release_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps large freed blocks otherwise, so peak RSS would
+    grow with every layer onloaded and dropped)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def _offload_hook(module: nn.Module):
@@ -104,6 +123,8 @@ def onloaded(layer: nn.Module, keep: bool = False, upcast: bool = True) -> Itera
                 (module._parameters if is_param else module._buffers)[name] = tensor
             for h in paused:
                 h.offload = True
+        saved.clear()
+        release_host_memory()
 
 
 def _settle(layer: nn.Module, original_dtype: dict[tuple[int, str], torch.dtype], saved: list) -> None:
