@@ -121,10 +121,11 @@ class HessianStatistic(Statistic):
         return (self.sum / max(self.mass, 1e-12)).float()
 
     def take_normalized(self) -> torch.Tensor:
-        """:meth:`normalized`, releasing the accumulated sum (the solver owns the result)."""
-        h = self.normalized()
-        self.sum = None
-        return h
+        """:meth:`normalized`, dividing in place and releasing the accumulated sum (the solver owns the result)."""
+        if self.sum is None:
+            raise RuntimeError("no calibration tokens reached this module")
+        total, self.sum = self.sum, None
+        return total.div_(max(self.mass, 1e-12)).float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"sum": self.sum, "mass": torch.tensor(self.mass, dtype=torch.float64)}
