@@ -73,6 +73,26 @@ def test_disk_offloaded_device_map_equals_in_memory(tiny_vlm_dirs, reference, tm
     _assert_same_checkpoint(reference, tmp_path / "out")
 
 
+def test_recomputed_full_precision_targets_equal_streamed_ones(tiny_vlm_dirs, reference, tmp_path, monkeypatch):
+    """The reference streams the gradient pass's boundaries as targets; without them the loop recomputes."""
+    from tlq_hf.calibration import importance, pipeline
+
+    kept = []
+    real = importance.gradient_importance
+
+    def spy(*args, **kwargs):
+        grad = real(*args, **kwargs)
+        kept.append(grad.boundaries is not None)
+        return grad
+
+    monkeypatch.setattr(pipeline, "gradient_importance", spy)
+    monkeypatch.setattr(pipeline, "IN_MEMORY_BOUNDARIES", 0)
+    model = auto_class().from_pretrained(tiny_vlm_dirs[FAMILY], dtype=torch.float32, quantization_config=_config())
+    assert kept == [False]
+    model.save_pretrained(tmp_path / "out")
+    _assert_same_checkpoint(reference, tmp_path / "out")
+
+
 def test_bf16_model_calibrates_in_float32_on_cpu_and_keeps_its_dtype(tiny_vlm_dirs):
     model = auto_class().from_pretrained(tiny_vlm_dirs[FAMILY], dtype=torch.bfloat16, quantization_config=_config())
     stack = find_decoder_stack(model)

@@ -73,6 +73,9 @@ class GradientPass:
     layer_raw: list[list[torch.Tensor]]  # per layer, per sample raw importance [T] at the layer's output
     loss: float  # mean answer loss over all samples (all ranks)
     seconds: float = 0.0
+    # ``keep_boundaries``: the full-precision layer inputs/outputs ``X[0..L]`` (this rank's samples), which
+    # the layer loop reads as its full-precision targets instead of recomputing them
+    boundaries: list[ActivationStore] | None = None
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -175,11 +178,13 @@ def gradient_importance(
     kind: str = "fisher",
     spill_dir: str | None = None,
     comm: Comm | None = None,
+    keep_boundaries: bool = False,
 ) -> GradientPass:
     """Block-wise backward of the answer loss; per-module, per-token raw importance.
 
     The boundaries ``X[0..L]`` live in :class:`ActivationStore` objects (spilled to ``spill_dir`` if given);
-    each is dropped as soon as the backward has passed it. Each layer is onloaded once per direction.
+    each is dropped as soon as the backward has passed it, unless ``keep_boundaries`` (then they are
+    returned). Each layer is onloaded once per direction.
     """
     import time
 
@@ -217,7 +222,8 @@ def gradient_importance(
                     loss.backward()
                 total += float(loss.detach())
                 grads.append(h.grad.float())
-        boundaries.pop().close()
+        if not keep_boundaries:
+            boundaries[-1].close()
         for i in tqdm(range(n_layers - 1, -1, -1), desc="tlq importance bwd", unit="layer", leave=False):
             layer = stack.layers[i]
             layer_raw[i] = [reduce(g[0]).cpu() for g in grads]
@@ -236,13 +242,15 @@ def gradient_importance(
             finally:
                 grabber.remove()
             grads.close()
-            boundaries.pop().close()
+            if not keep_boundaries:
+                boundaries[i].close()
             grads = new_grads
     grads.close()
     total, count = comm.sum(total, len(captured))
     loss = total / max(count, 1)
     logger.info("tlq importance: answer loss %.4f over %d samples", loss, int(count))
-    return GradientPass(raw, layer_raw, loss, time.perf_counter() - start)
+    kept = boundaries if keep_boundaries else None
+    return GradientPass(raw, layer_raw, loss, time.perf_counter() - start, kept)
 
 
 def _kwargs(sample: CapturedSample, on: Onloaded) -> dict:

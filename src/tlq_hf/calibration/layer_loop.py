@@ -5,7 +5,8 @@ exposed input ``X_in[l]`` (what the already-quantized layers ``0..l-1`` produce;
 ``exposed=False``), one tensor per sample of this rank, in :class:`ActivationStore` objects. One step:
 
 1. onload layer ``l`` (from the device map's CPU / disk copy, float32 on CPU);
-2. full-precision target ``Y_fp = f(X_fp)`` (recomputed here rather than kept from the gradient pass);
+2. full-precision target ``Y_fp = f(X_fp)``: read from the gradient pass's kept boundaries when there are
+   any (``fp_boundaries``, on disk when spilled), else recomputed here;
 3. one pass of the full-precision layer on ``X_in`` feeds the statistics of each group of modules that
    read the same input (:mod:`.stats`), weighted by token importance; statistics are reduced over ranks;
 4. smoothing (AWQ / SmoothQuant) folds per-channel scales and rescales the statistics it invalidates;
@@ -147,6 +148,11 @@ class LoopState:
     x_in: ActivationStore  # exposed input of ``layer`` (``x_fp`` itself when not exposed)
     reports: list[LayerReport] = field(default_factory=list)
 
+    def close(self) -> None:
+        """Drop the stores (once each: ``x_in`` may be ``x_fp``)."""
+        for store in {id(s): s for s in (self.x_fp, self.x_in)}.values():
+            store.close()
+
 
 def _fold(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor) -> None:
     """``producer`` output / s, consumers' input columns * s: the layer function is unchanged."""
@@ -195,17 +201,22 @@ class LayerLoop:
         total_samples: int | None = None,
         comm: Comm | None = None,
         spill_dir: str | None = None,
+        fp_boundaries: list[ActivationStore] | None = None,
     ) -> None:
         self.model, self.stack, self.targets, self.captured = model, stack, targets, captured
         self.scheme, self.cfg, self.weighting, self.swap = scheme, settings, weighting, swap
         self.samples = list(range(len(captured))) if samples is None else samples
         self.total_samples = total_samples or len(captured)
         self.comm, self.spill_dir = comm or Comm(), spill_dir
+        self.fp_boundaries = fp_boundaries  # X[0..L] of the full-precision model, or None (recompute)
         self.solver = LAYER_SOLVERS[settings.solver]
         self.smoother = SMOOTHERS[settings.smoothing] if settings.smoothing is not None else None
 
     def initial_state(self) -> LoopState:
-        x = ActivationStore.of([s.hidden for s in self.captured], self.spill_dir, "x_in")
+        if self.fp_boundaries is not None:
+            x = self.fp_boundaries[0]
+        else:
+            x = ActivationStore.of([s.hidden for s in self.captured], self.spill_dir, "x_in")
         return LoopState(0, x, x)
 
     def run(self, state: LoopState, on_layer_done: Callable[[LoopState], None] | None = None) -> list[LayerReport]:
@@ -228,7 +239,8 @@ class LayerLoop:
         modules = {n: m for n, m in self.targets.items() if n.startswith(prefix)}
         lw = self.weighting.for_layer(i) if self.weighting is not None else [None] * len(self.captured)
         before, after = _ErrorSum(), _ErrorSum()
-        y_fp = ActivationStore(self.spill_dir, "x_fp")
+        streamed = self.fp_boundaries is not None
+        y_fp = self.fp_boundaries[i + 1] if streamed else ActivationStore(self.spill_dir, "x_fp")
         y_in = ActivationStore(self.spill_dir, "x_in") if cfg.exposed else y_fp
         with torch.no_grad(), onloaded(layer, keep=True) as on:
             kwargs = [to_device(s.kwargs, on.device, on.compute_dtype) for s in self.captured]
@@ -236,7 +248,7 @@ class LayerLoop:
             def forward(x: torch.Tensor, j: int) -> torch.Tensor:
                 return layer_forward(layer, x.to(on.device, on.compute_dtype), kwargs[j])
 
-            if cfg.exposed:
+            if cfg.exposed and not streamed:
                 for j, x in enumerate(state.x_fp):
                     y_fp.append(forward(x, j).to(on.store_dtype))
             live = {n: layer.get_submodule(n[len(prefix) :]) for n in modules}
@@ -249,7 +261,7 @@ class LayerLoop:
                     y = forward(x, j)
                     if cfg.exposed:
                         before.add(y, y_fp[j], lw[j])
-                    else:
+                    elif not streamed:
                         y_fp.append(y.to(on.store_dtype))
             finally:
                 collector.close()
@@ -268,8 +280,7 @@ class LayerLoop:
                         y_in.append(y.to(on.store_dtype))
         report = LayerReport(i, before.value(self.comm), after.value(self.comm), time.perf_counter() - start)
         logger.info("tlq layer %d: weighted rel. error %.3e -> %.3e", i, report.error_before, report.error_after)
-        for store in {id(s): s for s in (state.x_fp, state.x_in)}.values():
-            store.close()
+        state.close()
         state.layer, state.x_fp, state.x_in = i + 1, y_fp, y_in
         state.reports.append(report)
         release_host_memory()

@@ -146,6 +146,18 @@ def _check_targets(targets: dict[str, nn.Linear], scheme: QuantScheme) -> None:
         scheme.check_in_features(linear.in_features, name)
 
 
+IN_MEMORY_BOUNDARIES = 1 << 30
+
+
+def _keep_boundaries(captured: list, n_layers: int, spill: str | None) -> bool:
+    """Keep the gradient pass's full-precision boundaries as the layer loop's targets (one forward per layer
+    less) when they are spilled to disk, or when all ``L + 1`` of them fit in :data:`IN_MEMORY_BOUNDARIES`."""
+    if spill is not None:
+        return True
+    per_boundary = sum(c.hidden.numel() * c.hidden.element_size() for c in captured)
+    return (n_layers + 1) * per_boundary <= IN_MEMORY_BOUNDARIES
+
+
 def _load_samples(model: nn.Module, config):
     from ..data import build_calibration_set
 
@@ -213,7 +225,8 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
             if checkpoint is not None and checkpoint.has_importance():
                 grad = checkpoint.load_importance(len(captured))
             else:
-                grad = gradient_importance(model, stack, captured, in_stack, recipe.importance, spill, comm)
+                keep = _keep_boundaries(captured, len(stack.layers), spill)
+                grad = gradient_importance(model, stack, captured, in_stack, recipe.importance, spill, comm, keep)
                 if checkpoint is not None:
                     checkpoint.save_importance(grad)
             lo, hi = config.importance_clip
@@ -251,6 +264,7 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
             total_samples=len(samples),
             comm=comm,
             spill_dir=spill,
+            fp_boundaries=None if done or weighting is None else weighting.grad.boundaries,
         )
         if done:
             state = checkpoint.restore(model, stack, scheme, done, spill)
@@ -260,8 +274,7 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
         if checkpoint is not None:
             on_done = lambda st: checkpoint.commit(st, stack.layers[st.layer - 1])  # noqa: E731
         report.layers = loop.run(state, on_done)
-        for store in {id(s): s for s in (state.x_fp, state.x_in)}.values():
-            store.close()
+        state.close()
         report.phases["layers"] = time.perf_counter() - t0
     finally:
         if spill is not None:

@@ -97,8 +97,8 @@ class HessianStatistic(Statistic):
     def update(self, x: torch.Tensor, a: torch.Tensor, sample: int) -> None:
         keep = a > 0
         x, a = x[keep], a[keep]
-        h = ((x * a[:, None]).T @ x).double()
-        self.sum = h if self.sum is None else self.sum.add_(h)
+        h = (x * a[:, None]).T @ x
+        self.sum = h.double() if self.sum is None else self.sum.add_(h)  # float64 += float32: no temporary
         self.mass += float(a.double().sum())
 
     def rescale(self, s: torch.Tensor) -> None:

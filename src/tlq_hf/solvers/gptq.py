@@ -7,6 +7,7 @@ natural column order ("static groups", qparams from the original weight), so the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,12 @@ class GPTQFactor:
 def gptq_factor(
     hessian: torch.Tensor, *, damp: float = 0.01, act_order: bool = False, overwrite: bool = False
 ) -> GPTQFactor:
-    """Damp and factorise ``hessian [in, in]`` once for :func:`gptq_quantize` (``overwrite``: reuse its memory)."""
+    """Damp and factorise ``hessian [in, in]`` once for :func:`gptq_quantize` (``overwrite``: reuse its memory).
+
+    The upper Cholesky factor ``U`` of ``H^-1`` comes from one Cholesky and one triangular solve: with ``J``
+    the order-reversing permutation and ``J H J = L L^T``, ``H^-1 = (J L^-1 J)^T (J L^-1 J)`` and
+    ``J L^-1 J`` is upper triangular (1.45x faster than Cholesky, inverse, Cholesky at 4096 columns).
+    """
     H = hessian.detach().float()
     if not overwrite and H.data_ptr() == hessian.data_ptr():  # .float() did not copy
         H = H.clone()
@@ -59,14 +65,16 @@ def gptq_factor(
     H[dead, dead] = 1.0
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        H = H[perm][:, perm]
     else:
         perm = torch.arange(in_features, device=H.device)
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    L = torch.linalg.cholesky(H)
-    del H
-    L = torch.cholesky_inverse(L)
-    return GPTQFactor(perm, torch.linalg.cholesky(L, upper=True), dead, act_order)
+    damping = damp * torch.mean(torch.diag(H))
+    reverse = perm.flip(0)
+    H = H.index_select(0, reverse).index_select(1, reverse)  # J P^T H P J
+    H.diagonal().add_(damping)
+    L = torch.linalg.cholesky(H, out=H)
+    inv = torch.linalg.solve_triangular(L, torch.eye(in_features, device=H.device), upper=False)
+    del H, L
+    return GPTQFactor(perm, inv.flip((0, 1)), dead, act_order)
 
 
 @torch.no_grad()
@@ -114,32 +122,45 @@ def gptq_quantize(
     else:
         block_size = max(gs, (block_size // gs) * gs) if gs <= in_features else in_features
     perm = factor.perm.to(W.device)
-    inv_perm = torch.argsort(perm)
-    W = W[:, perm]
     Hinv = factor.hinv.to(W.device)
-
-    codes = torch.zeros_like(W, dtype=torch.int8)
-    scale_f, zero_f = scale.float(), zero.float()  # per-column reads in float32 (act order: final already)
+    # the sweep works on W^T in column order: a column of W is a contiguous row, updates touch contiguous memory
+    Wt = W.T.index_select(0, perm)
+    del W
+    codes = torch.empty(in_features, out_features, dtype=torch.int8, device=Wt.device)
+    # qparams as [groups, out] float32 rows (with act order they are final already)
+    scale_t, zero_t = scale.T.float().contiguous(), zero.T.float().contiguous()
+    # updates are applied lazily: rank-1 within ``sub`` columns, one GEMM for the rest of the block; a group
+    # start must see fully updated columns, so ``sub`` divides the group size when qparams are dynamic
+    sub = _SUB_BLOCK if act_order else math.gcd(_SUB_BLOCK, gs)
     columns = perm.tolist()
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        Q1 = torch.empty_like(W1)
-        for i in range(i2 - i1):
-            col = columns[i1 + i]
-            g = col // gs
-            if not act_order and col % gs == 0:  # group starts here: qparams from the updated weights
-                qp = _group_qparams(W1[:, i : i + gs], scheme, scale_dtype)
-                scale[:, g], zero[:, g] = qp.scale[:, 0], qp.zero[:, 0]
-                scale_f[:, g], zero_f[:, g] = scale[:, g].float(), zero[:, g].float()
-            s, z = scale_f[:, g], zero_f[:, g]
-            w = W1[:, i]
-            q = torch.clamp(torch.round(w / s) + z, scheme.qmin, scheme.qmax)
-            Q1[:, i] = q
-            err = (w - (q - z) * s) / Hinv1[i, i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # in place: no [out, block] temporary
-            Err1[:, i] = err
-        codes[:, i1:i2] = Q1.to(torch.int8)
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return codes[:, inv_perm].contiguous(), QParams(scale=scale, zero=zero)
+        W1, Hinv1 = Wt[i1:i2], Hinv[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        width = i2 - i1
+        for j1 in range(0, width, sub):
+            j2 = min(j1 + sub, width)
+            for i in range(j1, j2):
+                col = columns[i1 + i]
+                g = col // gs
+                if not act_order and col % gs == 0:  # group starts here: qparams from the updated weights
+                    qp = _group_qparams(W1[i : i + gs].T, scheme, scale_dtype)
+                    scale[:, g], zero[:, g] = qp.scale[:, 0], qp.zero[:, 0]
+                    scale_t[g], zero_t[g] = scale[:, g].float(), zero[:, g].float()
+                s, z = scale_t[g], zero_t[g]
+                w = W1[i]
+                q = torch.clamp(torch.round(w / s) + z, scheme.qmin, scheme.qmax)
+                codes[i1 + i] = q.to(torch.int8)
+                err = (w - (q - z) * s) / Hinv1[i, i]
+                if i + 1 < j2:
+                    W1[i + 1 : j2].addr_(Hinv1[i, i + 1 : j2], err, alpha=-1)
+                Err1[i] = err
+            if j2 < width:
+                W1[j2:].addmm_(Hinv1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)
+        if i2 < in_features:
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
+    codes = codes.index_select(0, torch.argsort(perm)).T.contiguous()
+    return codes, QParams(scale=scale, zero=zero)
+
+
+_SUB_BLOCK = 16
