@@ -114,17 +114,18 @@ class HessianStatistic(Statistic):
         comm.all_reduce_(self.sum)
         (self.mass,) = comm.sum(self.mass)
 
-    def normalized(self) -> torch.Tensor:
-        """``sum_t a_t x_t x_t^T / sum_t a_t`` (float32)."""
+    def _accumulated(self) -> torch.Tensor:
         if self.sum is None:
             raise RuntimeError("no calibration tokens reached this module")
-        return (self.sum / max(self.mass, 1e-12)).float()
+        return self.sum
+
+    def normalized(self) -> torch.Tensor:
+        """``sum_t a_t x_t x_t^T / sum_t a_t`` (float32)."""
+        return (self._accumulated() / max(self.mass, 1e-12)).float()
 
     def take_normalized(self) -> torch.Tensor:
         """:meth:`normalized`, dividing in place and releasing the accumulated sum (the solver owns the result)."""
-        if self.sum is None:
-            raise RuntimeError("no calibration tokens reached this module")
-        total, self.sum = self.sum, None
+        total, self.sum = self._accumulated(), None
         return total.div_(max(self.mass, 1e-12)).float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
