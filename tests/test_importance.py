@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _helpers import auto_class
 from transformers import AutoProcessor
 
@@ -108,6 +109,15 @@ def test_chunked_head_loss_and_gradient_equal_autograd():
     targets = torch.tensor([0, 7, 13, 49, 21])
     loss_ref = torch.nn.functional.cross_entropy(head(x), targets)
     loss_ref.backward()
-    loss, grad = _head_loss_and_grad(x.detach(), head, targets, torch.float32, chunk=7)
-    assert torch.allclose(loss, loss_ref.detach(), rtol=1e-6)
+    weights = torch.full((5,), 1 / 5)
+    loss, grad = _head_loss_and_grad(x.detach(), head, targets, weights, torch.float32, chunk=7)
+    assert loss.shape == (5,) and torch.allclose(loss.mean(), loss_ref.detach(), rtol=1e-6)
+    assert torch.allclose(grad, x.grad, rtol=1e-5, atol=1e-7)
+    # rows of two samples with their own means: the gradient of the sum of the two sample losses
+    x.grad = None
+    split = torch.tensor([1 / 2, 1 / 2, 1 / 3, 1 / 3, 1 / 3])
+    loss_ref = F.cross_entropy(head(x[:2]), targets[:2]) + F.cross_entropy(head(x[2:]), targets[2:])
+    loss_ref.backward()
+    loss, grad = _head_loss_and_grad(x.detach(), head, targets, split, torch.float32, chunk=7)
+    assert torch.allclose(loss @ split, loss_ref.detach(), rtol=1e-6)
     assert torch.allclose(grad, x.grad, rtol=1e-5, atol=1e-7)

@@ -86,9 +86,15 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _head_loss_and_grad(
-    hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, compute_dtype: torch.dtype, chunk: int = 16384
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    compute_dtype: torch.dtype,
+    chunk: int = 16384,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of ``head(hidden [N, H])`` against ``targets [N]`` and its gradient wrt ``hidden``.
+    """Per-row cross-entropy of ``head(hidden [N, H])`` against ``targets [N]``, and the gradient of
+    ``sum_r weights[r] * loss[r]`` with respect to ``hidden``.
 
     The vocabulary is processed in chunks of ``chunk`` rows of the head's weight, each cast to
     ``compute_dtype`` on its own, so a half-precision head on a CPU computes in float32 without a float32
@@ -97,6 +103,7 @@ def _head_loss_and_grad(
     x = hidden.to(compute_dtype)
     weight, bias = head.weight, head.bias
     vocab = weight.shape[0]
+    w = weights.to(x.device, torch.float32)
     lse = torch.full((x.shape[0],), float("-inf"), dtype=torch.float32, device=x.device)
     target_logit = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
     for lo in range(0, vocab, chunk):
@@ -104,16 +111,14 @@ def _head_loss_and_grad(
         lse = torch.logaddexp(lse, torch.logsumexp(logits, -1))
         inside = (targets >= lo) & (targets < lo + logits.shape[1])
         target_logit[inside] = logits[inside, targets[inside] - lo]
-    loss = (lse - target_logit).mean()
     grad = torch.zeros_like(x, dtype=torch.float32)
-    n = x.shape[0]
     for lo in range(0, vocab, chunk):
         logits = _chunk_logits(x, weight, bias, lo, chunk, compute_dtype)
-        d = torch.exp(logits - lse[:, None]) / n
+        d = torch.exp(logits - lse[:, None]) * w[:, None]
         inside = (targets >= lo) & (targets < lo + logits.shape[1])
-        d[inside, targets[inside] - lo] -= 1.0 / n
+        d[inside, targets[inside] - lo] -= w[inside]
         grad += d @ weight[lo : lo + chunk].to(compute_dtype).float()
-    return loss, grad
+    return lse - target_logit, grad
 
 
 def _chunk_logits(x, weight, bias, lo, chunk, dtype) -> torch.Tensor:
@@ -210,18 +215,15 @@ def gradient_importance(
         chunked = isinstance(head, nn.Linear)  # else: plain autograd through the head module
         with onloaded(norm), onloaded(head, upcast=not chunked) as on:
             compute = compute_dtype_for(on.device, on.store_dtype)
-            for h, s in zip(boundaries[-1], captured):
-                h = h.to(on.device, compute).detach().requires_grad_(True)
-                if chunked:  # only positions that predict an answer token carry loss
-                    pos, target = _answer_positions(s.labels.to(on.device))
-                    normed = norm(h)[0, pos]
-                    loss, g = _head_loss_and_grad(normed.detach(), head, target, compute)
-                    normed.backward(g.to(normed.dtype))
-                else:
+            if chunked:
+                total += _chunked_head_gradients(boundaries[-1], captured, norm, head, on.device, compute, grads)
+            else:
+                for h, s in zip(boundaries[-1], captured):
+                    h = h.to(on.device, compute).detach().requires_grad_(True)
                     loss = answer_loss(head(norm(h)), s.labels)
                     loss.backward()
-                total += float(loss.detach())
-                grads.append(h.grad.float())
+                    total += float(loss.detach())
+                    grads.append(h.grad.float())
         if not keep_boundaries:
             boundaries[-1].close()
         for i in tqdm(range(n_layers - 1, -1, -1), desc="tlq importance bwd", unit="layer", leave=False):
@@ -251,6 +253,41 @@ def gradient_importance(
     logger.info("tlq importance: answer loss %.4f over %d samples", loss, int(count))
     kept = boundaries if keep_boundaries else None
     return GradientPass(raw, layer_raw, loss, time.perf_counter() - start, kept)
+
+
+def _chunked_head_gradients(
+    last: ActivationStore,
+    captured: list[CapturedSample],
+    norm: nn.Module,
+    head: nn.Linear,
+    device: torch.device,
+    compute: torch.dtype,
+    grads: ActivationStore,
+) -> float:
+    """``dLoss_s / dX[L]`` of every sample into ``grads``; returns the sum of the per-sample answer losses.
+
+    Only positions that predict an answer token carry loss, so every sample's such rows go through the
+    head together, in one chunked pass over the vocabulary (each row weighted by 1 / its sample's answer
+    length: the loss of a sample is its mean); then each sample's final norm is re-run with grad and
+    back-propagated from its rows' gradient.
+    """
+    rows, targets, weights = [], [], []
+    with torch.no_grad():
+        for h, s in zip(last, captured):
+            pos, target = _answer_positions(s.labels.to(device))
+            rows.append(norm(h.to(device, compute))[0, pos])
+            targets.append(target)
+            weights.append(torch.full((len(pos),), 1.0 / max(len(pos), 1), device=device))
+    weight = torch.cat(weights)
+    row_loss, row_grad = _head_loss_and_grad(torch.cat(rows), head, torch.cat(targets), weight, compute)
+    del rows
+    for (h, s), g in zip(zip(last, captured), row_grad.split([len(w) for w in weights])):
+        h = h.to(device, compute).detach().requires_grad_(True)
+        pos, _ = _answer_positions(s.labels.to(device))
+        normed = norm(h)[0, pos]
+        normed.backward(g.to(normed.dtype))
+        grads.append(h.grad.float())
+    return float(row_loss @ weight)
 
 
 def _kwargs(sample: CapturedSample, on: Onloaded) -> dict:
