@@ -18,8 +18,9 @@ from tlq_hf.arch import decoder_device_map, find_decoder_stack, select_quant_tar
 from tlq_hf.calibration import layer_loop
 from tlq_hf.calibration.activations import ActivationStore
 from tlq_hf.calibration.capture import capture_layer_inputs, layer_forward
+from tlq_hf.calibration.offload import onloaded
 from tlq_hf.calibration.resume import CheckpointMismatchError
-from tlq_hf.calibration.stats import STATISTICS, StatGroup, shared_input_groups
+from tlq_hf.calibration.stats import STATISTICS, HessianStatistic, StatGroup, shared_input_groups
 from tlq_hf.data import build_calibration_set, sample_rows
 from tlq_hf.qtypes import QuantScheme
 from tlq_hf.solvers import gptq, gptq_factor, gptq_quantize, weighted_hessian
@@ -230,6 +231,36 @@ def test_statistic_rescale_equals_statistic_of_rescaled_inputs(kind):
     roundtrip.load_state_dict(folded.state_dict())
     for key, value in folded.state_dict().items():
         assert torch.equal(roundtrip.state_dict()[key], value)
+
+
+def test_onloaded_release_gives_a_swapped_out_module_its_original_tensors_back():
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).to(torch.bfloat16)
+    originals = [m.weight for m in layer]
+    with onloaded(layer) as on:
+        assert [m.weight.dtype for m in layer] == [torch.float32, torch.float32]  # CPU computes half in float32
+        on.release(layer[0])
+        assert layer[0].weight is originals[0] and layer[1].weight.dtype == torch.float32
+    assert [m.weight for m in layer] == originals
+
+
+def test_hessian_lower_triangle_blocks_sum_in_float64_and_are_released_while_normalising(monkeypatch):
+    monkeypatch.setattr(HessianStatistic, "ROW_BLOCK", 40)  # 4 lower-triangle blocks for 16 columns
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(9, 16, generator=gen) for _ in range(3)]
+    ws = [torch.rand(9, generator=gen) for _ in range(3)]
+    stat = HessianStatistic()
+    for j, (x, a) in enumerate(zip(xs, ws)):
+        stat.update(x, a, j)
+    shapes = [tuple(b.shape) for b in stat.blocks]
+    assert len(shapes) > 2 and shapes[0][0] == shapes[0][1] and shapes[-1][1] == 16  # rows [r0, r1) x cols [0, r1)
+    assert sum(r * c for r, c in shapes) < 16 * 16 * 0.8 and stat.blocks[0].dtype == torch.float64
+    expected = sum(((x * a[:, None]).T @ x).double() for x, a in zip(xs, ws))
+    assert torch.allclose(stat.sum, expected, rtol=1e-6, atol=1e-6)  # float32 products (blocked GEMM rounding)
+    mass = float(sum(a.double().sum() for a in ws))
+    normalized = stat.normalized()
+    assert normalized.dtype == torch.float32 and torch.equal(normalized, normalized.T)
+    assert torch.allclose(normalized.double(), expected / mass, rtol=1e-5, atol=1e-6)
+    assert torch.equal(stat.take_normalized(), normalized) and stat.blocks is None
 
 
 def test_smoothing_with_gptq_solver_rescales_the_hessian(tiny_vlm_dirs, monkeypatch):

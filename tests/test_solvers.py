@@ -112,6 +112,23 @@ def test_gptq_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
     assert torch.equal(factor.hinv, factor.hinv.triu())
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_factor_overwrite_works_in_the_hessians_own_memory(act_order):
+    """With ``overwrite`` no second in x in matrix is made: the factor is the Hessian's storage, same values."""
+    from tlq_hf.solvers import gptq_factor
+
+    _, x, a = _problem(seed=4)
+    hessian = weighted_hessian(x, a)
+    hessian[:, 3] = hessian[3, :] = 0  # a dead input channel
+    expected = gptq_factor(hessian, damp=0.01, act_order=act_order)
+    assert expected.hinv.data_ptr() != hessian.data_ptr()  # without overwrite the caller's Hessian is untouched
+    owned = hessian.clone()
+    factor = gptq_factor(owned, damp=0.01, act_order=act_order, overwrite=True)
+    assert factor.hinv.data_ptr() == owned.data_ptr()
+    assert torch.equal(factor.hinv, expected.hinv) and torch.equal(factor.perm, expected.perm)
+    assert factor.dead.nonzero().flatten().tolist() == [3]
+
+
 def test_weighted_hessian_matches_definition():
     x, a = torch.randn(50, 8), torch.rand(50)
     ref = sum(a[t] * torch.outer(x[t], x[t]) for t in range(50)) / a.sum()

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from .io_clock import timed_io
+
 __all__ = ["ActivationStore", "spill_root"]
 
 _ids = itertools.count()
@@ -59,12 +61,16 @@ class ActivationStore:
             self._items.append(tensor.cpu())
             return
         path = os.path.join(self._dir, f"{len(self._items)}.safetensors")
-        save_file({"t": tensor.cpu().contiguous()}, path)
+        with timed_io():
+            save_file({"t": tensor.cpu().contiguous()}, path)
         self._items.append(path)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         item = self._items[index]
-        return load_file(item)["t"] if isinstance(item, str) else item
+        if isinstance(item, str):
+            with timed_io():
+                return load_file(item)["t"]
+        return item
 
     def __len__(self) -> int:
         return len(self._items)

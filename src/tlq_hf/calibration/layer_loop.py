@@ -38,7 +38,7 @@ from .activations import ActivationStore
 from .capture import CapturedSample, layer_forward, to_device
 from .distributed import Comm
 from .importance import TokenWeighting
-from .offload import onloaded, release_host_memory
+from .offload import Onloaded, onloaded, release_host_memory
 from .stats import STATISTICS, StatCollector, StatGroup, shared_input_groups
 
 __all__ = [
@@ -270,7 +270,7 @@ class LayerLoop:
                 g.reduce(self.comm)
             if self.smoother is not None:
                 self._smooth(layer, groups, prefix)
-            self._solve(layer, live, groups, on.store_dtype)
+            self._solve(live, groups, on)
             del groups, collector, live
             with dequant_cache(layer):
                 for j, x in enumerate(state.x_in):
@@ -319,8 +319,10 @@ class LayerLoop:
             for group in {id(g): g for g in affected}.values():
                 group.rescale(s)
 
-    def _solve(self, layer: nn.Module, live: dict[str, nn.Module], groups: list[StatGroup], dtype) -> None:
-        """Each group solved by its owner rank, broadcast, and swapped in as packed modules."""
+    def _solve(self, live: dict[str, nn.Module], groups: list[StatGroup], on: Onloaded) -> None:
+        """Each group solved by its owner rank, broadcast, and swapped in as packed modules (the replaced
+        linears' onloaded copies are released as soon as they are swapped out)."""
+        dtype = on.store_dtype
         owners = self._owners([[live[n] for n in g.members] for g in groups])
         for group, owner in zip(groups, owners):
             linears = [live[n] for n in group.members]
@@ -333,6 +335,9 @@ class LayerLoop:
                     self.comm.broadcast_(t, owner)
                 self.swap(name, TLQLinear.from_codes(codes, qp, self.scheme, bias=linear.bias))
             group.stats.clear()
+            del solutions
+            for linear in linears:
+                on.release(linear)
 
     def _owners(self, groups: list[list[nn.Module]]) -> list[int]:
         """Owner rank of each group: largest solve first to the least-loaded rank (same on every rank).

@@ -18,12 +18,13 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .capture import module_device
+from .io_clock import timed_io
 
 __all__ = ["Onloaded", "onloaded", "compute_dtype_for", "release_host_memory"]
 
@@ -42,6 +43,24 @@ class Onloaded:
     device: torch.device
     compute_dtype: torch.dtype
     store_dtype: torch.dtype
+    # (module, name, is_param, original tensor) of every tensor replaced by an onloaded copy
+    saved: list = field(default_factory=list, repr=False, compare=False)
+
+    def release(self, module: nn.Module) -> None:
+        """Give ``module``'s onloaded copies back now: it was swapped out of the layer and nothing reads it.
+
+        Its original tensors return (as on exit), so a layer being replaced module by module never holds
+        the float32 copies of the modules already packed.
+        """
+        members = {id(m) for m in module.modules()}
+        kept = []
+        for entry in self.saved:
+            owner, name, is_param, tensor = entry
+            if id(owner) in members:
+                (owner._parameters if is_param else owner._buffers)[name] = tensor
+            else:
+                kept.append(entry)
+        self.saved[:] = kept
 
 
 def _load_trim():
@@ -90,7 +109,8 @@ def onloaded(layer: nn.Module, keep: bool = False, upcast: bool = True) -> Itera
             if tensor.device.type == "meta":
                 if hook is None or name not in hook.weights_map:
                     raise RuntimeError(f"{type(module).__name__}.{name} is on 'meta' with no offloaded copy to load")
-                value = hook.weights_map[name]
+                with timed_io():
+                    value = hook.weights_map[name]
             if value.is_floating_point():
                 store_dtype = store_dtype or value.dtype
                 dtype = compute_dtype_for(device, value.dtype) if upcast else value.dtype
@@ -99,7 +119,8 @@ def onloaded(layer: nn.Module, keep: bool = False, upcast: bool = True) -> Itera
                 dtype = value.dtype
             if value.device == device and value.dtype == dtype and value is tensor:
                 continue
-            new = value.to(device=device, dtype=dtype)
+            with timed_io():
+                new = value.to(device=device, dtype=dtype)
             saved.append((module, name, is_param, tensor))
             if is_param:
                 module._parameters[name] = nn.Parameter(new, requires_grad=tensor.requires_grad)
@@ -111,7 +132,7 @@ def onloaded(layer: nn.Module, keep: bool = False, upcast: bool = True) -> Itera
                 paused.append(h)
     store_dtype = store_dtype or torch.float32
     try:
-        yield Onloaded(device, compute_dtype_for(device, store_dtype), store_dtype)
+        yield Onloaded(device, compute_dtype_for(device, store_dtype), store_dtype, saved)
     except BaseException:
         keep = False
         raise

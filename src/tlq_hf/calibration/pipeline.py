@@ -26,6 +26,7 @@ from .activations import spill_root
 from .capture import capture_layer_inputs
 from .distributed import Comm, init_from_env
 from .importance import Tempering, TokenWeighting, gradient_importance
+from .io_clock import io_seconds
 from .layer_loop import LayerLoop, LayerReport, LayerSettings
 from .offload import onloaded
 from .resume import LayerCheckpoint, fingerprint
@@ -90,6 +91,7 @@ class QuantizationReport:
     recipe: Recipe | None = None
     samples: int = 0
     tokens: int = 0
+    io_seconds: float = 0.0  # of ``seconds``: reading/writing spilled activations and loading offloaded layers
 
     def summary(self) -> str:
         parts = [f"{self.method} {self.scheme}"]
@@ -106,6 +108,8 @@ class QuantizationReport:
         if self.answer_loss is not None:
             parts.append(f"FP answer loss {self.answer_loss:.3f}")
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in self.phases.items())
+        if self.io_seconds:
+            phases += f"; of all: I/O {self.io_seconds:.1f}s"
         parts.append(f"{self.seconds:.1f}s" + (f" ({phases})" if phases else ""))
         return "; ".join(parts)
 
@@ -183,7 +187,7 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
     scheme, recipe = config.scheme, resolve_recipe(config)
     targets = select_quant_targets(model, config.ignore)
     _check_targets(targets, scheme)
-    start = time.perf_counter()
+    start, io_start = time.perf_counter(), io_seconds()
     report = QuantizationReport(config.method, scheme.name, recipe=recipe)
     if recipe.solver == "rtn" and recipe.smoothing is None:
         report.modules = _round_to_nearest(model, targets, scheme)
@@ -207,6 +211,7 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
         raise ValueError(
             f"{len(samples)} calibration samples cannot be shared by {comm.world} processes: use more rows."
         )
+    logger.info("tlq_hf: capture: decoder inputs of %d samples", len(shard))
     captured = capture_layer_inputs(model, stack, [samples[i] for i in shard])
     report.samples = len(samples)
     (report.tokens,) = [int(t) for t in comm.sum(sum(c.hidden.shape[1] for c in captured))]
@@ -222,6 +227,7 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
         weighting = None
         if recipe.importance is not None and recipe.importance != "uniform":
             t0 = time.perf_counter()
+            logger.info("tlq_hf: importance: %s token importance over %d layers", recipe.importance, len(stack.layers))
             if checkpoint is not None and checkpoint.has_importance():
                 grad = checkpoint.load_importance(len(captured))
             else:
@@ -243,6 +249,7 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
             report.phases["importance"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        logger.info("tlq_hf: layers: %s calibration of %d decoder layers", recipe.solver, len(stack.layers))
         settings = LayerSettings(
             solver=recipe.solver,
             smoothing=recipe.smoothing,
@@ -280,5 +287,6 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
         if spill is not None:
             shutil.rmtree(spill, ignore_errors=True)
     report.seconds = time.perf_counter() - start
+    report.io_seconds = io_seconds() - io_start
     logger.info("tlq_hf: %s\n%s", report.summary(), report.table())
     return report

@@ -15,6 +15,7 @@ at each module's own output) the objectives differ, so each module keeps its own
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,56 +84,115 @@ class Statistic(ABC):
 class HessianStatistic(Statistic):
     """``H = sum_t a_t x_t x_t^T`` and ``mass = sum_t a_t`` over tokens with ``a_t > 0``.
 
-    One float32 product per sample (its rows are one GEMM), accumulated in float64: a sample's contribution
-    does not depend on which other samples share its process, so sharded runs give the same Hessian as one
-    process up to float64 rounding of the final sum.
+    Each sample's float32 product is added into a float64 sum, so a sample's contribution does not depend
+    on which other samples share its process: sharded runs give the same Hessian as one process up to
+    float64 rounding of the final sum (the float32 result is then identical in practice). ``H`` is symmetric,
+    so only its lower triangle is kept, as row blocks ``H[r0:r1, :r1]`` of about :data:`ROW_BLOCK` elements
+    each: half the products, and in float64 no more memory than the full float32 matrix. One block's product
+    is computed and added at a time (no ``in x in`` temporary), and the float32 normalised Hessian is built
+    block by block while the float64 blocks are released.
     """
 
     kind = "hessian"
+    ROW_BLOCK: ClassVar[int] = 1 << 21
 
     def __init__(self, **_: object) -> None:
-        self.sum: torch.Tensor | None = None
+        self.blocks: list[torch.Tensor] | None = None  # block k: rows [r0, r1) x columns [0, r1)
         self.mass = 0.0
+
+    @classmethod
+    def _row_ranges(cls, n: int) -> list[tuple[int, int]]:
+        """Row ranges ``[r0, r1)`` whose lower-triangle blocks ``(r1 - r0) x r1`` hold about ``ROW_BLOCK`` elements."""
+        ranges, r0 = [], 0
+        while r0 < n:
+            rows = max(1, int((math.sqrt(r0 * r0 + 4 * cls.ROW_BLOCK) - r0) / 2))
+            ranges.append((r0, min(n, r0 + rows)))
+            r0 = ranges[-1][1]
+        return ranges
+
+    @property
+    def sum(self) -> torch.Tensor | None:
+        """The float64 sum as one symmetric matrix (a copy, for inspection and tests)."""
+        if self.blocks is None:
+            return None
+        n = self.blocks[-1].shape[1]
+        full = torch.zeros(n, n, dtype=torch.float64, device=self.blocks[0].device)
+        r0 = 0
+        for block in self.blocks:
+            r1 = block.shape[1]
+            full[r0:r1, :r1] = block
+            r0 = r1
+        return full.tril() + full.tril(-1).T
 
     def update(self, x: torch.Tensor, a: torch.Tensor, sample: int) -> None:
         keep = a > 0
-        x, a = x[keep], a[keep]
-        h = (x * a[:, None]).T @ x
-        self.sum = h.double() if self.sum is None else self.sum.add_(h)  # float64 += float32: no temporary
+        x, a = x[keep].float(), a[keep].float()
+        n = x.shape[1]
+        if self.blocks is None:
+            ranges = self._row_ranges(n)
+            self.blocks = [torch.zeros(r1 - r0, r1, dtype=torch.float64, device=x.device) for r0, r1 in ranges]
+        xa = x * a[:, None]
+        r0 = 0
+        for block in self.blocks:
+            r1 = block.shape[1]
+            block.add_(xa[:, r0:r1].T @ x[:, :r1])
+            r0 = r1
         self.mass += float(a.double().sum())
 
     def rescale(self, s: torch.Tensor) -> None:
-        if self.sum is not None:
-            inv = 1.0 / s.to(self.sum.device, torch.float64)
-            self.sum = self.sum * inv[:, None] * inv[None, :]
+        if self.blocks is not None:
+            inv = 1.0 / s.to(self.blocks[0].device, torch.float64)
+            r0 = 0
+            for block in self.blocks:
+                r1 = block.shape[1]
+                block.mul_(inv[r0:r1, None]).mul_(inv[None, :r1])
+                r0 = r1
 
     def reduce(self, comm: Comm) -> None:
         if comm.world == 1:
             return
-        if self.sum is None:
+        if self.blocks is None:
             raise RuntimeError("a rank saw no tokens for a module: use at least as many samples as processes")
-        comm.all_reduce_(self.sum)
+        for block in self.blocks:
+            comm.all_reduce_(block)
         (self.mass,) = comm.sum(self.mass)
 
-    def _accumulated(self) -> torch.Tensor:
-        if self.sum is None:
+    def _accumulated(self) -> list[torch.Tensor]:
+        if self.blocks is None:
             raise RuntimeError("no calibration tokens reached this module")
-        return self.sum
+        return self.blocks
 
     def normalized(self) -> torch.Tensor:
         """``sum_t a_t x_t x_t^T / sum_t a_t`` (float32)."""
-        return (self._accumulated() / max(self.mass, 1e-12)).float()
+        self._accumulated()
+        return (self.sum / max(self.mass, 1e-12)).float()
 
     def take_normalized(self) -> torch.Tensor:
-        """:meth:`normalized`, dividing in place and releasing the accumulated sum (the solver owns the result)."""
-        total, self.sum = self._accumulated(), None
-        return total.div_(max(self.mass, 1e-12)).float()
+        """:meth:`normalized`, releasing each float64 block as soon as it is converted (the solver owns the result)."""
+        blocks, self.blocks = self._accumulated(), None
+        ranges = [(b.shape[1] - b.shape[0], b.shape[1]) for b in blocks]
+        n = ranges[-1][1]
+        out = torch.empty(n, n, dtype=torch.float32, device=blocks[0].device)
+        for r0, r1 in ranges:
+            block = blocks.pop(0)
+            out[r0:r1, :r1] = block.div_(max(self.mass, 1e-12))
+            del block
+        for r0, r1 in ranges:  # the upper triangle mirrors the lower one (exactly symmetric)
+            diagonal = out[r0:r1, r0:r1]
+            diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)
+            out[r0:r1, r1:] = out[r1:, r0:r1].T
+        return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"sum": self.sum, "mass": torch.tensor(self.mass, dtype=torch.float64)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.sum, self.mass = state["sum"], float(state["mass"])
+        total = state["sum"]
+        if total is None:
+            self.blocks = None
+        else:
+            self.blocks = [total[r0:r1, :r1].clone() for r0, r1 in self._row_ranges(total.shape[0])]
+        self.mass = float(state["mass"])
 
 
 @register_statistic
