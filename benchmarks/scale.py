@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -153,24 +154,51 @@ def _stream_random_weights(meta: torch.nn.Module, path: Path, seed: int, shard_b
 
 
 # ----------------------------------------------------------------------------------------- worker side
-class _AnonPeak:
-    """Samples RssAnon of this process every 0.1 s."""
+class _AnonPeak(logging.Handler):
+    """Samples RssAnon of this process every 0.1 s, overall and per phase.
+
+    The phase is ``load`` until tlq_hf logs ``tlq_hf: <phase>: ...`` (capture, importance, layers); callers
+    name the phases that follow (``mark``).
+    """
+
+    PHASES = ("capture", "importance", "layers")
 
     def __init__(self) -> None:
+        super().__init__(logging.INFO)
         self.peak = 0
+        self.phase = "load"
+        self.phase_peaks: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+        logging.getLogger("tlq_hf").addHandler(self)
+        logging.getLogger("tlq_hf").setLevel(logging.INFO)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for phase in self.PHASES:
+            if record.getMessage().startswith(f"tlq_hf: {phase}:"):
+                self.mark(phase)
+
+    def mark(self, phase: str) -> None:
+        self._sample()
+        self.phase = phase
+
+    def _sample(self) -> None:
+        anon = _status_kb("RssAnon") * 1024
+        self.peak = max(self.peak, anon)
+        self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), anon)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _status_kb("RssAnon") * 1024)
+            self._sample()
             time.sleep(0.1)
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
-        return max(self.peak, _status_kb("RssAnon") * 1024)
+        self._sample()
+        logging.getLogger("tlq_hf").removeHandler(self)
+        return self.peak
 
 
 def _status_kb(field: str) -> int:
@@ -218,17 +246,20 @@ def _worker(job: dict) -> dict:
     wall = time.perf_counter() - start
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0 and job.get("save"):
+        anon.mark("save")
         model.save_pretrained(work / "out")
     return {
         "rank": rank,
         "wall_s": wall,
         "calibration_s": report.seconds,
+        "io_s": report.io_seconds,
         "phases": report.phases,
         "tokens": report.tokens,
         "samples": report.samples,
         "layer_seconds": [r.seconds for r in report.layers],
         "peak_rss_bytes": _status_kb("VmHWM") * 1024,
         "peak_anon_rss_bytes": anon.stop(),
+        "phase_peak_anon_rss_bytes": anon.phase_peaks,
         "maxrss_self_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
@@ -258,6 +289,7 @@ def _worker_llmc(job: dict) -> dict:
     ignore = ["re:.*lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
     layer_class = type(find_decoder_stack(model).layers[0]).__name__
     t0 = time.perf_counter()
+    anon.mark("oneshot")
     oneshot(
         model=model,
         sequential_targets=[layer_class],
@@ -279,6 +311,7 @@ def _worker_llmc(job: dict) -> dict:
         "layer_seconds": [],
         "peak_rss_bytes": _status_kb("VmHWM") * 1024,
         "peak_anon_rss_bytes": anon.stop(),
+        "phase_peak_anon_rss_bytes": anon.phase_peaks,
         "maxrss_self_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
@@ -361,7 +394,9 @@ def run_row(
         "wall_s": round(wall, 2),
         "peak_rss_bytes": sum(r["peak_rss_bytes"] for r in results),
         "peak_anon_rss_bytes": sum(r["peak_anon_rss_bytes"] for r in results),
+        "phase_peak_anon_rss_bytes": main.get("phase_peak_anon_rss_bytes", {}),
         "phases": {k: round(v, 2) for k, v in main["phases"].items()},
+        "io_s": round(main.get("io_s", 0.0), 2),
         "layer_seconds": [round(s, 2) for s in main["layer_seconds"]],
         "layer_bf16_bytes": stats["layer_bf16_bytes"],
         "command": "python benchmarks/scale.py --rows " + name,
@@ -396,18 +431,28 @@ def write(records: list[dict]) -> None:
         "2-core CPU machine. Peak RSS: VmHWM of the row's processes (summed over ranks); anon: peak RssAnon.",
         "",
         "| row | model | layers | bf16 GiB | samples / tokens | offload | procs | wall s | peak RSS GiB (x bf16) "
-        "| peak anon GiB | capture / importance / layers s | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak anon GiB | capture / importance / layers s | of which I/O s | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         ph = r.get("phases", {})
+        io = f"{r['io_s']:.0f}" if "io_s" in r else "-"
         lines.append(
             f"| {r['name']} | {r['model']} | {r['layers']} | {r['bf16_bytes'] / gib:.2f} | {r['samples']} / "
             f"{r['tokens']} | {r['offload']} | {r['processes']} | {r['wall_s']:.0f} | "
             f"{r['peak_rss_bytes'] / gib:.2f} ({r['peak_rss_bytes'] / r['bf16_bytes']:.2f}x) | "
             f"{r.get('peak_anon_rss_bytes', 0) / gib:.2f} | {ph.get('capture', 0):.0f} / {ph.get('importance', 0):.0f}"
-            f" / {ph.get('layers', 0):.0f} | `{r['command']}` |"
+            f" / {ph.get('layers', 0):.0f} | {io} | `{r['command']}` |"
         )
+    phased = [r for r in runs if r.get("phase_peak_anon_rss_bytes")]
+    if phased:
+        names = list(dict.fromkeys(k for r in phased for k in r["phase_peak_anon_rss_bytes"]))
+        lines += ["", "Peak anonymous RSS (GiB) by phase:", "", "| row | " + " | ".join(names) + " |"]
+        lines.append("|---|" + "---|" * len(names))
+        for r in phased:
+            peaks = r["phase_peak_anon_rss_bytes"]
+            cells = [f"{peaks[k] / gib:.2f}" if k in peaks else "" for k in names]
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     sweep = sorted((r for r in runs if r.get("sweep")), key=lambda r: r["layers"])
     if len(sweep) >= 2:
         a, b = sweep[0], sweep[-1]
