@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from _helpers import auto_class
+from _helpers import auto_class, logits_of
 from safetensors.torch import load_file
 from transformers import AutoProcessor
 
@@ -53,7 +53,9 @@ def reference(tiny_vlm_dirs, tmp_path_factory):
     return out
 
 
-def test_disk_offloaded_device_map_equals_in_memory(tiny_vlm_dirs, reference, tmp_path):
+def test_disk_offloaded_device_map_equals_in_memory(tiny_vlm_dirs, reference, batch_for, tmp_path):
+    """Layers the map puts on disk are calibrated one at a time and go back to disk packed (the offload
+    folder's ``tlq-packed/``, loaded by their hooks per forward): same checkpoint, same outputs."""
     path = tiny_vlm_dirs[FAMILY]
     config = auto_class().from_pretrained(path).config
     with torch.device("meta"):
@@ -69,9 +71,33 @@ def test_disk_offloaded_device_map_equals_in_memory(tiny_vlm_dirs, reference, tm
     )
     assert model.tlq_report.layers and not os.listdir(acts)  # spilled activations cleaned up
     stack = find_decoder_stack(model)
-    assert all(t.device.type == "cpu" for t in stack.layers.state_dict().values())  # packed layers resident
+    assert {t.device.type for t in stack.layers.state_dict().values()} == {"meta"}  # packed layers back on disk
+    assert len(list((tmp_path / "weights" / "tlq-packed").glob("*.safetensors"))) == len(stack.layers)
     model.save_pretrained(tmp_path / "out")
     _assert_same_checkpoint(reference, tmp_path / "out")
+    in_memory = auto_class().from_pretrained(reference, dtype=torch.float32)
+    batch = batch_for(FAMILY)
+    torch.testing.assert_close(logits_of(model, batch), logits_of(in_memory, batch), rtol=1e-4, atol=1e-5)
+
+
+def test_disk_offloaded_layers_save_natively_and_checkpoint_from_disk(tiny_vlm_dirs, batch_for, tmp_path):
+    """The native format and per-layer resume checkpoints read the packed layers back from ``tlq-packed/``."""
+    path = tiny_vlm_dirs[FAMILY]
+    config = auto_class().from_pretrained(path).config
+    with torch.device("meta"):
+        device_map = decoder_device_map(auto_class().from_config(config))
+    model = auto_class().from_pretrained(
+        path,
+        dtype=torch.float32,
+        device_map=device_map,
+        offload_folder=str(tmp_path / "weights"),
+        quantization_config=_config(save_format="tlq", checkpoint_dir=str(tmp_path / "ckpt")),
+    )
+    assert '"layers_done": 2' in (tmp_path / "ckpt" / "manifest.json").read_text()
+    model.save_pretrained(tmp_path / "out")
+    reloaded = auto_class().from_pretrained(tmp_path / "out", dtype=torch.float32)
+    batch = batch_for(FAMILY)
+    torch.testing.assert_close(logits_of(model, batch), logits_of(reloaded, batch), rtol=1e-5, atol=1e-6)
 
 
 def test_recomputed_full_precision_targets_equal_streamed_ones(tiny_vlm_dirs, reference, tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from .arch import ignore_regexes
 from .calibration import quantize_model
+from .calibration.offload import with_disk_layers_loaded
 from .config import TLQConfig
 from .formats import ct_config, ct_state_dict, swap_in_packed_modules, validate_checkpoint, validate_packed_modules
 from .nn import TLQLinear
@@ -105,9 +106,10 @@ class TLQHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model, safe_serialization: bool | None = None):
         """The state dict to save (in-memory names; transformers renames them) and safetensors metadata."""
         metadata = {"tlq_provenance": json.dumps(self.provenance(model), sort_keys=True)}
+        state = None
         if self.quantization_config.save_format == "compressed-tensors" and not self.pre_quantized:
-            return ct_state_dict(model), metadata
-        return None, metadata
+            state = ct_state_dict(model)
+        return with_disk_layers_loaded(model, state), metadata
 
     def provenance(self, model) -> dict[str, Any]:
         """How this model was quantized: tool, version, settings and the run's summary."""

@@ -9,24 +9,38 @@ activations stay stored in the model dtype.
 
 On exit the layer is put back exactly as it was (``keep=False``: full-precision passes), or, after
 calibration swapped packed modules in (``keep=True``), settled: every remaining tensor returns to its
-original dtype and stays materialised on the execution device, and no hook offloads it any more. A packed
-layer is about 0.27x its bf16 size, so it lives in memory where the map's weights could not.
+original dtype. A layer the map put on disk goes back to disk in its packed form (one safetensors file in
+the offload folder's ``tlq-packed/``, which its hooks then load per forward, as they loaded the original
+weights), so host memory does not grow with depth; any other layer stays materialised on its execution
+device, where the packed form (about 0.27x the bf16 bytes) fits where the original weights did.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
+import itertools
+import os
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import PrefixedDataset, set_module_tensor_to_device
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .capture import module_device
 from .io_clock import timed_io
 
-__all__ = ["Onloaded", "onloaded", "compute_dtype_for", "release_host_memory"]
+__all__ = [
+    "Onloaded",
+    "PackedLayerFile",
+    "onloaded",
+    "compute_dtype_for",
+    "release_host_memory",
+    "with_disk_layers_loaded",
+]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -139,6 +153,9 @@ def onloaded(layer: nn.Module, keep: bool = False, upcast: bool = True) -> Itera
     finally:
         if keep:
             _settle(layer, original_dtype, saved)
+            folder = _disk_folder(paused)
+            if folder is not None:
+                _offload_to_disk(layer, folder)
         else:
             for module, name, is_param, tensor in saved:
                 (module._parameters if is_param else module._buffers)[name] = tensor
@@ -168,3 +185,111 @@ def _settle(layer: nn.Module, original_dtype: dict[tuple[int, str], torch.dtype]
                 module._parameters[name] = nn.Parameter(tensor.to(dtype), requires_grad=tensor.requires_grad)
             else:
                 module._buffers[name] = tensor.to(dtype)
+
+
+def _disk_folder(hooks: list) -> str | None:
+    """The device map's offload folder when the layer's weights were read from disk (not from a CPU copy)."""
+    for hook in hooks:
+        weights = getattr(hook, "weights_map", None)
+        loader, prefix = getattr(weights, "dataset", None), getattr(weights, "prefix", None)
+        folder = getattr(loader, "save_folder", None)
+        if (
+            folder is not None
+            and prefix is not None
+            and any(k.startswith(prefix) for k in getattr(loader, "index", {}))
+        ):
+            return folder
+    return None
+
+
+class PackedLayerFile(Mapping):
+    """The settled tensors of one calibrated layer in one safetensors file: the ``weights_map`` its accelerate
+    hooks load from at every forward, as they did from the device map's own offloaded weights."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        with safe_open(path, framework="pt") as f:
+            self._keys = list(f.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        with timed_io(), safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+_packed_ids = itertools.count()
+
+
+def _offload_to_disk(layer: nn.Module, folder: str) -> None:
+    """Write the settled layer to ``folder`` and leave it there: its modules' hooks load it per forward.
+
+    Where the device map put a layer on disk, its packed form goes back to disk (about 0.27x the bf16
+    bytes), so host memory does not grow with depth. Tensors of modules without an accelerate hook, and
+    non-persistent buffers, stay resident.
+    """
+    owners: list[tuple[str, nn.Module, object]] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in layer.named_modules():
+        hooks = [h for h in _all_hooks(module) if hasattr(h, "weights_map")]
+        if not hooks:
+            continue
+        local = [
+            (n, t)
+            for n, t in [*module._parameters.items(), *module._buffers.items()]
+            if t is not None and n not in module._non_persistent_buffers_set
+        ]
+        if not local:
+            continue
+        prefix = f"{name}." if name else ""
+        tensors.update({prefix + n: t.detach().contiguous() for n, t in local})
+        owners.append((prefix, module, hooks[0]))
+    if not owners:
+        return
+    target = os.path.join(folder, "tlq-packed", f"{os.getpid()}-{next(_packed_ids):05d}.safetensors")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with timed_io():
+        save_file(tensors, target + ".tmp")
+        os.replace(target + ".tmp", target)
+    store = PackedLayerFile(target)
+    for prefix, module, hook in owners:
+        hook.weights_map = PrefixedDataset(store, prefix)
+        hook.offload = hook.offload_buffers = True
+        for n in [*module._parameters, *module._buffers]:
+            t = getattr(module, n)
+            if t is not None and n not in module._non_persistent_buffers_set:
+                set_module_tensor_to_device(module, n, "meta")
+
+
+def _packed_file_hook(module: nn.Module):
+    """The accelerate hook of ``module`` that loads it from a :class:`PackedLayerFile`, if any."""
+    for hook in _all_hooks(module):
+        weights = getattr(hook, "weights_map", None)
+        if isinstance(weights, PrefixedDataset) and isinstance(weights.dataset, PackedLayerFile):
+            return hook
+    return None
+
+
+def with_disk_layers_loaded(model: nn.Module, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """The state dict to save, with every meta entry of a layer kept in ``tlq-packed/`` read back.
+
+    ``state`` (in-memory names) defaults to ``model.state_dict()``; returned unchanged when no layer is kept
+    on disk. Saving needs real tensors there: transformers 4.x cannot resolve meta entries whose names it
+    renames, and the packed layers are small (about 0.27x the bf16 decoder).
+    """
+    hooks = {name: h for name, m in model.named_modules() if (h := _packed_file_hook(m)) is not None}
+    if not hooks:
+        return state
+    out = dict(model.state_dict() if state is None else state)
+    for key, value in list(out.items()):
+        owner, _, local = key.rpartition(".")
+        hook = hooks.get(owner)
+        if hook is not None and value.device.type == "meta" and local in hook.weights_map:
+            out[key] = hook.weights_map[local]
+    return out

@@ -152,7 +152,9 @@ class LayerCheckpoint:
         done = state.layer
         if self.comm.is_main:
             meta = {"packed": json.dumps([n for n, m in layer.named_modules() if isinstance(m, TLQLinear)])}
-            _atomic_save(layer.state_dict(), self._path(f"layer-{done - 1:05d}.safetensors"), meta)
+            with onloaded(layer, upcast=False):  # a layer kept on disk by the device map is read back
+                tensors = layer.state_dict()
+            _atomic_save(tensors, self._path(f"layer-{done - 1:05d}.safetensors"), meta)
         acts = {f"fp.{j}": t for j, t in enumerate(state.x_fp)}
         if state.x_in is not state.x_fp:
             acts |= {f"in.{j}": t for j, t in enumerate(state.x_in)}

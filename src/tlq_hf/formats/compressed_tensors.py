@@ -11,6 +11,7 @@ The format is whatever compressed-tensors itself infers for the scheme, so the t
 from __future__ import annotations
 
 import torch
+from accelerate.utils import align_module_device
 from compressed_tensors.compressors.format import infer_module_format
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from torch import nn
@@ -85,5 +86,6 @@ def ct_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         prefix = f"{name}." if name else ""
         for key in [k for k in state if k.startswith(prefix) and "." not in k[len(prefix) :]]:
             del state[key]
-        state.update({prefix + k: v for k, v in _module_tensors(module).items()})
+        with align_module_device(module):  # a packed layer the device map keeps on disk is read back here
+            state.update({prefix + k: v for k, v in _module_tensors(module).items()})
     return state
