@@ -431,18 +431,18 @@ def write(records: list[dict]) -> None:
         "2-core CPU machine. Peak RSS: VmHWM of the row's processes (summed over ranks); anon: peak RssAnon.",
         "",
         "| row | model | layers | bf16 GiB | samples / tokens | offload | procs | wall s | peak RSS GiB (x bf16) "
-        "| peak anon GiB | capture / importance / layers s | of which I/O s | command |",
+        "| peak anon GiB | phases s | of which I/O s | command |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         ph = r.get("phases", {})
         io = f"{r['io_s']:.0f}" if "io_s" in r else "-"
+        phases = " / ".join(f"{k} {v:.0f}" for k, v in ph.items())
         lines.append(
             f"| {r['name']} | {r['model']} | {r['layers']} | {r['bf16_bytes'] / gib:.2f} | {r['samples']} / "
             f"{r['tokens']} | {r['offload']} | {r['processes']} | {r['wall_s']:.0f} | "
             f"{r['peak_rss_bytes'] / gib:.2f} ({r['peak_rss_bytes'] / r['bf16_bytes']:.2f}x) | "
-            f"{r.get('peak_anon_rss_bytes', 0) / gib:.2f} | {ph.get('capture', 0):.0f} / {ph.get('importance', 0):.0f}"
-            f" / {ph.get('layers', 0):.0f} | {io} | `{r['command']}` |"
+            f"{r.get('peak_anon_rss_bytes', 0) / gib:.2f} | {phases} | {io} | `{r['command']}` |"
         )
     phased = [r for r in runs if r.get("phase_peak_anon_rss_bytes")]
     if phased:
@@ -453,6 +453,9 @@ def write(records: list[dict]) -> None:
             peaks = r["phase_peak_anon_rss_bytes"]
             cells = [f"{peaks[k] / gib:.2f}" if k in peaks else "" for k in names]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    notes = [f"- {r['name']}: {r['note']}" for r in runs if r.get("note")]
+    if notes:
+        lines += ["", "Notes:", "", *notes]
     sweep = sorted((r for r in runs if r.get("sweep")), key=lambda r: r["layers"])
     if len(sweep) >= 2:
         a, b = sweep[0], sweep[-1]
