@@ -234,7 +234,7 @@ def _offload_to_disk(layer: nn.Module, folder: str) -> None:
     bytes), so host memory does not grow with depth. Tensors of modules without an accelerate hook, and
     non-persistent buffers, stay resident.
     """
-    owners: list[tuple[str, nn.Module, object]] = []
+    owners: list[tuple[str, nn.Module, object, list[str]]] = []
     tensors: dict[str, torch.Tensor] = {}
     for name, module in layer.named_modules():
         hooks = [h for h in _all_hooks(module) if hasattr(h, "weights_map")]
@@ -249,7 +249,7 @@ def _offload_to_disk(layer: nn.Module, folder: str) -> None:
             continue
         prefix = f"{name}." if name else ""
         tensors.update({prefix + n: t.detach().contiguous() for n, t in local})
-        owners.append((prefix, module, hooks[0]))
+        owners.append((prefix, module, hooks[0], [n for n, _ in local]))
     if not owners:
         return
     target = os.path.join(folder, "tlq-packed", f"{os.getpid()}-{next(_packed_ids):05d}.safetensors")
@@ -258,13 +258,11 @@ def _offload_to_disk(layer: nn.Module, folder: str) -> None:
         save_file(tensors, target + ".tmp")
         os.replace(target + ".tmp", target)
     store = PackedLayerFile(target)
-    for prefix, module, hook in owners:
+    for prefix, module, hook, names in owners:
         hook.weights_map = PrefixedDataset(store, prefix)
         hook.offload = hook.offload_buffers = True
-        for n in [*module._parameters, *module._buffers]:
-            t = getattr(module, n)
-            if t is not None and n not in module._non_persistent_buffers_set:
-                set_module_tensor_to_device(module, n, "meta")
+        for n in names:
+            set_module_tensor_to_device(module, n, "meta")
 
 
 def _packed_file_hook(module: nn.Module):
