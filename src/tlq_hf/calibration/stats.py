@@ -110,6 +110,11 @@ class HessianStatistic(Statistic):
             r0 = ranges[-1][1]
         return ranges
 
+    @staticmethod
+    def _spans(blocks: list[torch.Tensor]) -> list[tuple[int, int, torch.Tensor]]:
+        """``(r0, r1, block)`` of every lower-triangle block (its shape is ``(r1 - r0) x r1``)."""
+        return [(b.shape[1] - b.shape[0], b.shape[1], b) for b in blocks]
+
     @property
     def sum(self) -> torch.Tensor | None:
         """The float64 sum as one symmetric matrix (a copy, for inspection and tests)."""
@@ -117,11 +122,8 @@ class HessianStatistic(Statistic):
             return None
         n = self.blocks[-1].shape[1]
         full = torch.zeros(n, n, dtype=torch.float64, device=self.blocks[0].device)
-        r0 = 0
-        for block in self.blocks:
-            r1 = block.shape[1]
+        for r0, r1, block in self._spans(self.blocks):
             full[r0:r1, :r1] = block
-            r0 = r1
         return full.tril() + full.tril(-1).T
 
     def update(self, x: torch.Tensor, a: torch.Tensor, sample: int) -> None:
@@ -132,21 +134,15 @@ class HessianStatistic(Statistic):
             ranges = self._row_ranges(n)
             self.blocks = [torch.zeros(r1 - r0, r1, dtype=torch.float64, device=x.device) for r0, r1 in ranges]
         xa = x * a[:, None]
-        r0 = 0
-        for block in self.blocks:
-            r1 = block.shape[1]
+        for r0, r1, block in self._spans(self.blocks):
             block.add_(xa[:, r0:r1].T @ x[:, :r1])
-            r0 = r1
         self.mass += float(a.double().sum())
 
     def rescale(self, s: torch.Tensor) -> None:
         if self.blocks is not None:
             inv = 1.0 / s.to(self.blocks[0].device, torch.float64)
-            r0 = 0
-            for block in self.blocks:
-                r1 = block.shape[1]
+            for r0, r1, block in self._spans(self.blocks):
                 block.mul_(inv[r0:r1, None]).mul_(inv[None, :r1])
-                r0 = r1
 
     def reduce(self, comm: Comm) -> None:
         if comm.world == 1:
@@ -170,7 +166,7 @@ class HessianStatistic(Statistic):
     def take_normalized(self) -> torch.Tensor:
         """:meth:`normalized`, releasing each float64 block as soon as it is converted (the solver owns the result)."""
         blocks, self.blocks = self._accumulated(), None
-        ranges = [(b.shape[1] - b.shape[0], b.shape[1]) for b in blocks]
+        ranges = [(r0, r1) for r0, r1, _ in self._spans(blocks)]
         n = ranges[-1][1]
         out = torch.empty(n, n, dtype=torch.float32, device=blocks[0].device)
         for r0, r1 in ranges:
