@@ -379,3 +379,123 @@ def test_gradient_pass_with_spilled_boundaries_equals_in_memory(tiny_vlm_dirs, t
     assert memory.loss == spilled.loss
     for name in targets:
         assert all(torch.equal(a, b) for a, b in zip(memory.raw[name], spilled.raw[name]))
+
+
+def test_statistic_passes_keep_shared_inputs_together_and_put_the_largest_last():
+    def group(name, source):
+        return StatGroup([name], input_of=source)
+
+    groups = [
+        group("q", "q"),
+        group("k", "q"),
+        group("v", "q"),
+        group("o", "o"),
+        group("gate", "gate"),
+        group("up", "gate"),
+        group("down", "down"),
+    ]
+    size = {"q": 10, "k": 10, "v": 10, "o": 10, "gate": 10, "up": 10, "down": 100}
+    footprint = lambda g: size[g.members[0]]  # noqa: E731
+    assert layer_loop.statistic_passes(groups, footprint, budget=1000) == [list(range(7))]
+    # the largest input alone sets the capacity: the rest share one pass, run first
+    assert layer_loop.statistic_passes(groups, footprint, budget=0) == [[0, 1, 2, 3, 4, 5], [6]]
+    # a budget below one shared input's total never splits that input
+    assert layer_loop.statistic_passes(groups[:6], footprint, budget=25) == [[3, 4, 5], [0, 1, 2]]
+
+
+def test_statistics_collected_in_several_passes_give_the_same_checkpoint(
+    tiny_vlm_dirs, reference, tmp_path, monkeypatch
+):
+    """A layer whose statistics exceed the budget is calibrated in passes (largest input last): same codes."""
+    import functools
+
+    from tlq_hf.calibration import pipeline
+
+    seen = []
+    real = layer_loop.statistic_passes
+
+    def spy(groups, footprint, budget):
+        passes = real(groups, footprint, budget)
+        seen.append([sum(footprint(groups[k]) for k in p) for p in passes])
+        return passes
+
+    monkeypatch.setattr(pipeline, "LayerSettings", functools.partial(layer_loop.LayerSettings, statistics_budget=0))
+    monkeypatch.setattr(layer_loop, "statistic_passes", spy)
+    model = auto_class().from_pretrained(tiny_vlm_dirs[FAMILY], dtype=torch.float32, quantization_config=_config())
+    assert seen and all(len(p) > 1 for p in seen)
+    assert all(max(p) == p[-1] for p in seen)  # the largest pass last
+    model.save_pretrained(tmp_path / "out")
+    _assert_same_checkpoint(reference, tmp_path / "out")
+
+
+@pytest.mark.parametrize("source", ["safetensors", "dat"])
+def test_offloaded_head_is_read_a_slice_at_a_time_with_the_same_loss_and_gradient(tmp_path, source, monkeypatch):
+    """An lm_head left on disk by the device map is read in vocabulary slices (never whole) by the gradient
+    pass: the slices are the stored rows, and the loss and gradient equal those of the resident head."""
+    from accelerate import disk_offload
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, set_module_tensor_to_device
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from tlq_hf.calibration import offload
+    from tlq_hf.calibration.importance import _head_loss_and_grad
+
+    gen = torch.Generator().manual_seed(0)
+    resident = nn.Linear(16, 50, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        resident.weight.copy_(torch.randn(50, 16, generator=gen))
+    head = nn.Linear(16, 50, bias=False).to(torch.bfloat16)
+    head.load_state_dict(resident.state_dict())
+    if source == "dat":
+        holder = nn.Sequential(head)
+        disk_offload(holder, str(tmp_path))
+    else:
+        save_file({"lm.weight": resident.weight.detach().clone()}, tmp_path / "shard.safetensors")
+        index = {
+            "lm.weight": {
+                "safetensors_file": str(tmp_path / "shard.safetensors"),
+                "weight_name": "lm.weight",
+                "dtype": "bfloat16",
+            }
+        }
+        loader = OffloadedWeightsLoader(index=index)
+        set_module_tensor_to_device(head, "weight", "meta")
+        add_hook_to_module(head, AlignDevicesHook("cpu", offload=True, weights_map=PrefixedDataset(loader, "lm.")))
+    assert head.weight.device.type == "meta"
+
+    def whole(*_):
+        raise AssertionError("the whole offloaded tensor was read")
+
+    monkeypatch.setattr(OffloadedWeightsLoader, "__getitem__", whole)
+    rows = offload.row_reader(head)
+    assert torch.equal(rows(7, 19), resident.weight[7:19]) and rows(7, 19).dtype == torch.bfloat16
+    x = torch.randn(6, 16, generator=gen)
+    targets = torch.tensor([0, 7, 13, 49, 21, 30])
+    weights = torch.full((6,), 1 / 6)
+    loss, grad = _head_loss_and_grad(x, head, targets, weights, torch.float32, chunk=8)
+    ref_loss, ref_grad = _head_loss_and_grad(x, resident, targets, weights, torch.float32, chunk=8)
+    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+
+
+def test_onloading_an_offloaded_module_reads_each_tensor_once(tmp_path, monkeypatch):
+    """A ``Mapping``'s ``in`` reads the tensor to answer; onloading asks the offload index instead."""
+    from accelerate import disk_offload
+    from accelerate.utils import OffloadedWeightsLoader
+    from torch import nn
+
+    layer = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    expected = {k: v.clone() for k, v in layer.state_dict().items()}
+    disk_offload(layer, str(tmp_path))
+    reads = []
+    real = OffloadedWeightsLoader.__getitem__
+
+    def count(self, key):
+        reads.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(OffloadedWeightsLoader, "__getitem__", count)
+    with onloaded(layer) as on:
+        assert on.device.type == "cpu"
+        assert all(torch.equal(layer.state_dict()[k], v) for k, v in expected.items())
+    assert sorted(reads) == sorted(expected)

@@ -29,7 +29,7 @@ from ..arch import DecoderStack, find_final_norm
 from .activations import ActivationStore
 from .capture import CapturedSample, layer_forward, to_device
 from .distributed import Comm
-from .offload import Onloaded, compute_dtype_for, onloaded
+from .offload import Onloaded, compute_dtype_for, onloaded, row_reader
 
 __all__ = [
     "IMPORTANCE_KINDS",
@@ -91,42 +91,44 @@ def _head_loss_and_grad(
     targets: torch.Tensor,
     weights: torch.Tensor,
     compute_dtype: torch.dtype,
-    chunk: int = 16384,
+    chunk: int = 8192,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row cross-entropy of ``head(hidden [N, H])`` against ``targets [N]``, and the gradient of
     ``sum_r weights[r] * loss[r]`` with respect to ``hidden``.
 
-    The vocabulary is processed in chunks of ``chunk`` rows of the head's weight, each cast to
-    ``compute_dtype`` on its own, so a half-precision head on a CPU computes in float32 without a float32
-    copy of the whole head (two passes: log-sum-exp, then the softmax gradient).
+    The vocabulary is processed in chunks of ``chunk`` rows of the head's weight, each read from where the
+    weight lives (:func:`row_reader`: slice by slice from disk for an offloaded head) and cast to
+    ``compute_dtype`` on its own, so neither the whole head nor a float32 copy of it is ever in memory (two
+    passes: log-sum-exp, then the softmax gradient).
     """
     x = hidden.to(compute_dtype)
-    weight, bias = head.weight, head.bias
-    vocab = weight.shape[0]
+    rows = row_reader(head, "weight")
+    bias = None if head.bias is None else row_reader(head, "bias")
+    vocab = head.weight.shape[0]
     w = weights.to(x.device, torch.float32)
+
+    def chunk_logits(lo: int) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = rows(lo, lo + chunk).to(x.device, compute_dtype)
+        logits = x @ weight.T
+        if bias is not None:
+            logits = logits + bias(lo, lo + chunk).to(x.device, compute_dtype)
+        return logits.float(), weight
+
     lse = torch.full((x.shape[0],), float("-inf"), dtype=torch.float32, device=x.device)
     target_logit = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
     for lo in range(0, vocab, chunk):
-        logits = _chunk_logits(x, weight, bias, lo, chunk, compute_dtype)
+        logits, _ = chunk_logits(lo)
         lse = torch.logaddexp(lse, torch.logsumexp(logits, -1))
         inside = (targets >= lo) & (targets < lo + logits.shape[1])
         target_logit[inside] = logits[inside, targets[inside] - lo]
     grad = torch.zeros_like(x, dtype=torch.float32)
     for lo in range(0, vocab, chunk):
-        logits = _chunk_logits(x, weight, bias, lo, chunk, compute_dtype)
+        logits, weight = chunk_logits(lo)
         d = torch.exp(logits - lse[:, None]) * w[:, None]
         inside = (targets >= lo) & (targets < lo + logits.shape[1])
         d[inside, targets[inside] - lo] -= w[inside]
-        grad += d @ weight[lo : lo + chunk].to(compute_dtype).float()
+        grad += d @ weight.float()
     return lse - target_logit, grad
-
-
-def _chunk_logits(x, weight, bias, lo, chunk, dtype) -> torch.Tensor:
-    w = weight[lo : lo + chunk].to(dtype)
-    out = x @ w.T
-    if bias is not None:
-        out = out + bias[lo : lo + chunk].to(dtype)
-    return out.float()
 
 
 def _answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,11 +215,13 @@ def gradient_importance(
     total = 0.0
     with _NoParamGrad(model), torch.enable_grad():
         chunked = isinstance(head, nn.Linear)  # else: plain autograd through the head module
-        with onloaded(norm), onloaded(head, upcast=not chunked) as on:
-            compute = compute_dtype_for(on.device, on.store_dtype)
-            if chunked:
+        if chunked:  # the head is read chunk by chunk from where it lives, never onloaded whole
+            with onloaded(norm) as on:
+                compute = compute_dtype_for(on.device, head.weight.dtype)
                 total += _chunked_head_gradients(boundaries[-1], captured, norm, head, on.device, compute, grads)
-            else:
+        else:
+            with onloaded(norm), onloaded(head) as on:
+                compute = compute_dtype_for(on.device, on.store_dtype)
                 for h, s in zip(boundaries[-1], captured):
                     h = h.to(on.device, compute).detach().requires_grad_(True)
                     loss = answer_loss(head(norm(h)), s.labels)

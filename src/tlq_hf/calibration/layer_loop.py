@@ -7,10 +7,14 @@ exposed input ``X_in[l]`` (what the already-quantized layers ``0..l-1`` produce;
 1. onload layer ``l`` (from the device map's CPU / disk copy, float32 on CPU);
 2. full-precision target ``Y_fp = f(X_fp)``: read from the gradient pass's kept boundaries when there are
    any (``fp_boundaries``, on disk when spilled), else recomputed here;
-3. one pass of the full-precision layer on ``X_in`` feeds the statistics of each group of modules that
-   read the same input (:mod:`.stats`), weighted by token importance; statistics are reduced over ranks;
+3. passes of the full-precision layer on ``X_in`` feed the statistics of each group of modules that read
+   the same input (:mod:`.stats`), weighted by token importance; statistics are reduced over ranks. When
+   one layer's statistics would exceed ``LayerSettings.statistics_budget`` they are collected in several
+   passes (:func:`statistic_passes`, the largest last), each solved before the next is collected, so only
+   one pass's statistics are ever alive (one extra forward per extra pass; same result);
 4. smoothing (AWQ / SmoothQuant) folds per-channel scales and rescales the statistics it invalidates;
-5. each group is solved once, by its owner rank, and broadcast; packed modules replace the linears;
+5. each group is solved once, by its owner rank, and broadcast; packed modules replace the linears once no
+   pass needs the full-precision ones any more;
 6. the quantized layer's output on ``X_in`` is the next ``X_in``.
 
 The report gives, per layer, the importance-weighted relative error of the layer output against ``Y_fp``:
@@ -50,6 +54,7 @@ __all__ = [
     "LoopState",
     "LayerLoop",
     "Smoother",
+    "statistic_passes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +72,8 @@ class LayerSettings:
     smooth_alpha: float = 0.5
     awq_grid: int = 20
     max_tokens: int = 4096  # rows kept per group (over all samples) for the input-keeping solvers
+    # bytes one layer's statistics may take before they are collected in several passes (see statistic_passes)
+    statistics_budget: int = 256 << 20
 
 
 @dataclass
@@ -168,6 +175,35 @@ def _fold(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor) -> N
             c.weight.mul_(s.to(c.weight.dtype)[None, :])
 
 
+def statistic_passes(groups: list[StatGroup], footprint: Callable[[StatGroup], int], budget: int) -> list[list[int]]:
+    """Indices of ``groups`` per statistics pass, so that no pass holds more than ``budget`` bytes of statistics
+    (or the largest shared input's, if that alone is more).
+
+    Groups that read the same input (same ``input_of``) stay in one pass: their input hook is shared. Inputs
+    are packed largest first into the first pass with room; passes are returned smallest first (the largest
+    statistic, solved last, then overlaps only with the packed forms of the others). Group order within a pass
+    is call order. One pass when everything fits.
+    """
+    units: dict[str, list[int]] = {}
+    for k, g in enumerate(groups):
+        units.setdefault(g.input_of or g.members[0], []).append(k)
+    size = {key: sum(footprint(groups[k]) for k in ks) for key, ks in units.items()}
+    capacity = max([budget, *size.values()])
+    passes: list[list[str]] = []
+    load: list[int] = []
+    for key in sorted(units, key=lambda u: -size[u]):  # stable: ties keep call order
+        for p in range(len(passes)):
+            if load[p] + size[key] <= capacity:
+                passes[p].append(key)
+                load[p] += size[key]
+                break
+        else:
+            passes.append([key])
+            load.append(size[key])
+    order = sorted(range(len(passes)), key=lambda p: (max(size[u] for u in passes[p]), p))
+    return [sorted(k for key in passes[p] for k in units[key]) for p in order]
+
+
 class _ErrorSum:
     """Importance-weighted ``sum_t a_t ||y_t - r_t||^2`` and ``sum_t a_t ||r_t||^2`` over samples."""
 
@@ -253,25 +289,38 @@ class LayerLoop:
                     y_fp.append(forward(x, j).to(on.store_dtype))
             live = {n: layer.get_submodule(n[len(prefix) :]) for n in modules}
             groups = self._groups(live, lambda: forward(state.x_in[0], 0))
-            collector = StatCollector(groups, live, self.scheme.act_bits)
-            weights = [self.weighting.for_modules(g.members) if self.weighting else None for g in groups]
-            try:
-                for j, x in enumerate(state.x_in):
-                    collector.begin(self.samples[j], [w[j] if w is not None else None for w in weights])
-                    y = forward(x, j)
-                    if cfg.exposed:
-                        before.add(y, y_fp[j], lw[j])
-                    elif not streamed:
-                        y_fp.append(y.to(on.store_dtype))
-            finally:
-                collector.close()
-            del weights
-            for g in groups:
-                g.reduce(self.comm)
-            if self.smoother is not None:
-                self._smooth(layer, groups, prefix)
-            self._solve(live, groups, on)
-            del groups, collector, live
+            passes = [list(range(len(groups)))]
+            if self.smoother is None:  # a fold may touch modules of another pass: smoothing needs one pass
+                passes = statistic_passes(groups, self._footprint(live, len(state.x_in)), cfg.statistics_budget)
+            deferred: dict[str, nn.Module] = {}
+            for k, indices in enumerate(passes):
+                part = [groups[g] for g in indices]
+                collector = StatCollector(part, live, self.scheme.act_bits)
+                weights = [self.weighting.for_modules(g.members) if self.weighting else None for g in part]
+                try:
+                    for j, x in enumerate(state.x_in):
+                        collector.begin(self.samples[j], [w[j] if w is not None else None for w in weights])
+                        y = forward(x, j)
+                        if k > 0:
+                            continue
+                        if cfg.exposed:
+                            before.add(y, y_fp[j], lw[j])
+                        elif not streamed:
+                            y_fp.append(y.to(on.store_dtype))
+                finally:
+                    collector.close()
+                del weights, collector
+                for g in part:
+                    g.reduce(self.comm)
+                if self.smoother is not None:
+                    self._smooth(layer, part, prefix)
+                last = k == len(passes) - 1
+                if last:  # no pass needs the full-precision modules any more
+                    self._install(deferred, live, on)
+                deferred.update(self._solve(live, part, on, install=last))
+                for g in part:
+                    g.stats.clear()
+            del groups, live
             with dequant_cache(layer):
                 for j, x in enumerate(state.x_in):
                     y = forward(x, j)
@@ -319,25 +368,47 @@ class LayerLoop:
             for group in {id(g): g for g in affected}.values():
                 group.rescale(s)
 
-    def _solve(self, live: dict[str, nn.Module], groups: list[StatGroup], on: Onloaded) -> None:
-        """Each group solved by its owner rank, broadcast, and swapped in as packed modules (the replaced
-        linears' onloaded copies are released as soon as they are swapped out)."""
+    def _footprint(self, live: dict[str, nn.Module], samples: int) -> Callable[[StatGroup], int]:
+        def footprint(group: StatGroup) -> int:
+            width = live[group.members[0]].weight.shape[1]
+            return sum(stat.footprint(width, samples) for stat in group.stats.values())
+
+        return footprint
+
+    def _solve(
+        self, live: dict[str, nn.Module], groups: list[StatGroup], on: Onloaded, install: bool = True
+    ) -> dict[str, nn.Module]:
+        """Each group solved by its owner rank and broadcast. The packed modules are swapped in at once
+        (``install``: the replaced linears' onloaded copies are released as soon as they are swapped out) or
+        returned, to be installed (:meth:`_install`) once no statistics pass needs the full-precision ones."""
         dtype = on.store_dtype
         owners = self._owners([[live[n] for n in g.members] for g in groups])
+        kept: dict[str, nn.Module] = {}
         for group, owner in zip(groups, owners):
             linears = [live[n] for n in group.members]
             if self.comm.rank == owner:
                 solutions = self.solver.solve([m.weight.detach() for m in linears], group, self.scheme, self.cfg, dtype)
             else:
                 solutions = [self._empty_solution(m, dtype) for m in linears]
+            group.stats.clear()
+            packed = {}
             for name, linear, (codes, qp) in zip(group.members, linears, solutions):
                 for t in (codes, qp.scale, qp.zero):
                     self.comm.broadcast_(t, owner)
-                self.swap(name, TLQLinear.from_codes(codes, qp, self.scheme, bias=linear.bias))
-            group.stats.clear()
+                packed[name] = TLQLinear.from_codes(codes, qp, self.scheme, bias=linear.bias)
             del solutions
-            for linear in linears:
-                on.release(linear)
+            if install:
+                self._install(packed, live, on)
+            else:
+                kept.update(packed)
+        return kept
+
+    def _install(self, packed: dict[str, nn.Module], live: dict[str, nn.Module], on: Onloaded) -> None:
+        """Swap the packed modules in and release the replaced linears' onloaded copies."""
+        for name, module in packed.items():
+            self.swap(name, module)
+            on.release(live[name])
+        packed.clear()
 
     def _owners(self, groups: list[list[nn.Module]]) -> list[int]:
         """Owner rank of each group: largest solve first to the least-loaded rank (same on every rank).

@@ -20,12 +20,13 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-from accelerate.utils import PrefixedDataset, set_module_tensor_to_device
+from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, set_module_tensor_to_device
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -37,7 +38,9 @@ __all__ = [
     "Onloaded",
     "PackedLayerFile",
     "onloaded",
+    "row_reader",
     "compute_dtype_for",
+    "map_large_allocations",
     "release_host_memory",
     "with_disk_layers_loaded",
 ]
@@ -77,15 +80,16 @@ class Onloaded:
         self.saved[:] = kept
 
 
-def _load_trim():
+def _libc_function(name: str):
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):  # not glibc
         return None
 
 
-_malloc_trim = _load_trim()
+_malloc_trim = _libc_function("malloc_trim")
+_mallopt = _libc_function("mallopt")
+_M_MMAP_THRESHOLD = -3
 
 
 def release_host_memory() -> None:
@@ -95,9 +99,34 @@ def release_host_memory() -> None:
         _malloc_trim(0)
 
 
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """From now on, glibc serves every allocation of ``threshold`` bytes or more from its own mapping, which
+    goes back to the OS when freed.
+
+    By default glibc raises this threshold (up to 32 MB) each time a mapped block is freed, after which
+    calibration's many tensors of a few to tens of MB (Hessian blocks, activations, per-sample products) come
+    from the heap and fragment it: on a LLaVA-1B layer loop about 330 MB of the peak anonymous memory was
+    freed-but-held heap, and the run was no faster. Process-wide and lasting (glibc cannot restore its
+    adaptive threshold); skipped when the user set ``MALLOC_MMAP_THRESHOLD_`` and on other C libraries.
+    """
+    if _mallopt is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        _mallopt(_M_MMAP_THRESHOLD, int(threshold))
+
+
 def _offload_hook(module: nn.Module):
     hook = getattr(module, "_hf_hook", None)
     return hook if getattr(hook, "offload", False) else None
+
+
+def _holds(weights: Mapping, name: str) -> bool:
+    """``name in weights`` without reading the tensor (a ``Mapping``'s own ``in`` loads it to find out)."""
+    if isinstance(weights, PrefixedDataset):
+        return _holds(weights.dataset, weights.prefix + name)
+    if isinstance(weights, OffloadedWeightsLoader):
+        return name in weights.state_dict or name in weights.index
+    if isinstance(weights, (dict, PackedLayerFile)):
+        return name in weights
+    return any(key == name for key in weights)
 
 
 def _all_hooks(module: nn.Module) -> list:
@@ -121,7 +150,7 @@ def onloaded(layer: nn.Module, keep: bool = False, upcast: bool = True) -> Itera
             is_param = name in module._parameters
             value = tensor
             if tensor.device.type == "meta":
-                if hook is None or name not in hook.weights_map:
+                if hook is None or not _holds(hook.weights_map, name):
                     raise RuntimeError(f"{type(module).__name__}.{name} is on 'meta' with no offloaded copy to load")
                 with timed_io():
                     value = hook.weights_map[name]
@@ -163,6 +192,46 @@ def onloaded(layer: nn.Module, keep: bool = False, upcast: bool = True) -> Itera
                 h.offload = True
         saved.clear()
         release_host_memory()
+
+
+def row_reader(module: nn.Module, name: str = "weight") -> Callable[[int, int], torch.Tensor]:
+    """``rows(lo, hi)``: rows ``lo:hi`` of ``module.<name>``, read from where the tensor lives.
+
+    A tensor the device map put on disk is read one slice at a time from its safetensors file (or the
+    offload folder's ``.dat`` file), so a large matrix (an ``lm_head`` over a 128k-152k vocabulary: 0.5-1 GB
+    in bf16) is never resident, neither copied nor mapped whole. A resident tensor is sliced.
+    """
+    tensor = getattr(module, name)
+    if tensor.device.type != "meta":
+        return lambda lo, hi: tensor[lo:hi]
+    hook = _offload_hook(module)
+    weights = getattr(hook, "weights_map", None)
+    if weights is None or not _holds(weights, name):
+        raise RuntimeError(f"{type(module).__name__}.{name} is on 'meta' with no offloaded copy to read")
+    loader, key = getattr(weights, "dataset", None), getattr(weights, "prefix", "") + name
+    info = loader.index.get(key) if isinstance(loader, OffloadedWeightsLoader) else None
+    if info is None or key in loader.state_dict:  # not a file of the offload index: read it whole, once
+        with timed_io():
+            whole = weights[name]
+        return lambda lo, hi: whole[lo:hi]
+    if info.get("safetensors_file") is not None:
+
+        def read(lo: int, hi: int) -> torch.Tensor:
+            with timed_io(), safe_open(info["safetensors_file"], framework="pt") as f:
+                rows = f.get_slice(info.get("weight_name", key))[lo:hi]
+            return rows.to(getattr(torch, info["dtype"])) if "dtype" in info else rows
+
+        return read
+    stored = "int16" if info["dtype"] == "bfloat16" else info["dtype"]
+
+    def read_dat(lo: int, hi: int) -> torch.Tensor:
+        with timed_io():
+            mapped = np.memmap(os.path.join(loader.save_folder, f"{key}.dat"), stored, "r", shape=tuple(info["shape"]))
+            rows = torch.from_numpy(np.array(mapped[lo:hi]))
+            del mapped
+        return rows.view(torch.bfloat16) if info["dtype"] == "bfloat16" else rows
+
+    return read_dat
 
 
 def _settle(layer: nn.Module, original_dtype: dict[tuple[int, str], torch.dtype], saved: list) -> None:
@@ -210,6 +279,9 @@ class PackedLayerFile(Mapping):
         self.path = path
         with safe_open(path, framework="pt") as f:
             self._keys = list(f.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keys:
@@ -288,6 +360,6 @@ def with_disk_layers_loaded(model: nn.Module, state: dict[str, torch.Tensor] | N
     for key, value in list(out.items()):
         owner, _, local = key.rpartition(".")
         hook = hooks.get(owner)
-        if hook is not None and value.device.type == "meta" and local in hook.weights_map:
+        if hook is not None and value.device.type == "meta" and _holds(hook.weights_map, local):
             out[key] = hook.weights_map[local]
     return out

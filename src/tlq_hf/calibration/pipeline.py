@@ -28,7 +28,7 @@ from .distributed import Comm, init_from_env
 from .importance import Tempering, TokenWeighting, gradient_importance
 from .io_clock import io_seconds
 from .layer_loop import LayerLoop, LayerReport, LayerSettings
-from .offload import onloaded
+from .offload import map_large_allocations, onloaded
 from .resume import LayerCheckpoint, fingerprint
 
 __all__ = ["RECIPES", "Recipe", "ModuleReport", "QuantizationReport", "quantize_model", "resolve_recipe"]
@@ -203,6 +203,7 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
         report.modules = _round_to_nearest(model, outside, scheme)
 
     init_from_env()
+    map_large_allocations()
     comm = Comm.current()
     t0 = time.perf_counter()
     samples = _load_samples(model, config)

@@ -79,6 +79,10 @@ class Statistic(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
+    @abstractmethod
+    def footprint(self, in_features: int, samples: int) -> int:
+        """Bytes this statistic will hold for an input of ``in_features`` channels over ``samples`` samples."""
+
 
 @register_statistic
 class HessianStatistic(Statistic):
@@ -137,6 +141,9 @@ class HessianStatistic(Statistic):
         for r0, r1, block in self._spans(self.blocks):
             block.add_(xa[:, r0:r1].T @ x[:, :r1])
         self.mass += float(a.double().sum())
+
+    def footprint(self, in_features: int, samples: int) -> int:
+        return in_features * (in_features + 1) // 2 * 8
 
     def rescale(self, s: torch.Tensor) -> None:
         if self.blocks is not None:
@@ -206,6 +213,9 @@ class InputRowsStatistic(Statistic):
         xs, ws = subsample_rows(x[keep], a[keep], self.rows_per_sample)
         self.samples[sample] = (xs.cpu(), ws.cpu())
 
+    def footprint(self, in_features: int, samples: int) -> int:
+        return self.rows_per_sample * samples * (in_features + 1) * 4
+
     def rows(self, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All kept rows in sample order, subsampled to at most ``max_rows``."""
         order = sorted(self.samples)
@@ -251,6 +261,9 @@ class AbsMaxStatistic(Statistic):
     def update(self, x: torch.Tensor, a: torch.Tensor, sample: int) -> None:
         amax = x.abs().amax(0)
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+
+    def footprint(self, in_features: int, samples: int) -> int:
+        return in_features * 4
 
     def rescale(self, s: torch.Tensor) -> None:
         if self.absmax is not None:
