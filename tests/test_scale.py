@@ -499,3 +499,35 @@ def test_onloading_an_offloaded_module_reads_each_tensor_once(tmp_path, monkeypa
         assert on.device.type == "cpu"
         assert all(torch.equal(layer.state_dict()[k], v) for k, v in expected.items())
     assert sorted(reads) == sorted(expected)
+
+
+def test_scratch_upcast_computes_in_float32_without_a_float32_copy_of_every_weight():
+    """``onloaded(scratch=True)``: bf16 linears keep bf16 storage, each call casts into one shared float32
+    buffer; outputs equal the fully upcast layer's; refused under autograd (the buffer is reused)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(32, 64), nn.SiLU(), nn.Linear(64, 32), nn.LayerNorm(32)).to(torch.bfloat16)
+    x = torch.randn(3, 32)
+    with torch.no_grad(), onloaded(layer) as on:
+        assert on.compute_dtype == torch.float32 and layer[0].weight.dtype == torch.float32
+        full = layer(x)
+    seen = []
+    with torch.no_grad(), onloaded(layer, scratch=True):
+        spies = [  # run after the cast: each call sees float32 in one shared buffer
+            m.register_forward_pre_hook(
+                lambda m, a: seen.append((m.weight.dtype, m.weight.untyped_storage().data_ptr()))
+            )
+            for m in (layer[0], layer[2])
+        ]
+        assert layer[0].weight.dtype == layer[2].weight.dtype == torch.bfloat16  # stored dtype kept
+        assert layer[3].weight.dtype == torch.float32  # non-linear tensors are upcast as before
+        out = layer(x)
+        assert layer[2].weight.dtype == torch.bfloat16  # restored after the call
+        for spy in spies:
+            spy.remove()
+    assert torch.equal(out, full)
+    assert [dtype for dtype, _ in seen] == [torch.float32] * 2 and seen[0][1] == seen[1][1]
+    with onloaded(layer, scratch=True), pytest.raises(RuntimeError, match="no_grad"):
+        layer(x)
+    assert layer[0].weight.dtype == torch.bfloat16 and not layer[0]._forward_pre_hooks

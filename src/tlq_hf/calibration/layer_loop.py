@@ -162,17 +162,18 @@ class LoopState:
 
 
 def _fold(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor) -> None:
-    """``producer`` output / s, consumers' input columns * s: the layer function is unchanged."""
+    """``producer`` output / s, consumers' input columns * s: the layer function is unchanged.
+
+    Computed in float32 whatever the stored dtype (a half-precision weight is rounded once, after scaling).
+    """
+    s = s.float()
     with torch.no_grad():
         w = producer.weight
-        if w.ndim == 2:
-            w.div_(s.to(w.dtype)[:, None])
-        else:
-            w.div_(s.to(w.dtype))
+        w.copy_(w.float() / (s[:, None] if w.ndim == 2 else s))
         if getattr(producer, "bias", None) is not None:
-            producer.bias.div_(s.to(producer.bias.dtype))
+            producer.bias.copy_(producer.bias.float() / s)
         for c in consumers:
-            c.weight.mul_(s.to(c.weight.dtype)[None, :])
+            c.weight.copy_(c.weight.float() * s[None, :])
 
 
 def statistic_passes(groups: list[StatGroup], footprint: Callable[[StatGroup], int], budget: int) -> list[list[int]]:
@@ -278,7 +279,7 @@ class LayerLoop:
         streamed = self.fp_boundaries is not None
         y_fp = self.fp_boundaries[i + 1] if streamed else ActivationStore(self.spill_dir, "x_fp")
         y_in = ActivationStore(self.spill_dir, "x_in") if cfg.exposed else y_fp
-        with torch.no_grad(), onloaded(layer, keep=True) as on:
+        with torch.no_grad(), onloaded(layer, keep=True, scratch=True) as on:
             kwargs = [to_device(s.kwargs, on.device, on.compute_dtype) for s in self.captured]
 
             def forward(x: torch.Tensor, j: int) -> torch.Tensor:
@@ -313,7 +314,7 @@ class LayerLoop:
                 for g in part:
                     g.reduce(self.comm)
                 if self.smoother is not None:
-                    self._smooth(layer, part, prefix)
+                    self._smooth(layer, part, prefix, on.compute_dtype)
                 last = k == len(passes) - 1
                 if last:  # no pass needs the full-precision modules any more
                     self._install(deferred, live, on)
@@ -346,7 +347,7 @@ class LayerLoop:
                 groups.append(StatGroup(part, stats, input_of=members[0]))
         return groups
 
-    def _smooth(self, layer: nn.Module, groups: list[StatGroup], prefix: str) -> None:
+    def _smooth(self, layer: nn.Module, groups: list[StatGroup], prefix: str, compute: torch.dtype) -> None:
         """Fold per-channel scales for every (producer, consumers) mapping whose consumers are all targets.
 
         The scale is searched on the first consumer's statistics (the consumers share their input); every
@@ -358,7 +359,7 @@ class LayerLoop:
             affected = [by_member.get(prefix + c) for c in consumers]
             if any(g is None for g in affected):
                 continue
-            weights = [names[c].weight for c in consumers]
+            weights = [names[c].weight.to(compute) for c in consumers]
             owner = self.comm.owner(k)
             s = torch.empty(weights[0].shape[1], dtype=torch.float32, device=weights[0].device)
             if self.comm.rank == owner:
@@ -387,7 +388,9 @@ class LayerLoop:
         for group, owner in zip(groups, owners):
             linears = [live[n] for n in group.members]
             if self.comm.rank == owner:
-                solutions = self.solver.solve([m.weight.detach() for m in linears], group, self.scheme, self.cfg, dtype)
+                weights = [m.weight.detach().to(on.compute_dtype) for m in linears]
+                solutions = self.solver.solve(weights, group, self.scheme, self.cfg, dtype)
+                del weights
             else:
                 solutions = [self._empty_solution(m, dtype) for m in linears]
             group.stats.clear()
