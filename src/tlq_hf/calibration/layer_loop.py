@@ -92,6 +92,7 @@ class LayerSolver:
     """A solver as the layer loop uses it: the statistics it needs and how it solves one group."""
 
     needs: tuple[str, ...]
+    # (weights as stored, e.g. bf16: a solver makes the float32 copies it needs; group; scheme; settings; scale dtype)
     solve: Callable[[list[torch.Tensor], StatGroup, QuantScheme, LayerSettings, torch.dtype], list[Solution]]
 
 
@@ -114,13 +115,14 @@ def _solve_awq(weights, group, scheme, cfg, scale_dtype) -> list[Solution]:
     x, a = group.stats["inputs"].rows(cfg.max_tokens)
     out = []
     for w in weights:
+        w = w.float()
         qp = awq_clip_search(w, x, a, scheme, scale_dtype=scale_dtype)
         out.append((quantize_codes(w, qp, scheme), qp))
     return out
 
 
 def _solve_rtn(weights, group, scheme, cfg, scale_dtype) -> list[Solution]:
-    return [rtn(w, scheme, scale_dtype=scale_dtype) for w in weights]
+    return [rtn(w.float(), scheme, scale_dtype=scale_dtype) for w in weights]
 
 
 LAYER_SOLVERS: dict[str, LayerSolver] = {
@@ -388,9 +390,7 @@ class LayerLoop:
         for group, owner in zip(groups, owners):
             linears = [live[n] for n in group.members]
             if self.comm.rank == owner:
-                weights = [m.weight.detach().to(on.compute_dtype) for m in linears]
-                solutions = self.solver.solve(weights, group, self.scheme, self.cfg, dtype)
-                del weights
+                solutions = self.solver.solve([m.weight.detach() for m in linears], group, self.scheme, self.cfg, dtype)
             else:
                 solutions = [self._empty_solution(m, dtype) for m in linears]
             group.stats.clear()

@@ -183,23 +183,30 @@ def gptq_quantize(
     out_features, in_features = weight.shape
     scheme.check_in_features(in_features)
     gs = scheme.effective_group_size(in_features)
-    W = weight.detach().float().clone()
-    W[:, factor.dead.to(W.device)] = 0.0
+    src = weight.detach()
+    dead = factor.dead.to(src.device)
+
+    def original_columns(a: int, b: int) -> torch.Tensor:  # float32, dead columns zeroed
+        block = src[:, a:b].float()
+        return block.masked_fill_(dead[None, a:b], 0.0)
 
     n_groups = scheme.groups(in_features)
-    scale = torch.empty(out_features, n_groups, dtype=scale_dtype, device=W.device)
-    zero = torch.zeros(out_features, n_groups, dtype=torch.int8, device=W.device)
+    scale = torch.empty(out_features, n_groups, dtype=scale_dtype, device=src.device)
+    zero = torch.zeros(out_features, n_groups, dtype=torch.int8, device=src.device)
     if act_order:  # static groups from the original weight, then quantize columns by decreasing H diagonal
         for g in range(n_groups):
-            qp = _group_qparams(W[:, g * gs : (g + 1) * gs], scheme, scale_dtype)
+            qp = _group_qparams(original_columns(g * gs, (g + 1) * gs), scheme, scale_dtype)
             scale[:, g], zero[:, g] = qp.scale[:, 0], qp.zero[:, 0]
     else:
         block_size = max(gs, (block_size // gs) * gs) if gs <= in_features else in_features
-    perm = factor.perm.to(W.device)
-    Hinv = factor.hinv.to(W.device)
-    # the sweep works on W^T in column order: a column of W is a contiguous row, updates touch contiguous memory
-    Wt = W.T.index_select(0, perm)
-    del W
+    perm = factor.perm.to(src.device)
+    Hinv = factor.hinv.to(src.device)
+    # the sweep works on W^T in column order: a column of W is a contiguous row, updates touch contiguous memory;
+    # it is the only float32 copy of the weight (filled in column chunks from the weight as stored)
+    Wt = torch.empty(in_features, out_features, dtype=torch.float32, device=src.device)
+    for c in range(0, in_features, _FILL_COLUMNS):
+        Wt[c : c + _FILL_COLUMNS] = src.index_select(1, perm[c : c + _FILL_COLUMNS]).T
+    Wt[dead[perm]] = 0.0
     codes = torch.empty(in_features, out_features, dtype=torch.int8, device=Wt.device)
     # qparams as [groups, out] float32 rows (with act order they are final already)
     scale_t, zero_t = scale.T.float().contiguous(), zero.T.float().contiguous()
@@ -238,3 +245,4 @@ def gptq_quantize(
 
 
 _SUB_BLOCK = 16
+_FILL_COLUMNS = 1024
