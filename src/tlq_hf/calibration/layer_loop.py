@@ -321,8 +321,6 @@ class LayerLoop:
                 if last:  # no pass needs the full-precision modules any more
                     self._install(deferred, live, on)
                 deferred.update(self._solve(live, part, on, install=last))
-                for g in part:
-                    g.stats.clear()
             del groups, live
             with dequant_cache(layer):
                 for j, x in enumerate(state.x_in):
