@@ -17,18 +17,20 @@ whole in memory), with a locally built processor whose images give hundreds of i
 Usage::
 
     python benchmarks/scale.py --rows llava-1b-disk sweep          # default rows
-    python benchmarks/scale.py --rows qwen2vl-7b-disk               # the 7B row (about an hour on 2 cores)
+    python benchmarks/scale.py --rows qwen2vl-7b-disk               # the 7B row: hours on 2 cores, resumable
     python benchmarks/scale.py --rows llava-1b-2proc
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -163,11 +165,16 @@ class _AnonPeak(logging.Handler):
 
     PHASES = ("capture", "importance", "layers")
 
-    def __init__(self) -> None:
+    def __init__(self, progress: str | None = None) -> None:
         super().__init__(logging.INFO)
         self.peak = 0
         self.phase = "load"
         self.phase_peaks: dict[str, int] = {}
+        # resumable rows: elapsed seconds per phase and the peaks so far, rewritten every few seconds to
+        # ``progress`` so that a segment killed before it finishes still counts (see run_row)
+        self.progress = progress
+        self.start = self._since = time.perf_counter()
+        self.phase_seconds: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -181,7 +188,9 @@ class _AnonPeak(logging.Handler):
 
     def mark(self, phase: str) -> None:
         self._sample()
-        self.phase = phase
+        now = time.perf_counter()
+        self.phase_seconds[self.phase] = self.phase_seconds.get(self.phase, 0.0) + now - self._since
+        self.phase, self._since = phase, now
 
     def _sample(self) -> None:
         anon = _status_kb("RssAnon") * 1024
@@ -189,14 +198,36 @@ class _AnonPeak(logging.Handler):
         self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), anon)
 
     def _run(self) -> None:
+        last = 0.0
         while not self._stop.is_set():
             self._sample()
+            if self.progress is not None and time.perf_counter() - last > 5:
+                self.write_progress()
+                last = time.perf_counter()
             time.sleep(0.1)
+
+    def write_progress(self) -> None:
+        now = time.perf_counter()
+        phases = dict(self.phase_seconds)
+        phases[self.phase] = phases.get(self.phase, 0.0) + now - self._since
+        state = {
+            "elapsed_s": now - self.start,
+            "phase_seconds": phases,
+            "peak_rss_bytes": _status_kb("VmHWM") * 1024,
+            "peak_anon_rss_bytes": self.peak,
+            "phase_peak_anon_rss_bytes": dict(self.phase_peaks),
+        }
+        tmp = f"{self.progress}.tmp"
+        Path(tmp).write_text(json.dumps(state))
+        os.replace(tmp, self.progress)
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
         self._sample()
+        if self.progress is not None:
+            self.mark("done")
+            self.write_progress()
         logging.getLogger("tlq_hf").removeHandler(self)
         return self.peak
 
@@ -218,7 +249,7 @@ def _worker(job: dict) -> dict:
     from tlq_hf.data import sample_rows
     from tlq_hf.tiny_models import load_auto_class
 
-    anon = _AnonPeak()
+    anon = _AnonPeak(job.get("progress"))
     start = time.perf_counter()
     cls = load_auto_class()
     path = job["path"]
@@ -240,6 +271,7 @@ def _worker(job: dict) -> dict:
         num_samples=job["samples"],
         max_length=4096,
         offload_dir=str(work / "acts") if job["offload"] == "disk" else None,
+        checkpoint_dir=str(work / "checkpoint") if job.get("progress") else None,
     )
     model = cls.from_pretrained(path, quantization_config=cfg, **kwargs)
     report = model.tlq_report
@@ -355,12 +387,30 @@ def run_row(
     samples: int,
     layers: int | None = None,
     library: str = "tlq_hf",
+    resumable: bool = False,
 ) -> dict:
+    """Run one row in its own process(es) and return its record.
+
+    A ``resumable`` row (longer than a working session) calibrates with ``checkpoint_dir`` in a persistent
+    folder, ``MODELS_DIR/runs/<name>``: run the same command again after the process was killed and it
+    continues from the last finished layer. Each run of it is a segment; the row's wall time and phase times
+    are summed over segments (from the progress file each segment rewrites every few seconds), its peaks
+    are the largest of any segment.
+    """
     path = build_model(model, layers)
     stats = _checkpoint_stats(path)
-    with tempfile.TemporaryDirectory(prefix="tlq-scale-") as work:
+    with contextlib.ExitStack() as stack:
+        if resumable:
+            work = str(MODELS_DIR / "runs" / name)
+            shutil.rmtree(Path(work) / "acts", ignore_errors=True)  # a killed segment's spilled activations
+            Path(work).mkdir(parents=True, exist_ok=True)
+            segment = len(list(Path(work).glob("progress-*.json")))
+        else:
+            work = stack.enter_context(tempfile.TemporaryDirectory(prefix="tlq-scale-"))
         job = {"path": str(path), "work": work, "offload": offload, "samples": samples, "image": MODELS[model]["image"]}
         job["library"] = library
+        if resumable:
+            job["progress"] = str(Path(work) / f"progress-{segment:03d}.json")
         script = [str(Path(__file__).resolve()), "--worker", json.dumps(job)]
         env = dict(os.environ)
         if library == "llm-compressor":
@@ -374,7 +424,13 @@ def run_row(
         else:
             cmd = [sys.executable, *script]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if resumable:  # hours: its log (progress bars, per-layer errors) is followed in the run folder
+            log = Path(work) / f"log-{segment:03d}.txt"
+            with open(log, "w") as err:
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+            proc.stderr = log.read_text()
+        else:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"row {name} failed:\n{proc.stderr[-4000:]}")
@@ -401,7 +457,38 @@ def run_row(
         "layer_bf16_bytes": stats["layer_bf16_bytes"],
         "command": "python benchmarks/scale.py --rows " + name,
     }
+    if resumable:
+        record.update(_segments(Path(work)))
+        shutil.rmtree(work)
     return record
+
+
+def _segments(work: Path) -> dict:
+    """Wall time, phase times and peaks of a resumable row, combined over its segments' progress files."""
+    parts = [json.loads(f.read_text()) for f in sorted(work.glob("progress-*.json"))]
+    phases: dict[str, float] = {}
+    phase_peaks: dict[str, int] = {}
+    for part in parts:
+        for k, v in part["phase_seconds"].items():
+            if k != "done":
+                phases[k] = round(phases.get(k, 0.0) + v, 2)
+        for k, v in part["phase_peak_anon_rss_bytes"].items():
+            phase_peaks[k] = max(phase_peaks.get(k, 0), v)
+    out = {
+        "segments": len(parts),
+        "wall_s": round(sum(p["elapsed_s"] for p in parts), 2),
+        "phases": phases,
+        "peak_rss_bytes": max(p["peak_rss_bytes"] for p in parts),
+        "peak_anon_rss_bytes": max(p["peak_anon_rss_bytes"] for p in parts),
+        "phase_peak_anon_rss_bytes": phase_peaks,
+    }
+    if len(parts) > 1:
+        out["note"] = (
+            f"ran in {len(parts)} segments (each killed segment resumed from checkpoint_dir by rerunning the "
+            "command); wall and phase seconds are summed over segments (the worker's elapsed time, including "
+            "each segment's reload, capture and restore), peaks are the largest of any segment"
+        )
+    return out
 
 
 ROWS = {
@@ -409,7 +496,7 @@ ROWS = {
     "llava-1b-cpu": lambda: [run_row("llava-1b-cpu", "llava-1b", "none", 1, 16)],
     "llava-1b-llmc": lambda: [run_row("llava-1b-llmc", "llava-1b", "none", 1, 16, library="llm-compressor")],
     "llava-1b-2proc": lambda: [run_row("llava-1b-2proc", "llava-1b", "disk", 2, 16)],
-    "qwen2vl-7b-disk": lambda: [run_row("qwen2vl-7b-disk", "qwen2vl-7b", "disk", 1, 8)],
+    "qwen2vl-7b-disk": lambda: [run_row("qwen2vl-7b-disk", "qwen2vl-7b", "disk", 1, 8, resumable=True)],
     "sweep": lambda: [
         {**run_row(f"sweep-L{n}", "llava-1b", "disk", 1, 8, layers=n), "sweep": "llava-1b-width"} for n in (2, 4, 8)
     ],
