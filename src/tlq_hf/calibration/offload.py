@@ -18,6 +18,7 @@ device, where the packed form (about 0.27x the bf16 bytes) fits where the origin
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, set_module_tensor_to_device
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -135,32 +137,57 @@ def _all_hooks(module: nn.Module) -> list:
 
 
 class _ScratchUpcast:
-    """Forward hooks that give a ``nn.Linear`` a float32 weight for the duration of one call: its stored
-    (half-precision) weight is cast into one buffer shared by every linear of the layer.
+    """Computes ``nn.Linear`` calls in float32 from half-precision stored weights, a band of output rows at a
+    time: each band of the weight is cast into one small float32 buffer shared by every linear of the layer
+    (at most :data:`SCRATCH_ELEMENTS`), so no float32 copy of a whole weight ever exists.
 
-    No-grad passes only: autograd would save the buffer, which the next call overwrites.
+    Installed by replacing each linear's ``forward`` (its hooks still run); no-grad passes only: autograd
+    would save the buffer, which the next band overwrites. Each band is a matmul over the full input width, so
+    outputs differ from a whole float32 weight's only by the BLAS kernel's summation order (bit-identical at
+    decoder shapes measured: 270 x 8192 @ 8192 x 2048, same speed).
     """
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self.buffer: torch.Tensor | None = None
-        self.stored: dict[int, torch.Tensor] = {}
+        self.replaced: list[tuple[nn.Module, object]] = []  # (module, its own ``forward`` attribute or None)
 
-    def before(self, module: nn.Module, args) -> None:
+    def install(self, module: nn.Linear) -> None:
+        self.replaced.append((module, module.__dict__.get("forward")))
+        module.forward = functools.partial(self.forward, module)
+
+    def remove(self) -> None:
+        for module, own in self.replaced:
+            if own is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = own
+        self.replaced.clear()
+        self.buffer = None
+
+    def _band(self, n: int, device: torch.device) -> torch.Tensor:
+        if self.buffer is None or self.buffer.numel() < n or self.buffer.device != device:
+            self.buffer = None  # release before the larger one is allocated
+            self.buffer = torch.empty(n, dtype=self.dtype, device=device)
+        return self.buffer[:n]
+
+    def forward(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             raise RuntimeError("a layer onloaded with scratch=True runs under torch.no_grad() only")
-        weight = module._parameters["weight"]
-        n = weight.numel()
-        if self.buffer is None or self.buffer.numel() < n or self.buffer.device != weight.device:
-            self.buffer = None  # release before the larger one is allocated
-            self.buffer = torch.empty(n, dtype=self.dtype, device=weight.device)
-        self.stored[id(module)] = weight
-        module._parameters["weight"] = self.buffer[:n].view(weight.shape).copy_(weight)
+        weight, bias = module.weight, module.bias
+        out_f, in_f = weight.shape
+        rows = max(1, min(out_f, SCRATCH_ELEMENTS // in_f))
+        if rows == out_f:
+            return F.linear(x, self._band(out_f * in_f, weight.device).view(out_f, in_f).copy_(weight), bias)
+        y = x.new_empty((*x.shape[:-1], out_f))
+        for r0 in range(0, out_f, rows):
+            r1 = min(out_f, r0 + rows)
+            band = self._band((r1 - r0) * in_f, weight.device).view(r1 - r0, in_f).copy_(weight[r0:r1])
+            y[..., r0:r1] = F.linear(x, band, None if bias is None else bias[r0:r1])
+        return y
 
-    def after(self, module: nn.Module, args, output) -> None:
-        weight = self.stored.pop(id(module), None)
-        if weight is not None:
-            module._parameters["weight"] = weight
+
+SCRATCH_ELEMENTS = 1 << 22  # float32 elements of the shared band buffer (16 MiB)
 
 
 @contextmanager
@@ -168,8 +195,8 @@ def onloaded(layer: nn.Module, keep: bool = False, upcast: bool = True, scratch:
     """Materialise ``layer`` on its execution device (float32 on CPU for half dtypes unless ``upcast=False``).
 
     With ``scratch`` (no-grad passes) the weights of its ``nn.Linear`` modules keep their stored dtype and
-    are cast per call into one shared float32 buffer (:class:`_ScratchUpcast`): the layer never holds a
-    float32 copy of every weight (0.5x the float32 layer plus its largest linear, for a bf16 layer).
+    are cast per call, a band of rows at a time, into one small shared float32 buffer (:class:`_ScratchUpcast`):
+    the layer never holds a float32 copy of any whole weight (0.5x the float32 layer, for a bf16 layer).
     """
     device = module_device(layer)
     saved: list[tuple[nn.Module, str, bool, torch.Tensor]] = []  # (module, name, is_param, original tensor)
@@ -177,52 +204,50 @@ def onloaded(layer: nn.Module, keep: bool = False, upcast: bool = True, scratch:
     paused = []
     store_dtype = None
     caster = _ScratchUpcast(torch.float32)
-    handles = []
-    for module in layer.modules():
-        hook = _offload_hook(module)
-        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
-            if tensor is None:
-                continue
-            is_param = name in module._parameters
-            value = tensor
-            if tensor.device.type == "meta":
-                if hook is None or not _holds(hook.weights_map, name):
-                    raise RuntimeError(f"{type(module).__name__}.{name} is on 'meta' with no offloaded copy to load")
+    try:  # a failure while onloading also undoes what was onloaded so far
+        for module in layer.modules():
+            hook = _offload_hook(module)
+            for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+                if tensor is None:
+                    continue
+                is_param = name in module._parameters
+                value = tensor
+                if tensor.device.type == "meta":
+                    if hook is None or not _holds(hook.weights_map, name):
+                        raise RuntimeError(
+                            f"{type(module).__name__}.{name} is on 'meta' with no offloaded copy to load"
+                        )
+                    with timed_io():
+                        value = hook.weights_map[name]
+                if value.is_floating_point():
+                    store_dtype = store_dtype or value.dtype
+                    dtype = compute_dtype_for(device, value.dtype) if upcast else value.dtype
+                    original_dtype[(id(module), name)] = value.dtype
+                    if scratch and dtype != value.dtype and name == "weight" and isinstance(module, nn.Linear):
+                        caster.dtype, dtype = dtype, value.dtype
+                        caster.install(module)
+                else:
+                    dtype = value.dtype
+                if value.device == device and value.dtype == dtype and value is tensor:
+                    continue
                 with timed_io():
-                    value = hook.weights_map[name]
-            if value.is_floating_point():
-                store_dtype = store_dtype or value.dtype
-                dtype = compute_dtype_for(device, value.dtype) if upcast else value.dtype
-                original_dtype[(id(module), name)] = value.dtype
-                if scratch and dtype != value.dtype and name == "weight" and isinstance(module, nn.Linear):
-                    caster.dtype, dtype = dtype, value.dtype
-                    handles.append(module.register_forward_pre_hook(caster.before))
-                    handles.append(module.register_forward_hook(caster.after, always_call=True))
-            else:
-                dtype = value.dtype
-            if value.device == device and value.dtype == dtype and value is tensor:
-                continue
-            with timed_io():
-                new = value.to(device=device, dtype=dtype)
-            saved.append((module, name, is_param, tensor))
-            if is_param:
-                module._parameters[name] = nn.Parameter(new, requires_grad=tensor.requires_grad)
-            else:
-                module._buffers[name] = new
-        for h in _all_hooks(module):
-            if getattr(h, "offload", False):
-                h.offload = False
-                paused.append(h)
-    store_dtype = store_dtype or torch.float32
-    try:
+                    new = value.to(device=device, dtype=dtype)
+                saved.append((module, name, is_param, tensor))
+                if is_param:
+                    module._parameters[name] = nn.Parameter(new, requires_grad=tensor.requires_grad)
+                else:
+                    module._buffers[name] = new
+            for h in _all_hooks(module):
+                if getattr(h, "offload", False):
+                    h.offload = False
+                    paused.append(h)
+        store_dtype = store_dtype or torch.float32
         yield Onloaded(device, compute_dtype_for(device, store_dtype), store_dtype, saved)
     except BaseException:
         keep = False
         raise
     finally:
-        for handle in handles:
-            handle.remove()
-        caster.buffer = None
+        caster.remove()
         if keep:
             _settle(layer, original_dtype, saved)
             folder = _disk_folder(paused)
