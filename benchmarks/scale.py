@@ -388,6 +388,7 @@ def run_row(
     layers: int | None = None,
     library: str = "tlq_hf",
     resumable: bool = False,
+    threads: int | None = None,
 ) -> dict:
     """Run one row in its own process(es) and return its record.
 
@@ -413,6 +414,8 @@ def run_row(
             job["progress"] = str(Path(work) / f"progress-{segment:03d}.json")
         script = [str(Path(__file__).resolve()), "--worker", json.dumps(job)]
         env = dict(os.environ)
+        if threads is not None:  # torch threads per process (torchrun's default is 1 per rank)
+            env["OMP_NUM_THREADS"] = str(threads)
         if library == "llm-compressor":
             if not PEER_PYTHON.exists():
                 raise RuntimeError(f"no {PEER_PYTHON}: create it as benchmarks/PEERS.md says")
@@ -457,6 +460,8 @@ def run_row(
         "layer_bf16_bytes": stats["layer_bf16_bytes"],
         "command": "python benchmarks/scale.py --rows " + name,
     }
+    if threads is not None:
+        record["threads"] = threads
     if resumable:
         record.update(_segments(Path(work)))
         shutil.rmtree(work)
@@ -491,14 +496,22 @@ def _segments(work: Path) -> dict:
     return out
 
 
+THREADS_CMD = "python benchmarks/scale.py --rows threads"
+SWEEP_CMD = "python benchmarks/scale.py --rows sweep"
 ROWS = {
     "llava-1b-disk": lambda: [run_row("llava-1b-disk", "llava-1b", "disk", 1, 16)],
     "llava-1b-cpu": lambda: [run_row("llava-1b-cpu", "llava-1b", "none", 1, 16)],
     "llava-1b-llmc": lambda: [run_row("llava-1b-llmc", "llava-1b", "none", 1, 16, library="llm-compressor")],
     "llava-1b-2proc": lambda: [run_row("llava-1b-2proc", "llava-1b", "disk", 2, 16)],
     "qwen2vl-7b-disk": lambda: [run_row("qwen2vl-7b-disk", "qwen2vl-7b", "disk", 1, 8, resumable=True)],
+    # processes x torch threads per process on the 2-layer llava-1b: is a second process worth a core?
+    "threads": lambda: [
+        {**run_row(f"threads-{p}x{t}", "llava-1b", "disk", p, 16, layers=2, threads=t), "command": THREADS_CMD}
+        for p, t in ((1, 2), (1, 1), (2, 1))
+    ],
     "sweep": lambda: [
-        {**run_row(f"sweep-L{n}", "llava-1b", "disk", 1, 8, layers=n), "sweep": "llava-1b-width"} for n in (2, 4, 8)
+        {**run_row(f"sweep-L{n}", "llava-1b", "disk", 1, 8, layers=n), "sweep": "llava-1b-width", "command": SWEEP_CMD}
+        for n in (2, 4, 8)
     ],
 }
 
