@@ -144,6 +144,65 @@ RECIPES: dict[str, Recipe] = {
         # eager attention trains faster here: the vision tower attends per image, in many tiny calls
         train_attention="eager",
     ),
+    "qwen2_5vl": Recipe(
+        name="qwen2_5vl-vqa",
+        family="qwen2_5_vl",
+        architecture="Qwen2_5_VLForConditionalGeneration",
+        text=_TEXT,
+        # 16-px patches merged 2 x 2 as for Qwen2-VL; 64-px attention windows (2 x 2 merged tokens) in the
+        # first block, full attention in the last, as in the released models.
+        vision={
+            "depth": 2,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_heads": 4,
+            "patch_size": _CELL // 2,
+            "window_size": 2 * _CELL,
+            "fullatt_block_indexes": [1],
+        },
+        image_processor={"patch_size": _CELL // 2, "min_pixels": (_SIDE // 2) ** 2, "max_pixels": _SIDE**2},
+        steps=4500,
+        train_attention="eager",
+    ),
+    "onevision": Recipe(
+        name="onevision-vqa",
+        family="llava_onevision",
+        architecture="LlavaOnevisionForConditionalGeneration",
+        text=_TEXT,
+        # SigLIP tower, one 32-px patch per grid cell; one any-resolution tile (the 96-px image itself), so
+        # the language model sees the base image (9 tokens) and the tile (3 x 3 + 3 row newlines).
+        vision={
+            "image_size": _SIDE,
+            "patch_size": _CELL,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        config={"image_grid_pinpoints": [[_SIDE, _SIDE]]},
+        image_processor={"size": {"height": _SIDE, "width": _SIDE}, "image_grid_pinpoints": [[_SIDE, _SIDE]]},
+        processor={"num_image_tokens": (_SIDE // _CELL) ** 2},
+        position_embedding_std=1.0,
+    ),
+    # the deeper model: LLaVA with 12 decoder layers, where error accumulates through the stack
+    "llava-deep": Recipe(
+        name="llava-deep-vqa",
+        family="llava",
+        architecture="LlavaForConditionalGeneration",
+        text={**_TEXT, "num_hidden_layers": 12},
+        vision={
+            "image_size": _SIDE,
+            "patch_size": _CELL,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        config={"image_seq_length": (_SIDE // _CELL) ** 2, "vision_feature_layer": -1},
+        image_processor={"size": {"shortest_edge": _SIDE}, "crop_size": {"height": _SIDE, "width": _SIDE}},
+        processor={"patch_size": _CELL},
+        position_embedding_std=1.0,
+    ),
 }
 
 # --------------------------------------------------------------------------- #
@@ -201,11 +260,13 @@ class FeatureTap:
     def _hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
         self._output = output
 
-    def cells(self) -> torch.Tensor:
-        """The last captured features as ``[images, cells, width]`` (cells in raster order)."""
+    def cells(self, images: int) -> torch.Tensor:
+        """The last captured features of ``images`` images as ``[images, cells, width]`` (cells in raster
+        order). Where the projector saw several views of each image (LLaVA-OneVision's base image and its
+        any-resolution tiles, base first), the base view's."""
         if self._output is None:
             raise RuntimeError("no image features captured yet")
-        return self._output.reshape(-1, _num_cells(), self._output.shape[-1])
+        return self._output.reshape(images, -1, _num_cells(), self._output.shape[-1])[:, 0]
 
     def close(self) -> None:
         self._handle.remove()
@@ -214,16 +275,10 @@ class FeatureTap:
 def _vision_forward(model: nn.Module, pixel_inputs: dict[str, torch.Tensor]) -> None:
     """Run the vision tower and projector only (the :class:`FeatureTap` keeps the result)."""
     config = model.config
-    if "image_grid_thw" in pixel_inputs:
-        model.model.get_image_features(
-            pixel_values=pixel_inputs["pixel_values"], image_grid_thw=pixel_inputs["image_grid_thw"]
-        )
-    else:
-        model.model.get_image_features(
-            pixel_values=pixel_inputs["pixel_values"],
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-        )
+    # LLaVA-style configs choose the vision layer and token selection; Qwen-VL towers take the grid instead
+    chosen = ("vision_feature_layer", "vision_feature_select_strategy")
+    extra = {k: getattr(config, k) for k in chosen if getattr(config, k, None) is not None}
+    model.model.get_image_features(**pixel_inputs, **extra)
 
 
 def _vision_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -337,7 +392,9 @@ def _pretrain_vision(
     """
     if recipe.position_embedding_std is not None:
         with torch.no_grad():
-            model.model.vision_tower.embeddings.position_embedding.weight.normal_(0.0, recipe.position_embedding_std)
+            tower = model.model.vision_tower
+            names = [n for n, _ in tower.named_modules() if n.endswith("embeddings.position_embedding")]
+            tower.get_submodule(names[0]).weight.normal_(0.0, recipe.position_embedding_std)
     params = _vision_parameters(model) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.pretrain_lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -348,7 +405,7 @@ def _pretrain_vision(
     for step in range(recipe.pretrain_steps):
         items = vqa_task.make_items(recipe.pretrain_batch, recipe.seed, "train", start=step * recipe.pretrain_batch)
         _vision_forward(model, _image_inputs(processor, [item["image"] for item in items]))
-        loss, accuracy = head.loss_and_accuracy(tap.cells(), _cell_targets(items))
+        loss, accuracy = head.loss_and_accuracy(tap.cells(len(items)), _cell_targets(items))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         optimizer.step()
@@ -392,7 +449,7 @@ def _rescale_image_features(model: nn.Module, processor: Any, tap: FeatureTap, r
     images = _image_inputs(processor, [item["image"] for item in items])
     model.eval()
     _vision_forward(model, images)
-    scale = recipe.feature_norm / float(tap.cells().float().norm(dim=-1).mean())
+    scale = recipe.feature_norm / float(tap.cells(len(items)).float().norm(dim=-1).mean())
     last.weight.mul_(scale)
     last.bias.mul_(scale)
     return scale
@@ -454,7 +511,7 @@ def _train_vqa(
         batch = training_batch(data, indices, processor)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.autocast_bf16):
             out = model(**batch)
-        aux, cell_accuracy = head.loss_and_accuracy(tap.cells(), data.targets[indices])
+        aux, cell_accuracy = head.loss_and_accuracy(tap.cells(len(indices)), data.targets[indices])
         loss = out.loss.float() + recipe.aux_weight * aux
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
