@@ -45,6 +45,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import reading_task  # noqa: E402
 import vqa_task  # noqa: E402
 
 from tlq_hf.data import build_calibration_set  # noqa: E402
@@ -54,6 +55,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 MODELS_DIR = BENCH_DIR / "models"
 RESULTS_DIR = BENCH_DIR / "results"
 HELDOUT_SEED = 0
+#: The synthetic tasks a model can be trained on; both modules share one interface (see ``reading_task``).
+TASKS: dict[str, Any] = {"shapes": vqa_task, "reading": reading_task}
 
 # --------------------------------------------------------------------------- #
 # Recipes
@@ -84,6 +87,7 @@ class Recipe:
     image_processor: dict[str, Any] = field(default_factory=dict)
     processor: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    task: str = "shapes"  # key of TASKS
     # phase 1: vision pre-training on per-cell attributes (colour, shape and the cell's own position)
     pretrain_steps: int = 500
     pretrain_batch: int = 64
@@ -161,7 +165,7 @@ RECIPES: dict[str, Recipe] = {
             "fullatt_block_indexes": [1],
         },
         image_processor={"patch_size": _CELL // 2, "min_pixels": (_SIDE // 2) ** 2, "max_pixels": _SIDE**2},
-        steps=4500,
+        steps=6500,  # what Qwen2-VL needed in all (4500 + 2000 continued)
         train_attention="eager",
     ),
     "onevision": Recipe(
@@ -203,6 +207,26 @@ RECIPES: dict[str, Recipe] = {
         processor={"patch_size": _CELL},
         position_embedding_std=1.0,
     ),
+    # the other task mix: reading coloured digits and letters, comparing digits
+    "llava-read": Recipe(
+        name="llava-read-vqa",
+        family="llava",
+        architecture="LlavaForConditionalGeneration",
+        text=_TEXT,
+        vision={
+            "image_size": _SIDE,
+            "patch_size": _CELL,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        config={"image_seq_length": (_SIDE // _CELL) ** 2, "vision_feature_layer": -1},
+        image_processor={"size": {"shortest_edge": _SIDE}, "crop_size": {"height": _SIDE, "width": _SIDE}},
+        processor={"patch_size": _CELL},
+        position_embedding_std=1.0,
+        task="reading",
+    ),
 }
 
 # --------------------------------------------------------------------------- #
@@ -220,9 +244,9 @@ class CellHead(nn.Module):
     index, so that image tokens say what they show, what is next to them and where they are. Features are
     layer-normalised first, so the loss does not push their scale up."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, class_counts: tuple[int, int]) -> None:
         super().__init__()
-        n_colors, n_shapes = len(vqa_task.COLORS) + 1, len(vqa_task.SHAPES) + 1
+        n_colors, n_shapes = class_counts
         rows = 2 * (1 + len(vqa_task.RELATIONS))
         self.attributes = nn.ModuleList(nn.Linear(width, n_colors if k % 2 == 0 else n_shapes) for k in range(rows))
         self.cell = nn.Linear(width, _num_cells())
@@ -285,9 +309,19 @@ def _vision_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if not n.startswith(("model.language_model.", "lm_head."))]
 
 
-def _cell_targets(items: Sequence[dict[str, Any]]) -> torch.Tensor:
-    """``[B, rows, cells]`` classes of each item's scene (the rows of :func:`vqa_task.cell_targets`)."""
-    return torch.tensor([vqa_task.cell_targets(item["scene"]) for item in items], dtype=torch.long)
+def _task(recipe: Recipe) -> Any:
+    """The task module ``recipe`` trains on."""
+    return TASKS[recipe.task]
+
+
+def _class_counts(task: Any) -> tuple[int, int]:
+    """Cell-head classes (colours + empty, objects + empty) of ``task``."""
+    return getattr(task, "CLASS_COUNTS", (len(vqa_task.COLORS) + 1, len(vqa_task.SHAPES) + 1))
+
+
+def _cell_targets(items: Sequence[dict[str, Any]], task: Any) -> torch.Tensor:
+    """``[B, rows, cells]`` classes of each item's scene (the rows of the task's ``cell_targets``)."""
+    return torch.tensor([task.cell_targets(item["scene"]) for item in items], dtype=torch.long)
 
 
 @dataclass
@@ -312,7 +346,9 @@ def _image_inputs(processor: Any, images: Sequence[Any]) -> dict[str, torch.Tens
     return dict(processor.image_processor(images=list(images), return_tensors="pt"))
 
 
-def encode_training_set(items: Sequence[dict[str, Any]], processor: Any, check: int = 64) -> TrainingSet:
+def encode_training_set(
+    items: Sequence[dict[str, Any]], processor: Any, check: int = 64, task: Any = vqa_task
+) -> TrainingSet:
     """Encode every item with :func:`build_calibration_set` (one row at a time, so the order is kept).
 
     The first ``check`` items' image tensors are compared with the batched image processor's output,
@@ -334,7 +370,7 @@ def encode_training_set(items: Sequence[dict[str, Any]], processor: Any, check: 
     return TrainingSet(
         tokens=tokens,
         images=[item["image"] for item in items],
-        targets=_cell_targets(items),
+        targets=_cell_targets(items, task),
         rows=[{"question": it["question"], "answer": it["answer"], "type": it["type"]} for it in items],
     )
 
@@ -403,9 +439,11 @@ def _pretrain_vision(
     model.train()
     curve, start, window = [], time.time(), []
     for step in range(recipe.pretrain_steps):
-        items = vqa_task.make_items(recipe.pretrain_batch, recipe.seed, "train", start=step * recipe.pretrain_batch)
+        items = _task(recipe).make_items(
+            recipe.pretrain_batch, recipe.seed, "train", start=step * recipe.pretrain_batch
+        )
         _vision_forward(model, _image_inputs(processor, [item["image"] for item in items]))
-        loss, accuracy = head.loss_and_accuracy(tap.cells(len(items)), _cell_targets(items))
+        loss, accuracy = head.loss_and_accuracy(tap.cells(len(items)), _cell_targets(items, _task(recipe)))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         optimizer.step()
@@ -445,7 +483,7 @@ def _rescale_image_features(model: nn.Module, processor: Any, tap: FeatureTap, r
         last = inner.multi_modal_projector.linear_2
     else:
         last = inner.visual.merger.mlp[-1]
-    items = vqa_task.make_items(recipe.pretrain_batch, recipe.seed, "train")
+    items = _task(recipe).make_items(recipe.pretrain_batch, recipe.seed, "train")
     images = _image_inputs(processor, [item["image"] for item in items])
     model.eval()
     _vision_forward(model, images)
@@ -475,8 +513,9 @@ class TrainingStream:
         if self._chunk is None or self._used + size > len(self._chunk):
             t0 = time.time()
             n = max(self.recipe.chunk_items, size)
-            items = vqa_task.make_items(n, self.recipe.seed, "train", start=self.next_index)
-            self._chunk = encode_training_set(items, self.processor, check=64 if not self.rows else 0)
+            task = _task(self.recipe)
+            items = task.make_items(n, self.recipe.seed, "train", start=self.next_index)
+            self._chunk = encode_training_set(items, self.processor, check=64 if not self.rows else 0, task=task)
             self.rows += self._chunk.rows
             self.next_index += n
             self._used = 0
@@ -554,7 +593,7 @@ def _train_vqa(
 
 
 def _heldout(recipe: Recipe) -> list[dict[str, Any]]:
-    return vqa_task.make_items(recipe.heldout_items, HELDOUT_SEED, "test")
+    return _task(recipe).make_items(recipe.heldout_items, HELDOUT_SEED, "test")
 
 
 def _evaluate_saved(path: Path, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -565,10 +604,10 @@ def _evaluate_saved(path: Path, items: Sequence[dict[str, Any]]) -> dict[str, An
     return {k: result[k] for k in ("accuracy", "by_group", "by_type")} | {"n": len(items)}
 
 
-def _check_tokenizer(path: Path, items: Sequence[dict[str, Any]]) -> None:
+def _check_tokenizer(path: Path, items: Sequence[dict[str, Any]], task: Any) -> None:
     """The reloaded tokenizer knows every task word and encodes every question and answer without <unk>."""
     tokenizer = transformers.AutoProcessor.from_pretrained(path).tokenizer
-    texts = list(vqa_task.vocabulary()) + [f"{it['question']} {it['answer']}" for it in items]
+    texts = list(task.vocabulary()) + [f"{it['question']} {it['answer']}" for it in items]
     bad = [t for t in texts if tokenizer.unk_token_id in tokenizer(t, add_special_tokens=False)["input_ids"]]
     if bad:
         raise RuntimeError(f"{path}: the saved tokenizer maps words to <unk> in e.g. {bad[:3]}")
@@ -588,7 +627,7 @@ def _save(model: nn.Module, processor: Any, recipe: Recipe, heldout: Sequence[di
     model.to(getattr(torch, recipe.save_dtype)).eval()
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    _check_tokenizer(path, heldout)
+    _check_tokenizer(path, heldout, _task(recipe))
     return path
 
 
@@ -599,7 +638,7 @@ def train(recipe: Recipe, threads: int) -> dict[str, Any]:
     wall = time.time()
     model, processor = build_vlm(
         recipe.family,
-        extra_words=vqa_task.vocabulary(),
+        extra_words=_task(recipe).vocabulary(),
         text=recipe.text,
         vision=recipe.vision,
         config=recipe.config,
@@ -616,7 +655,7 @@ def train(recipe: Recipe, threads: int) -> dict[str, Any]:
     _log(recipe.name, f"built {recipe.architecture}: {counts['total'] / 1e6:.2f}M parameters")
     heldout = _heldout(recipe)
     curve_items = heldout[: recipe.curve_items]
-    head = CellHead(model.config.text_config.hidden_size)
+    head = CellHead(model.config.text_config.hidden_size, _class_counts(_task(recipe)))
     tap = FeatureTap(model)
     model.set_attn_implementation(recipe.train_attention)
 
@@ -630,7 +669,7 @@ def train(recipe: Recipe, threads: int) -> dict[str, Any]:
     train_wall = round(time.time() - wall, 1)
 
     final = _evaluate_saved(path, heldout)
-    prior = vqa_task.TextPrior(stream.rows)
+    prior = _task(recipe).TextPrior(stream.rows)
     prior_correct = [prior.predict(item) == item["answer"] for item in heldout]
     record = {
         "model": recipe.name,
@@ -657,7 +696,9 @@ def train(recipe: Recipe, threads: int) -> dict[str, Any]:
         "pretrain": pretrain,
         "training": vqa,
         "heldout": final,
-        "heldout_type_share": {t: sum(i["type"] == t for i in heldout) / len(heldout) for t in vqa_task.QUESTION_TYPES},
+        "heldout_type_share": {
+            t: sum(i["type"] == t for i in heldout) / len(heldout) for t in _task(recipe).QUESTION_TYPES
+        },
         "text_prior": {
             "accuracy": sum(prior_correct) / len(prior_correct),
             "by_group": vqa_task.accuracy_by(heldout, prior_correct, "group"),
@@ -691,7 +732,8 @@ def continue_training(recipe: Recipe, steps: int, threads: int, lr: float | None
     model = load_auto_class().from_pretrained(path, dtype=torch.float32)
     processor = transformers.AutoProcessor.from_pretrained(path)
     phase = dataclasses.replace(recipe, steps=steps, aux_weight=0.0, lr=lr or recipe.lr)
-    head, tap = CellHead(model.config.text_config.hidden_size), FeatureTap(model)
+    head = CellHead(model.config.text_config.hidden_size, _class_counts(_task(recipe)))
+    tap = FeatureTap(model)
     model.set_attn_implementation(recipe.train_attention)
     heldout = _heldout(recipe)
     stream = TrainingStream(phase, processor, first=first)
@@ -730,7 +772,7 @@ def verify(recipe: Recipe, threads: int) -> dict[str, Any]:
     record = json.loads(_json_path(recipe).read_text())
     path = MODELS_DIR / recipe.name
     heldout = _heldout(recipe)
-    _check_tokenizer(path, heldout)
+    _check_tokenizer(path, heldout, _task(recipe))
     result = _evaluate_saved(path, heldout)
     match = abs(result["accuracy"] - record["heldout"]["accuracy"]) < 1e-9
     record["verified"] = {"accuracy": result["accuracy"], "n": result["n"], "matches_training_run": match}
@@ -745,51 +787,63 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _accuracy_table(name: str, task: Any, records: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines: held-out accuracy per question group and type of the models trained on ``task``."""
+    if not records:
+        return []
+    groups = list(records[0]["heldout"]["by_group"])
+    types = list(records[0]["heldout"]["by_type"])
+    lines = ["", f"## Task `{name}`: held-out accuracy per question group and type (%; prior in parentheses)", ""]
+    lines += [
+        "| question | share | " + " | ".join(r["model"] for r in records) + " |",
+        "|---|---|" + "---|" * len(records),
+    ]
+    share = records[0]["heldout_type_share"]
+    by_group_share = {g: 0.0 for g in groups}
+    for t, s in share.items():
+        by_group_share[task._TYPES[t][0]] += s  # noqa: SLF001 - the group of each type
+    for g in groups:
+        cells = [f"{_pct(r['heldout']['by_group'][g])} ({_pct(r['text_prior']['by_group'][g])})" for r in records]
+        lines.append(f"| **{g}** | {_pct(by_group_share[g])} % | " + " | ".join(cells) + " |")
+    for t in sorted(types, key=lambda t: (groups.index(task._TYPES[t][0]), t)):  # noqa: SLF001
+        cells = [f"{_pct(r['heldout']['by_type'][t])} ({_pct(r['text_prior']['by_type'][t])})" for r in records]
+        lines.append(f"| {t} | {_pct(share[t])} % | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_markdown() -> Path:
     """Summarise every available ``train_vqa_*.json`` into ``benchmarks/results/train_vqa.md``."""
     records = [json.loads(_json_path(r).read_text()) for r in RECIPES.values() if _json_path(r).exists()]
     lines = [
         "# Trained tiny VLMs for the quality table",
         "",
-        "Synthetic visual QA (`benchmarks/vqa_task.py`): 96x96 scenes, 3x3 grid, 3-7 shapes (5 colours x 4 shapes),",
-        "half over faded `skimage.data` photos; single-word answers. Trained and saved by `benchmarks/train_vqa.py`.",
+        "Synthetic visual QA, single-word answers, 96x96 scenes in a 3x3 grid, half over faded `skimage.data` photos:",
+        "task `shapes` (`benchmarks/vqa_task.py`: 3-7 shapes, 5 colours x 4 shapes; attribute, count, compare and",
+        "relation questions) or `reading` (`benchmarks/reading_task.py`: 3-6 coloured digits and letters; read, count,",
+        "digit comparison and relation questions). Trained and saved by `benchmarks/train_vqa.py`.",
         "Accuracy = greedy first answer token on held-out items (test split, never drawn from the train stream).",
         "Text-only prior = majority answer per question text (seen >= 20 times in training) else per question type,",
         "learned on the model's own training items.",
         "",
-        "| model | architecture | params | on disk | FP held-out acc. | text-only prior | items "
-        "| train wall | total wall |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | task | architecture | decoder layers | params | on disk | FP held-out acc. | text-only prior "
+        "| items | train wall | total wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         verified = r.get("verified", {})
         check = " (reloaded: same)" if verified.get("matches_training_run") else ""
         extra = r["wall_s"].get("continued", 0.0)  # continued training, when there was any
         lines.append(
-            f"| {r['model']} | {r['architecture']} | {r['parameters']['total'] / 1e6:.2f}M "
+            f"| {r['model']} | {r['recipe'].get('task', 'shapes')} | {r['architecture']} "
+            f"| {r['recipe']['text']['num_hidden_layers']} | {r['parameters']['total'] / 1e6:.2f}M "
             f"| {r['bytes_on_disk']['weights'] / 2**20:.1f} MiB {r['saved_dtype']} "
             f"| **{_pct(r['heldout']['accuracy'])} %**{check} | {_pct(r['text_prior']['accuracy'])} % "
             f"| {r['heldout']['n']} | {(r['wall_s']['build_train_save'] + extra) / 60:.1f} min "
             f"| {(r['wall_s']['total'] + extra) / 60:.1f} min |"
         )
+    for name, task in TASKS.items():
+        lines += _accuracy_table(name, task, [r for r in records if r["recipe"].get("task", "shapes") == name])
     if records:
-        groups = list(records[0]["heldout"]["by_group"])
-        types = list(records[0]["heldout"]["by_type"])
-        lines += ["", "## Held-out accuracy per question group and type (%; prior in parentheses)", ""]
-        lines += [
-            "| question | share | " + " | ".join(r["model"] for r in records) + " |",
-            "|---|---|" + "---|" * len(records),
-        ]
-        share = records[0]["heldout_type_share"]
-        by_group_share = {g: 0.0 for g in groups}
-        for t, s in share.items():
-            by_group_share[vqa_task._TYPES[t][0]] += s  # noqa: SLF001 - the group of each type
-        for g in groups:
-            cells = [f"{_pct(r['heldout']['by_group'][g])} ({_pct(r['text_prior']['by_group'][g])})" for r in records]
-            lines.append(f"| **{g}** | {_pct(by_group_share[g])} % | " + " | ".join(cells) + " |")
-        for t in sorted(types, key=lambda t: (groups.index(vqa_task._TYPES[t][0]), t)):  # noqa: SLF001
-            cells = [f"{_pct(r['heldout']['by_type'][t])} ({_pct(r['text_prior']['by_type'][t])})" for r in records]
-            lines.append(f"| {t} | {_pct(share[t])} % | " + " | ".join(cells) + " |")
         lines += ["", "## Recipe", ""]
         for r in records:
             rc = r["recipe"]
