@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from _helpers import write_dataset_folder
 from transformers import AutoProcessor
 
@@ -10,9 +11,9 @@ from tlq_hf.data import CAPTION_PROMPT, CalibrationDataError, build_calibration_
 from tlq_hf.tiny_models import sample_images
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_vlm_dirs):
-    return AutoProcessor.from_pretrained(tiny_vlm_dirs["qwen2_vl"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "gemma3"])
+def processor(request, tiny_vlm_dirs):
+    return AutoProcessor.from_pretrained(tiny_vlm_dirs[request.param])
 
 
 def _answer_text(processor, sample):
@@ -92,3 +93,20 @@ def test_local_dataset_folder(processor, tmp_path):
     folder = write_dataset_folder(tmp_path / "calib", 3)
     samples = build_calibration_set(str(folder), processor, 3)
     assert len(samples) == 3 and all(int((s.labels != -100).sum()) > 0 for s in samples)
+
+
+def test_template_bos_is_not_doubled_and_token_types_follow_truncation(processor):
+    rows = [{"image": sample_images(1)[0], "question": "what", "answer": "a " * 20 + "cat"}]
+    (full,) = build_calibration_set(rows, processor, 1)
+    ids = full.inputs["input_ids"][0]
+    bos = processor.tokenizer.bos_token_id
+    if bos is not None:
+        assert int((ids == bos).sum()) <= 1
+    n_prompt = int((full.labels[0] == -100).sum())
+    (cut,) = build_calibration_set(rows, processor, 1, max_length=n_prompt + 2)
+    for key, value in cut.inputs.items():
+        if key in ("input_ids", "attention_mask", "token_type_ids"):
+            assert value.shape == (1, n_prompt + 2), key
+    if "token_type_ids" in full.inputs:  # Gemma 3: 1 on the image tokens, which attend to each other
+        image = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.image_token)
+        assert torch.equal(full.inputs["token_type_ids"][0].bool(), ids == image)

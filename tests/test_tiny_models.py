@@ -38,6 +38,12 @@ def _image_token_id(model) -> int:
     return token_id if token_id is not None else config.image_token_index
 
 
+def _image_placeholder(processor) -> str:
+    """The token the image features replace: the tokenizer's ``image_token`` where it names one (Gemma 3, whose
+    processor calls the ``<start_of_image>`` marker its image token), else the processor's."""
+    return getattr(processor.tokenizer, "image_token", None) or processor.image_token
+
+
 def test_forward_is_finite_and_depends_on_image(loaded):
     family, model, processor = loaded
     images = sample_images(3)
@@ -70,7 +76,7 @@ def test_tokenizer_round_trip(loaded):
     assert tokenizer.decode(ids) == "what is shown in this picture ? describe the colors , please ."
     assert tokenizer.pad_token_id is not None
     assert len(tokenizer) <= model.config.get_text_config().vocab_size
-    assert tokenizer.convert_tokens_to_ids(processor.image_token) == _image_token_id(model)
+    assert tokenizer.convert_tokens_to_ids(_image_placeholder(processor)) == _image_token_id(model)
     assert tokenizer.padding_side == "left"
 
 

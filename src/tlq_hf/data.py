@@ -29,6 +29,7 @@ __all__ = [
     "CalibrationDataError",
     "load_rows",
     "build_calibration_set",
+    "rendered_text_kwargs",
     "sample_rows",
 ]
 
@@ -133,14 +134,27 @@ def _conversation(row: dict, index: int, n_images: int) -> tuple[list[dict], str
     return prompt, answer
 
 
+def rendered_text_kwargs(processor: Any, texts: Sequence[str]) -> dict[str, Any]:
+    """Tokenizer kwargs for texts a chat template rendered: ``add_special_tokens=False`` when the template already
+    wrote the BOS token (Gemma's does), so that the tokenizer does not add a second one; else none.
+
+    The same rule transformers applies in ``apply_chat_template(..., tokenize=True)``.
+    """
+    bos = getattr(getattr(processor, "tokenizer", processor), "bos_token", None)
+    if bos and texts and all(text.startswith(bos) for text in texts):
+        return {"add_special_tokens": False}
+    return {}
+
+
 def _encode(processor: Any, row: dict, index: int, max_length: int | None) -> CalibrationSample:
     images = _images(row, index)
     prompt, answer = _conversation(row, index, len(images))
     full = prompt + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
     prompt_text = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     full_text = processor.apply_chat_template(full, tokenize=False)
-    enc = processor(text=[full_text], images=images, return_tensors="pt")
-    prompt_ids = processor(text=[prompt_text], images=images, return_tensors="pt")["input_ids"][0]
+    text_kwargs = rendered_text_kwargs(processor, [full_text, prompt_text])
+    enc = processor(text=[full_text], images=images, return_tensors="pt", **text_kwargs)
+    prompt_ids = processor(text=[prompt_text], images=images, return_tensors="pt", **text_kwargs)["input_ids"][0]
     ids = enc["input_ids"][0]
     n = min(len(prompt_ids), len(ids))
     mismatch = (prompt_ids[:n] != ids[:n]).nonzero()

@@ -172,6 +172,31 @@ _ONEVISION_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+#: Gemma 3's template: ``<bos>``, turns as ``<start_of_turn>{user|model}``, a leading system message folded into the
+#: first user turn, and ``<start_of_image>`` wherever the message has an image (the processor expands it).
+_GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% if messages[0]['content'] is string %}{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
+    "{% else %}{% set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' %}{% endif %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
 # --------------------------------------------------------------------------- #
 # Per-family facts
 # --------------------------------------------------------------------------- #
@@ -280,6 +305,78 @@ def _llava_onevision_config(text: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: Gemma 3: every second decoder layer attends globally (the released models: every sixth), the others
+#: within a sliding window shorter than the tiny sequences (about 16 image + 20 text tokens), so that
+#: both attention kinds and both RoPE bases are exercised.
+_GEMMA3_GLOBAL_EVERY = 2
+_GEMMA3_SLIDING_WINDOW = 16
+_GEMMA3_ROPE_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
+#: SigLIP tower with 8px patches (8 x 8 patches on 64 x 64 images), average-pooled 2 x 2 by the
+#: projector into 16 image tokens per image.
+_GEMMA3_PATCH = 8
+_GEMMA3_IMAGE_TOKENS = 16
+
+
+def _gemma3_rope_kwargs() -> dict[str, Any]:
+    """Gemma 3's two RoPE bases (global layers, sliding layers) in the form the installed transformers expects.
+
+    transformers 5 keys ``rope_parameters`` by layer type; 4.x has ``rope_theta`` (global) and
+    ``rope_local_base_freq`` (sliding).
+    """
+    if hasattr(transformers.modeling_rope_utils, "RopeParameters"):
+        return {
+            "rope_parameters": {
+                kind: {"rope_type": "default", "rope_theta": theta} for kind, theta in _GEMMA3_ROPE_THETA.items()
+            }
+        }
+    return {
+        "rope_theta": _GEMMA3_ROPE_THETA["full_attention"],
+        "rope_local_base_freq": _GEMMA3_ROPE_THETA["sliding_attention"],
+    }
+
+
+def _gemma3_layer_types(num_layers: int) -> list[str]:
+    return ["full_attention" if (i + 1) % _GEMMA3_GLOBAL_EVERY == 0 else "sliding_attention" for i in range(num_layers)]
+
+
+def _gemma3_config(text: dict[str, Any]) -> dict[str, Any]:
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    return {
+        "text_config": {
+            "model_type": "gemma3_text",
+            **text,
+            **_gemma3_rope_kwargs(),
+            "tie_word_embeddings": True,
+            "head_dim": head_dim,
+            "query_pre_attn_scalar": head_dim,
+            "sliding_window": _GEMMA3_SLIDING_WINDOW,
+            "layer_types": _gemma3_layer_types(text["num_hidden_layers"]),
+            "final_logit_softcapping": None,
+            "attn_logit_softcapping": None,
+        },
+        "vision_config": {
+            **_vit_config("siglip_vision_model"),
+            "patch_size": _GEMMA3_PATCH,
+            "vision_use_head": False,
+            "layer_norm_eps": 1e-6,
+        },
+        "mm_tokens_per_image": _GEMMA3_IMAGE_TOKENS,
+        "tie_word_embeddings": True,
+    }
+
+
+_GEMMA3_SPECIAL = (
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+)
+
 _QWEN_SPECIAL = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -323,6 +420,9 @@ class _FamilySpec:
     model_config: Callable[[dict[str, Any]], dict[str, Any]]
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
     add_bos: bool = False
+    # tokenizer attributes naming further special tokens (Gemma 3's ``boi_token``, ``image_token``, ...)
+    named_tokens: dict[str, str] = field(default_factory=dict)
+    words: tuple[str, ...] = ()  # words the chat template needs beyond the shared vocabulary
 
 
 _FAMILY_SPECS: dict[str, _FamilySpec] = {
@@ -387,6 +487,32 @@ _FAMILY_SPECS: dict[str, _FamilySpec] = {
             "vision_aspect_ratio": "anyres_max_9",
         },
     ),
+    "gemma3": _FamilySpec(
+        model_class="Gemma3ForConditionalGeneration",
+        processor_class="Gemma3Processor",
+        image_processor=(
+            "Gemma3ImageProcessor",
+            {"size": {"height": _IMAGE_SIDE, "width": _IMAGE_SIDE}, "do_pan_and_scan": False},
+        ),
+        video_processor=None,
+        special_tokens=_GEMMA3_SPECIAL,
+        roles={"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"},
+        token_id_fields={
+            "image_token_index": "<image_soft_token>",
+            "boi_token_index": "<start_of_image>",
+            "eoi_token_index": "<end_of_image>",
+        },
+        chat_template=_GEMMA3_CHAT_TEMPLATE,
+        model_config=_gemma3_config,
+        processor_kwargs={"image_seq_length": _GEMMA3_IMAGE_TOKENS},
+        add_bos=True,
+        named_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
+        words=("model",),
+    ),
 }
 
 #: Names accepted by :func:`build_tiny_vlm`.
@@ -421,7 +547,7 @@ def _tokenizer_class(processor_cls: type) -> type[PreTrainedTokenizerFast]:
 
 def _build_tokenizer(spec: _FamilySpec, extra_words: Sequence[str] = ()) -> PreTrainedTokenizerFast:
     """Word-level fast tokenizer over ``special tokens + punctuation + digits + words + extra words``."""
-    extra = (word.lower() for word in extra_words)
+    extra = (word.lower() for word in (*spec.words, *extra_words))
     tokens = list(dict.fromkeys((*spec.special_tokens, *_PUNCTUATION, *_DIGITS, *_WORDS, *extra)))
     vocab = {token: index for index, token in enumerate(tokens)}
     backend = Tokenizer(WordLevel(vocab, unk_token=spec.roles["unk_token"]))
@@ -441,9 +567,11 @@ def _build_tokenizer(spec: _FamilySpec, extra_words: Sequence[str] = ()) -> PreT
         )
     role_tokens = set(spec.roles.values())
     tokenizer_cls = _tokenizer_class(_transformers_class(spec.processor_class))
+    named = {"extra_special_tokens": dict(spec.named_tokens)} if spec.named_tokens else {}
     return tokenizer_cls(
         tokenizer_object=backend,
         **spec.roles,
+        **named,
         additional_special_tokens=[t for t in spec.special_tokens if t not in role_tokens],
         padding_side="left",
         model_input_names=["input_ids", "attention_mask"],
@@ -482,11 +610,11 @@ def _build_config(
     }
     token_ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in spec.token_id_fields.items()}
     config_cls = _transformers_class(spec.model_class).config_class
-    fields = spec.model_config(text)
+    fields = {"tie_word_embeddings": False, **spec.model_config(text)}
     if vision_overrides:
         fields["vision_config"] = {**fields["vision_config"], **vision_overrides}
     fields.update(config_overrides or {})
-    return config_cls(**fields, **token_ids, tie_word_embeddings=False)
+    return config_cls(**fields, **token_ids)
 
 
 @torch.no_grad()
@@ -698,8 +826,11 @@ def make_inputs(
     ``images[i]`` is one image or a sequence of images for the i-th prompt. Each pair
     becomes a single user turn (image entries, then the text) rendered with
     ``add_generation_prompt=True``, and the batch is padded with the tokenizer's
-    padding side.
+    padding side. Images go to the processor per prompt (a list of lists), the batched
+    form every processor reads the same way.
     """
+    from .data import rendered_text_kwargs
+
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} image entries for {len(prompts)} prompts")
     per_prompt = [[item] if isinstance(item, Image.Image) else list(item) for item in images]
@@ -708,5 +839,6 @@ def make_inputs(
         content = [{"type": "image"} for _ in prompt_images] + [{"type": "text", "text": prompt}]
         conversation = [{"role": "user", "content": content}]
         texts.append(processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False))
-    flat_images = [image for prompt_images in per_prompt for image in prompt_images]
-    return processor(text=texts, images=flat_images, return_tensors="pt", padding=True)
+    return processor(
+        text=texts, images=per_prompt, return_tensors="pt", padding=True, **rendered_text_kwargs(processor, texts)
+    )
