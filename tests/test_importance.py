@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import auto_class
+from _helpers import FAMILIES, auto_class
 from transformers import AutoProcessor
 
 from tlq_hf import TLQConfig
-from tlq_hf.arch import find_decoder_stack, select_quant_targets
-from tlq_hf.calibration.capture import capture_layer_inputs
+from tlq_hf.arch import find_decoder_stack, find_final_norm, select_quant_targets
+from tlq_hf.calibration.capture import capture_layer_inputs, layer_forward
 from tlq_hf.calibration.importance import (
     Tempering,
     gradient_importance,
@@ -30,7 +30,7 @@ def _setup(tiny_vlm_dirs, family, n=3):
     return model, stack, capture_layer_inputs(model, stack, samples), select_quant_targets(model, None)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "gemma3"])
 @pytest.mark.parametrize("kind", ["fisher", "l1"])
 def test_blockwise_importance_equals_full_graph_autograd(tiny_vlm_dirs, family, kind):
     model, stack, captured, targets = _setup(tiny_vlm_dirs, family)
@@ -54,6 +54,32 @@ def test_capture_keeps_masks_and_first_layer_input(tiny_vlm_dirs):
         assert c.vision_mask.sum() > 0 and c.answer_mask.sum() > 0
         assert not (c.vision_mask & c.answer_mask).any()
         assert "position_embeddings" in c.kwargs or "position_ids" in c.kwargs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_layer_calls_reproduce_the_model(tiny_vlm_dirs, family):
+    """Every decoder layer replayed with its own captured kwargs, then the final norm and head, gives the model's
+    own logits; the gradient pass's answer loss is the model's loss. Gemma 3's sliding-window and global layers
+    are called with different masks and RoPE tables: layer 0's kwargs alone would not do."""
+    path = tiny_vlm_dirs[family]
+    model = auto_class().from_pretrained(path, dtype=torch.float32)
+    samples = build_calibration_set(sample_rows(2), AutoProcessor.from_pretrained(path), 2)
+    stack = find_decoder_stack(model)
+    captured = capture_layer_inputs(model, stack, samples)
+    norm, head = find_final_norm(model, stack), model.get_output_embeddings()
+    losses = []
+    with torch.no_grad():
+        for sample, c in zip(samples, captured):
+            h = c.hidden
+            for i, layer in enumerate(stack.layers):
+                h = layer_forward(layer, h, c.kwargs_for(i))
+            out = model(**sample.inputs, labels=sample.labels)
+            assert torch.allclose(head(norm(h)), out.logits, rtol=1e-5, atol=1e-5)
+            losses.append(float(out.loss))
+    distinct = {id(k) for k in captured[0].layer_kwargs}
+    assert len(distinct) == len(set(getattr(model.config.get_text_config(), "layer_types", None) or [None]))
+    grad = gradient_importance(model, stack, captured, select_quant_targets(model, None))
+    assert grad.loss == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
 def test_tempered_importance_is_zero_free_and_finite():
@@ -120,4 +146,12 @@ def test_chunked_head_loss_and_gradient_equal_autograd():
     loss_ref.backward()
     loss, grad = _head_loss_and_grad(x.detach(), head, targets, split, torch.float32, chunk=7)
     assert torch.allclose(loss @ split, loss_ref.detach(), rtol=1e-6)
+    assert torch.allclose(grad, x.grad, rtol=1e-5, atol=1e-7)
+    # soft-capped logits (Gemma 2, Gemma 3 where configured): cap * tanh(logits / cap)
+    x.grad = None
+    cap = 3.0
+    loss_ref = F.cross_entropy(torch.tanh(head(x) / cap) * cap, targets)
+    loss_ref.backward()
+    loss, grad = _head_loss_and_grad(x.detach(), head, targets, weights, torch.float32, chunk=7, softcap=cap)
+    assert torch.allclose(loss.mean(), loss_ref.detach(), rtol=1e-6)
     assert torch.allclose(grad, x.grad, rtol=1e-5, atol=1e-7)

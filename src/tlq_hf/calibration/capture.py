@@ -1,9 +1,13 @@
-"""Capture: run the model's own multimodal prefix and stop at decoder layer 0.
+"""Capture: run the model's own multimodal prefix and record what every decoder layer is called with.
 
-A forward pre-hook on the first decoder layer records that layer's input hidden states and call kwargs
-(attention mask, position ids, rotary / M-RoPE position embeddings, ...) and raises :class:`StopForward`,
-so the vision tower, projector, embedding merge and position computation are whatever the model itself
-does. Nothing here knows which architecture it runs. Activations are kept on the ``offload`` device.
+While capturing, each decoder layer's forward is stood in for by a recorder that keeps the layer's input
+hidden states (layer 0) and call kwargs (attention mask, position ids, rotary / M-RoPE position embeddings,
+...) and passes the hidden states on untouched; the last one raises :class:`StopForward`. So the vision tower,
+projector, embedding merge and position computation are whatever the model itself does, no decoder weight is
+read, and layers that the model calls differently (Gemma 3's sliding-window and global layers get different
+masks and RoPE tables) each keep their own kwargs. Nothing here knows which architecture it runs.
+Activations are kept on the ``offload`` device; layers called alike share one kwargs dict.
+
 """
 
 from __future__ import annotations
@@ -33,10 +37,20 @@ class CapturedSample:
     """Layer-0 input of one sample and what every decoder layer is called with."""
 
     hidden: torch.Tensor  # [1, T, H]
-    kwargs: dict[str, Any]  # decoder layer call kwargs (tensors on the offload device)
+    # per decoder layer, its call kwargs (tensors on the offload device); layers called alike share one dict
+    layer_kwargs: list[dict[str, Any]]
     labels: torch.Tensor  # [1, T]; -100 outside the answer
     vision_mask: torch.Tensor  # [T] bool: image tokens
     answer_mask: torch.Tensor  # [T] bool: answer tokens (labels != -100)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """Decoder layer 0's call kwargs."""
+        return self.layer_kwargs[0]
+
+    def kwargs_for(self, index: int) -> dict[str, Any]:
+        """Decoder layer ``index``'s call kwargs."""
+        return self.layer_kwargs[index]
 
 
 def to_device(obj: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
@@ -69,43 +83,132 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+# call kwargs that are per-run state, not layer inputs
+_DROPPED_KWARGS = ("past_key_value", "past_key_values", "cache")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` are the same call argument: one object, or equal tensors / containers / values."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
+def _shared(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``calls`` with every dict equal to an earlier one replaced by that earlier dict object."""
+    distinct: list[dict[str, Any]] = []
+    out = []
+    for kwargs in calls:
+        match = next((d for d in distinct if d.keys() == kwargs.keys() and _same(d, kwargs)), None)
+        if match is None:
+            distinct.append(kwargs)
+            match = kwargs
+        out.append(match)
+    return out
+
+
+def _offloaded(calls: list[dict[str, Any]], device: torch.device | str) -> list[dict[str, Any]]:
+    """Each distinct kwargs dict of ``calls`` moved to ``device`` once (shared dicts stay shared)."""
+    moved: dict[int, dict[str, Any]] = {}
+    return [moved.setdefault(id(kwargs), to_device(kwargs, device)) for kwargs in calls]
+
+
+class _LayerRecorder:
+    """Stands in for every decoder layer's forward (a scoped swap of the instance's ``forward``).
+
+    Each recorder keeps its layer's call kwargs and returns the hidden states it got; layer 0's keeps its input
+    hidden states too, and the last layer's raises :class:`StopForward`. The layers' own forwards (with any
+    accelerate hook wrapped around them) are put back on exit.
+    """
+
+    _UNSET = object()
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.layers = layers
+        self.hidden: torch.Tensor | None = None
+        self.calls: list[dict[str, Any] | None] = [None] * len(layers)
+        self._saved: list[Any] = []
+
+    def reset(self) -> None:
+        self.hidden, self.calls = None, [None] * len(self.layers)
+
+    def _forward(self, index: int):
+        last = index == len(self.layers) - 1
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if len(args) > 1:
+                raise RuntimeError(
+                    f"decoder layer {index} was called with {len(args)} positional arguments; tlq_hf replays "
+                    "decoder layers as layer(hidden_states, **kwargs) and cannot capture this model's calls"
+                )
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                self.hidden = hidden
+            self.calls[index] = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
+            if last:
+                raise StopForward
+            return hidden
+
+        return forward
+
+    def __enter__(self) -> _LayerRecorder:
+        for i, layer in enumerate(self.layers):
+            self._saved.append(layer.__dict__.get("forward", self._UNSET))
+            layer.forward = self._forward(i)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for layer, saved in zip(self.layers, self._saved):
+            if saved is self._UNSET:
+                del layer.forward
+            else:
+                layer.forward = saved
+        self._saved.clear()
+
+
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module, stack: DecoderStack, samples: list[CalibrationSample], offload: str = "cpu"
 ) -> list[CapturedSample]:
-    """Run each sample up to decoder layer 0 and return its captured inputs."""
-    first = stack.layers[0]
-    record: dict[str, Any] = {}
-
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
-        record["hidden"], record["kwargs"] = hidden, kwargs
-        raise StopForward
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    """Run each sample's prefix through the model and return what each decoder layer is called with."""
     device = module_device(model)
     img_id = image_token_id(model.config)
     captured = []
-    try:
+    with _LayerRecorder(stack.layers) as recorder:
         for sample in tqdm(samples, desc="tlq capture", unit="sample", leave=False):
+            recorder.reset()
             inputs = to_device(sample.inputs, device)
             try:
                 model(**inputs, use_cache=False)
             except StopForward:
                 pass
-            else:
-                raise RuntimeError("decoder layer 0 was never called: cannot capture calibration inputs")
+            missing = [i for i, call in enumerate(recorder.calls) if call is None]
+            if missing:
+                raise RuntimeError(f"decoder layers {missing} were never called: cannot capture calibration inputs")
             ids = sample.inputs["input_ids"][0]
             captured.append(
                 CapturedSample(
-                    hidden=record["hidden"].detach().to(offload),
-                    kwargs=to_device(record["kwargs"], offload),
+                    hidden=recorder.hidden.detach().to(offload),
+                    layer_kwargs=_offloaded(_shared(recorder.calls), offload),
                     labels=sample.labels,
                     vision_mask=(ids == img_id) if img_id is not None else torch.zeros_like(ids, dtype=torch.bool),
                     answer_mask=sample.labels[0] != -100,
                 )
             )
-    finally:
-        handle.remove()
     return captured

@@ -1,7 +1,8 @@
 """Gradient token importance, computed block-wise.
 
 The loss is the answer-token cross-entropy of the full-precision model. A no-grad forward stores the
-boundary activations ``X[0..L]`` (on the offload device); the head (final norm + ``lm_head``) gives
+boundary activations ``X[0..L]`` (on the offload device); the head (final norm + ``lm_head``, soft-capped
+where the model caps its logits: :func:`logit_softcap`) gives
 ``g[L] = dLoss/dX[L]``; then, from the last layer down, one layer at a time is re-run with grad from
 ``X[l]`` and back-propagated with ``g[l+1]``, so only one layer's graph is ever alive. Hooks keep the
 gradient at every target linear's output: token ``t``'s raw importance for module ``m`` is
@@ -38,6 +39,7 @@ __all__ = [
     "gradient_importance",
     "reference_importance",
     "answer_loss",
+    "logit_softcap",
     "temper",
     "modality_balance",
     "select_tokens",
@@ -78,6 +80,22 @@ class GradientPass:
     boundaries: list[ActivationStore] | None = None
 
 
+def logit_softcap(model: nn.Module) -> float | None:
+    """The cap ``c`` of a model whose logits are ``c * tanh(lm_head(h) / c)`` (Gemma 2's and, where configured,
+    Gemma 3's ``final_logit_softcapping``), else ``None``: the head the gradient pass stands in for."""
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text(decoder=True) if get_text is not None else config
+    cap = getattr(text, "final_logit_softcapping", None)
+    if cap is None:
+        cap = getattr(config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def _softcapped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens (next-token prediction, labels shifted by one)."""
     logits = logits[:, :-1].float()
@@ -92,9 +110,10 @@ def _head_loss_and_grad(
     weights: torch.Tensor,
     compute_dtype: torch.dtype,
     chunk: int = 8192,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row cross-entropy of ``head(hidden [N, H])`` against ``targets [N]``, and the gradient of
-    ``sum_r weights[r] * loss[r]`` with respect to ``hidden``.
+    """Per-row cross-entropy of ``head(hidden [N, H])`` (soft-capped to ``softcap * tanh(. / softcap)`` if
+    given) against ``targets [N]``, and the gradient of ``sum_r weights[r] * loss[r]`` with respect to ``hidden``.
 
     The vocabulary is processed in chunks of ``chunk`` rows of the head's weight, each read from where the
     weight lives (:func:`row_reader`: slice by slice from disk for an offloaded head) and cast to
@@ -112,7 +131,7 @@ def _head_loss_and_grad(
         logits = x @ weight.T
         if bias is not None:
             logits = logits + bias(lo, lo + chunk).to(x.device, compute_dtype)
-        return logits.float(), weight
+        return _softcapped(logits.float(), softcap), weight
 
     lse = torch.full((x.shape[0],), float("-inf"), dtype=torch.float32, device=x.device)
     target_logit = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
@@ -127,6 +146,8 @@ def _head_loss_and_grad(
         d = torch.exp(logits - lse[:, None]) * w[:, None]
         inside = (targets >= lo) & (targets < lo + logits.shape[1])
         d[inside, targets[inside] - lo] -= w[inside]
+        if softcap is not None:  # d tanh(l / c) * c / dl = 1 - tanh^2 = 1 - (capped / c)^2
+            d *= 1 - (logits / softcap).pow(2)
         grad += d @ weight.float()
     return lse - target_logit, grad
 
@@ -199,6 +220,7 @@ def gradient_importance(
     comm = comm or Comm()
     reduce = _REDUCE[kind]
     norm, head = find_final_norm(model, stack), model.get_output_embeddings()
+    softcap = logit_softcap(model)
     n_layers = len(stack.layers)
     boundaries = [ActivationStore.of([s.hidden for s in captured], spill_dir, "x0")]
     with torch.no_grad():
@@ -206,7 +228,7 @@ def gradient_importance(
             out = ActivationStore(spill_dir, f"x{i + 1}")
             with onloaded(layer) as on:
                 for h, s in zip(boundaries[i], captured):
-                    y = layer_forward(layer, h.to(on.device, on.compute_dtype), _kwargs(s, on))
+                    y = layer_forward(layer, h.to(on.device, on.compute_dtype), _kwargs(s, i, on))
                     out.append(y.to(on.store_dtype))
             boundaries.append(out)
     raw: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
@@ -218,13 +240,15 @@ def gradient_importance(
         if chunked:  # the head is read chunk by chunk from where it lives, never onloaded whole
             with onloaded(norm) as on:
                 compute = compute_dtype_for(on.device, head.weight.dtype)
-                total += _chunked_head_gradients(boundaries[-1], captured, norm, head, on.device, compute, grads)
+                total += _chunked_head_gradients(
+                    boundaries[-1], captured, norm, head, on.device, compute, grads, softcap
+                )
         else:
             with onloaded(norm), onloaded(head) as on:
                 compute = compute_dtype_for(on.device, on.store_dtype)
                 for h, s in zip(boundaries[-1], captured):
                     h = h.to(on.device, compute).detach().requires_grad_(True)
-                    loss = answer_loss(head(norm(h)), s.labels)
+                    loss = answer_loss(_softcapped(head(norm(h)), softcap), s.labels)
                     loss.backward()
                     total += float(loss.detach())
                     grads.append(h.grad.float())
@@ -239,7 +263,7 @@ def gradient_importance(
                 with onloaded(layer) as on:
                     for h, g, s in zip(boundaries[i], grads, captured):
                         h = h.to(on.device, on.compute_dtype).detach().requires_grad_(True)
-                        out = layer_forward(layer, h, _kwargs(s, on))
+                        out = layer_forward(layer, h, _kwargs(s, i, on))
                         out.backward(g.to(on.device, out.dtype))
                         for name, output in grabber.outputs.items():
                             raw[name].append(reduce(output.grad[0]).cpu())
@@ -267,6 +291,7 @@ def _chunked_head_gradients(
     device: torch.device,
     compute: torch.dtype,
     grads: ActivationStore,
+    softcap: float | None = None,
 ) -> float:
     """``dLoss_s / dX[L]`` of every sample into ``grads``; returns the sum of the per-sample answer losses.
 
@@ -283,7 +308,9 @@ def _chunked_head_gradients(
             targets.append(target)
             weights.append(torch.full((len(pos),), 1.0 / max(len(pos), 1), device=device))
     weight = torch.cat(weights)
-    row_loss, row_grad = _head_loss_and_grad(torch.cat(rows), head, torch.cat(targets), weight, compute)
+    row_loss, row_grad = _head_loss_and_grad(
+        torch.cat(rows), head, torch.cat(targets), weight, compute, softcap=softcap
+    )
     del rows
     for (h, s), g in zip(zip(last, captured), row_grad.split([len(w) for w in weights])):
         h = h.to(device, compute).detach().requires_grad_(True)
@@ -294,8 +321,8 @@ def _chunked_head_gradients(
     return float(row_loss @ weight)
 
 
-def _kwargs(sample: CapturedSample, on: Onloaded) -> dict:
-    return to_device(sample.kwargs, on.device, on.compute_dtype)
+def _kwargs(sample: CapturedSample, index: int, on: Onloaded) -> dict:
+    return to_device(sample.kwargs_for(index), on.device, on.compute_dtype)
 
 
 def reference_importance(
@@ -308,15 +335,16 @@ def reference_importance(
     """The same raw importance from one full-graph backward (for testing the block-wise pass)."""
     reduce = _REDUCE[kind]
     norm, head = find_final_norm(model, stack), model.get_output_embeddings()
+    softcap = logit_softcap(model)
     raw: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
     grabber = _OutputGrabber(targets)
     try:
         with _NoParamGrad(model), torch.enable_grad():
             for s in captured:
                 h = s.hidden.detach().requires_grad_(True)
-                for layer in stack.layers:
-                    h = layer_forward(layer, h, s.kwargs)
-                answer_loss(head(norm(h)), s.labels).backward()
+                for i, layer in enumerate(stack.layers):
+                    h = layer_forward(layer, h, s.kwargs_for(i))
+                answer_loss(_softcapped(head(norm(h)), softcap), s.labels).backward()
                 for name in targets:
                     raw[name].append(reduce(grabber.outputs[name].grad[0]).cpu())
                 grabber.outputs.clear()

@@ -282,7 +282,7 @@ class LayerLoop:
         y_fp = self.fp_boundaries[i + 1] if streamed else ActivationStore(self.spill_dir, "x_fp")
         y_in = ActivationStore(self.spill_dir, "x_in") if cfg.exposed else y_fp
         with torch.no_grad(), onloaded(layer, keep=True, scratch=True) as on:
-            kwargs = [to_device(s.kwargs, on.device, on.compute_dtype) for s in self.captured]
+            kwargs = [to_device(s.kwargs_for(i), on.device, on.compute_dtype) for s in self.captured]
 
             def forward(x: torch.Tensor, j: int) -> torch.Tensor:
                 return layer_forward(layer, x.to(on.device, on.compute_dtype), kwargs[j])
