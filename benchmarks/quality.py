@@ -1,18 +1,21 @@
 """The quality table: every method (and peer libraries) on the trained benchmark VLMs.
 
-    python benchmarks/quality.py            # full table (both models, all schemes, 3 seeds, ablations)
+    python benchmarks/quality.py            # full table (every trained model, all schemes, 3 seeds, ablations)
     python benchmarks/quality.py --quick    # one model, W3A16-g128, 1 seed
     python benchmarks/quality.py --peers    # also llm-compressor GPTQ/AWQ (needs .venv-peers, see PEERS.md)
 
 Each calibration runs in its own subprocess (so wall time and peak RSS are per method, and peers run in
 their own environment), saves a compressed-tensors checkpoint, and the parent evaluates every saved
-checkpoint the same way: first-answer-token logits on held-out items of `vqa_task` against the
-full-precision model. Metrics: answer-token KL(FP || quantized), flip rate (1 - top-1 agreement with FP),
-held-out accuracy; calibration wall time and peak RSS of the calibrating process.
+checkpoint the same way: first-answer-token logits on held-out items of the model's own task (`vqa_task`
+or `reading_task`, from its `train_vqa` recipe) against the full-precision model. Metrics: answer-token
+KL(FP || quantized), flip rate (1 - top-1 agreement with FP), held-out accuracy; calibration wall time and
+peak RSS of the calibrating process; per model and scheme, KL ratios (TLQ / GPTQ, TLQ / llm-compressor) and
+flip differences with paired-bootstrap intervals over held-out items.
 
-Writes benchmarks/results/quality.json (one record per model/library/method/scheme/seed, plus one
-`method: "fp"` record per model with `text_prior_accuracy`), benchmarks/results/RESULTS.md and
-benchmarks/results/quality.png.
+Writes benchmarks/results/quality.json (``{"records": [...], "ratios": [...]}``: one record per
+model/library/method/scheme/seed, plus one `method: "fp"` record per model with `text_prior_accuracy`),
+benchmarks/results/RESULTS.md and benchmarks/results/quality.png; the per-item metrics of the last table go
+to benchmarks/results/quality_items.pt (not committed; `--peers-only` pairs with them).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,13 +42,19 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import vqa_task  # noqa: E402
+from train_vqa import RECIPES, TASKS  # noqa: E402
 
-MODELS = ("llava-vqa", "qwen2vl-vqa")
+#: Benchmark model folder -> the synthetic task (key of ``train_vqa.TASKS``) it was trained on.
+MODEL_TASKS: dict[str, str] = {recipe.name: recipe.task for recipe in RECIPES.values()}
+#: The trained models present under ``benchmarks/models`` (the default ``--models``).
+MODELS = tuple(name for name in MODEL_TASKS if (HERE / "models" / name / "config.json").exists())
 SCHEMES: dict[str, dict[str, Any]] = {
     "W4A16-g128": dict(bits=4, group_size=128),
     "W3A16-g128": dict(bits=3, group_size=128),
     "W2A16-g64": dict(bits=2, group_size=64),
+    # regimes where accuracy moves on these robust models: 3-bit per output channel, 2-bit in large groups
+    "W3A16-ch": dict(bits=3, group_size=-1),
+    "W2A16-g128": dict(bits=2, group_size=128),
     "W8A8": dict(bits=8, group_size=-1, act_bits=8),
     "W4A8": dict(bits=4, group_size=128, act_bits=8),
 }
@@ -75,9 +85,15 @@ NUM_SAMPLES, POOL, HELD_OUT = 128, 1024, 2000
 POOL_SEED, HELD_OUT_SEED = 1234, 5678
 
 
-def calibration_rows(seed: int) -> list[dict]:
-    """The 128 calibration rows of calibration seed ``seed``: a seeded subset of a fixed training pool."""
-    pool = vqa_task.make_items(POOL, seed=POOL_SEED, split="train")
+def task_of(model: str) -> Any:
+    """The task module the benchmark model ``model`` was trained on."""
+    return TASKS[MODEL_TASKS[model]]
+
+
+def calibration_rows(seed: int, model: str) -> list[dict]:
+    """The 128 calibration rows of calibration seed ``seed`` for ``model``: a seeded subset of a fixed pool of
+    training items of the model's task."""
+    pool = task_of(model).make_items(POOL, seed=POOL_SEED, split="train")
     order = list(range(POOL))
     random.Random(seed).shuffle(order)
     return [pool[i] for i in order[:NUM_SAMPLES]]
@@ -106,7 +122,9 @@ def _worker_tlq(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     out = {}
     for seed in job["seeds"]:
-        cfg = TLQConfig(dataset=calibration_rows(seed), num_samples=NUM_SAMPLES, **job["scheme"], **job["config"])
+        cfg = TLQConfig(
+            dataset=calibration_rows(seed, job["model_name"]), num_samples=NUM_SAMPLES, **job["scheme"], **job["config"]
+        )
         start = time.perf_counter()
         model = load_auto_class().from_pretrained(job["model"], quantization_config=cfg, dtype=torch.float32)
         seconds = time.perf_counter() - start
@@ -137,10 +155,12 @@ def _worker_llmc(job: dict) -> dict:
     processor = AutoProcessor.from_pretrained(job["model"])
     scheme = {"W4A16-g128": "W4A16", "W3A16-g128": "W3A16"}[job["scheme_name"]]
     ignore = ["re:.*lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
-    evaluator = Evaluator(job["model"], job["held_out"])  # encodes the held-out items once for every seed
+    evaluator = Evaluator(
+        job["model"], job["held_out"], task_of(job["model_name"])
+    )  # encodes the held-out items once for every seed
     out, oneshot_seconds = {}, {}
     for seed in job["seeds"]:
-        rows = calibration_rows(seed)
+        rows = calibration_rows(seed, job["model_name"])
         # the clock starts where tlq_hf's does (raw rows and a model path): encoding and loading are included
         start = time.perf_counter()
         samples = build_calibration_set(rows, processor, NUM_SAMPLES)
@@ -213,12 +233,18 @@ class Evaluator:
     """First-answer-token log-probabilities of held-out items, inputs encoded once per model."""
 
     def __init__(
-        self, model_dir: str, n_items: int, batch_size: int = 64, seed: int = HELD_OUT_SEED, split: str = "test"
+        self,
+        model_dir: str,
+        n_items: int,
+        task: Any,
+        batch_size: int = 64,
+        seed: int = HELD_OUT_SEED,
+        split: str = "test",
     ) -> None:
         from transformers import AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.items = vqa_task.make_items(n_items, seed=seed, split=split)
+        self.items = task.make_items(n_items, seed=seed, split=split)
         tok = self.processor.tokenizer
         self.answers = torch.tensor([tok(i["answer"], add_special_tokens=False)["input_ids"][0] for i in self.items])
         self.batches = []
@@ -245,11 +271,15 @@ class Evaluator:
             out.append(torch.log_softmax(logits[torch.arange(len(last)), last].float(), -1))
         return torch.cat(out)
 
+    @staticmethod
+    def item_kl(ref: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """KL(FP || quantized) of each held-out item's first answer token."""
+        return (ref.exp() * (ref - q)).sum(-1)
+
     def metrics(self, ref: torch.Tensor, q: torch.Tensor) -> dict[str, float]:
-        kl = float((ref.exp() * (ref - q)).sum(-1).mean())
         return {
             "accuracy": float((q.argmax(-1) == self.answers).float().mean()),
-            "kl": kl,
+            "kl": float(self.item_kl(ref, q).mean()),
             "agreement": float((q.argmax(-1) == ref.argmax(-1)).float().mean()),
         }
 
@@ -258,6 +288,101 @@ def _load(path: Path):
     from tlq_hf.tiny_models import load_auto_class
 
     return load_auto_class().from_pretrained(path, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- per-item metrics, ratios
+
+
+#: (numerator, denominator) method pairs whose KL ratio and flip difference get bootstrap intervals.
+RATIO_PAIRS = (
+    ("tlq-gptq", "gptq"),
+    ("tlq-awq", "awq"),
+    ("tlq-gptq", "llmc-gptq"),
+    ("tlq-gptq", "llmc-awq"),
+)
+
+
+class ItemMetrics:
+    """Per held-out item KL and flip of every (model, method, scheme), averaged over the seeds that ran.
+
+    The table's ratios (TLQ / GPTQ answer KL, per model) get confidence intervals from these: a paired
+    bootstrap over held-out items, the same resampled items for both methods.
+    """
+
+    def __init__(self) -> None:
+        self._kl: dict[tuple[str, str, str], list[torch.Tensor]] = {}
+        self._flips: dict[tuple[str, str, str], list[torch.Tensor]] = {}
+
+    def add(self, model: str, method: str, scheme: str, kl: torch.Tensor, flips: torch.Tensor) -> None:
+        """One seed's per-item KL and flips (bool) of ``method`` on ``model`` at ``scheme``."""
+        self._kl.setdefault((model, method, scheme), []).append(kl.double())
+        self._flips.setdefault((model, method, scheme), []).append(flips.double())
+
+    def save(self, path: Path) -> None:
+        """Write every run's per-item tensors (so a partial re-run, e.g. ``--peers-only``, can pair with them)."""
+        flat = {
+            "|".join(k) + f"|{kind}|{i}": t
+            for kind, store in (("kl", self._kl), ("flips", self._flips))
+            for k, runs in store.items()
+            for i, t in enumerate(runs)
+        }
+        torch.save(flat, path)
+
+    @classmethod
+    def load(cls, path: Path) -> ItemMetrics:
+        """The per-item metrics :meth:`save` wrote (empty when there is no file)."""
+        out = cls()
+        if path.exists():
+            for name, tensor in sorted(torch.load(path, weights_only=True).items()):
+                model, method, scheme, kind, _ = name.split("|")
+                store = out._kl if kind == "kl" else out._flips
+                store.setdefault((model, method, scheme), []).append(tensor)
+        return out
+
+    def drop(self, keep: Callable[[str], bool]) -> None:
+        """Forget the methods for which ``keep(method)`` is false (they are about to be re-run)."""
+        for store in (self._kl, self._flips):
+            for key in [k for k in store if not keep(k[1])]:
+                del store[key]
+
+    def _mean(self, store: dict, key: tuple[str, str, str]) -> torch.Tensor | None:
+        runs = store.get(key)
+        return torch.stack(runs).mean(0) if runs else None
+
+    def ratio(self, model: str, scheme: str, num: str, den: str, resamples: int = 2000) -> dict | None:
+        """KL(num) / KL(den) and flips(num) - flips(den) with 95 % paired-bootstrap intervals, or None."""
+        a, b = self._mean(self._kl, (model, num, scheme)), self._mean(self._kl, (model, den, scheme))
+        fa, fb = self._mean(self._flips, (model, num, scheme)), self._mean(self._flips, (model, den, scheme))
+        if a is None or b is None or float(b.mean()) <= 0:
+            return None
+        generator = torch.Generator().manual_seed(0)
+        index = torch.randint(len(a), (resamples, len(a)), generator=generator)
+        ratios = a[index].mean(1) / b[index].mean(1)
+        diffs = fa[index].mean(1) - fb[index].mean(1)
+        q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+        return dict(
+            model=model,
+            scheme=scheme,
+            numerator=num,
+            denominator=den,
+            seeds=[len(self._kl[(model, num, scheme)]), len(self._kl[(model, den, scheme)])],
+            items=len(a),
+            kl_ratio=float(a.mean() / b.mean()),
+            kl_ratio_ci95=[float(v) for v in torch.quantile(ratios, q)],
+            flip_diff=float(fa.mean() - fb.mean()),
+            flip_diff_ci95=[float(v) for v in torch.quantile(diffs, q)],
+        )
+
+    def ratios(self, models: list[str], schemes: list[str]) -> list[dict]:
+        """:meth:`ratio` of every :data:`RATIO_PAIRS` pair that ran, per model and scheme."""
+        out = []
+        for model in models:
+            for scheme in schemes:
+                for num, den in RATIO_PAIRS:
+                    found = self.ratio(model, scheme, num, den)
+                    if found is not None:
+                        out.append(found)
+        return out
 
 
 # ----------------------------------------------------------------------------- the table
@@ -289,9 +414,10 @@ def _fp_records(args, evaluators: dict, refs: dict) -> list[dict]:
     records = []
     for model in args.models:
         path = HERE / "models" / model
-        ev = Evaluator(str(path), args.held_out)
+        task = task_of(model)
+        ev = Evaluator(str(path), args.held_out, task)
         refs[model] = ev.logprobs(_load(path))
-        prior = vqa_task.text_prior_accuracy(vqa_task.make_items(4000, seed=POOL_SEED, split="train"), ev.items)
+        prior = task.text_prior_accuracy(task.make_items(4000, seed=POOL_SEED, split="train"), ev.items)
         fp_acc = float((refs[model].argmax(-1) == ev.answers).float().mean())
         records.append(
             dict(
@@ -306,6 +432,7 @@ def _fp_records(args, evaluators: dict, refs: dict) -> list[dict]:
                 calib_seconds=0.0,
                 peak_rss_mb=None,
                 text_prior_accuracy=prior,
+                task=MODEL_TASKS[model],
             )
         )
         print(f"{model}: FP accuracy {fp_acc:.1%}, text-only prior {prior:.1%} on {len(ev.items)} items", flush=True)
@@ -313,8 +440,10 @@ def _fp_records(args, evaluators: dict, refs: dict) -> list[dict]:
     return records
 
 
-def _evaluate_job(job: dict, result: dict, ev: Evaluator, ref: torch.Tensor, phase: str) -> list[dict]:
-    """Records for every seed of one finished worker (or one error record)."""
+def _evaluate_job(
+    job: dict, result: dict, ev: Evaluator, ref: torch.Tensor, phase: str, items: ItemMetrics
+) -> list[dict]:
+    """Records for every seed of one finished worker (or one error record); per-item metrics go to ``items``."""
     library = "llm-compressor" if job["kind"] == "llmc" else "tlq_hf"
     base = dict(model=job["model_name"], library=library, method=job["label"], scheme=job["scheme_name"], phase=phase)
     if "error" in result:
@@ -332,6 +461,14 @@ def _evaluate_job(job: dict, result: dict, ev: Evaluator, ref: torch.Tensor, pha
         else:
             logprobs = ev.logprobs(_load(ckpt))
         m = ev.metrics(ref, logprobs)
+        if phase == "table" and torch.isfinite(logprobs).all():
+            items.add(
+                job["model_name"],
+                job["label"],
+                job["scheme_name"],
+                ev.item_kl(ref, logprobs),
+                logprobs.argmax(-1) != ref.argmax(-1),
+            )
         rec = dict(
             base,
             seed=seed,
@@ -384,11 +521,21 @@ def _timing_jobs(args) -> list[dict]:
     return [_job(model, label, "W4A16-g128") for model in args.models for label in labels]
 
 
-def run(args) -> list[dict]:
+ITEMS_PATH = HERE / "results" / "quality_items.pt"  # per-item metrics of the last table (not committed)
+
+
+def _old_records() -> list[dict]:
+    data = json.loads((HERE / "results" / "quality.json").read_text())
+    return data["records"] if isinstance(data, dict) else data
+
+
+def run(args) -> tuple[list[dict], ItemMetrics]:
     """The table (``args.jobs`` workers at a time, one torch thread each), then the time-alone pass.
 
     With ``--timing-only`` the table records come from the existing quality.json and only the time-alone
-    pass is re-run (its records replace the old ones)."""
+    pass is re-run (its records replace the old ones); ``--peers-only`` keeps every tlq_hf record and the
+    per-item metrics of the last table (``ITEMS_PATH``) and re-runs the llm-compressor jobs."""
+    items = ItemMetrics() if not (args.timing_only or args.peers_only) else ItemMetrics.load(ITEMS_PATH)
     threads = 1 if args.jobs > 1 else args.threads  # per table worker
     torch.set_num_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="tlq-quality-"))
@@ -397,18 +544,19 @@ def run(args) -> list[dict]:
     records = _fp_records(args, evaluators, refs)
     table_jobs = _jobs(args)
     if args.timing_only or args.peers_only:  # keep the old records that are not re-run
-        old = json.loads((HERE / "results" / "quality.json").read_text())
+        old = _old_records()
         if args.timing_only:
             records, table_jobs = [r for r in old if r.get("phase") != "timing"], []
         else:  # every llm-compressor job, table and time-alone pass
             records = [r for r in old if r["library"] != "llm-compressor"]
+            items.drop(lambda method: method not in PEERS)
             table_jobs = [j for j in table_jobs if j["kind"] == "llmc"]
     prepared = [_prepare(job, args, work, args.seeds, threads, "table") for job in table_jobs]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(_run_worker, python, job) for python, job in prepared]
         for (_, job), future in zip(prepared, futures, strict=True):
             ev, ref = evaluators[job["model_name"]], refs[job["model_name"]]
-            records += _evaluate_job(job, future.result(), ev, ref, "table")
+            records += _evaluate_job(job, future.result(), ev, ref, "table", items)
     if not args.quick and not args.no_timing:
         # calibration time on an otherwise idle machine, one process at a time, args.threads threads
         for job in _timing_jobs(args):
@@ -416,9 +564,10 @@ def run(args) -> list[dict]:
                 continue
             python, job = _prepare(job, args, work, args.seeds, args.threads, "timing")
             ev, ref = evaluators[job["model_name"]], refs[job["model_name"]]
-            records += _evaluate_job(job, _run_worker(python, job), ev, ref, "timing")
+            records += _evaluate_job(job, _run_worker(python, job), ev, ref, "timing", items)
     shutil.rmtree(work, ignore_errors=True)
-    return records
+    items.save(ITEMS_PATH)
+    return records, items
 
 
 def _transformers_version() -> str:
@@ -491,52 +640,103 @@ def _rss(record: dict) -> str:
     return "n/a" if record.get("peak_rss_mb") is None else f"{record['peak_rss_mb']:.0f}"
 
 
-def _targets_section(records: list[dict], args) -> list[str]:
-    """The issue's targets, computed from the records (met / not met)."""
+def _ratio_section(ratios: list[dict], args) -> list[str]:
+    """Per model and scheme: answer-KL ratios and flip differences with paired-bootstrap 95 % intervals."""
+    if not ratios:
+        return []
+    lines = [
+        "## Ratios (paired bootstrap over held-out items, 95 % interval)",
+        "",
+        "KL ratio = mean answer KL of the first method / the second (per item averaged over seeds first); "
+        "flip diff = flip rate of the first minus the second (negative: fewer flips).",
+        "",
+        "| model | scheme | methods | KL ratio | 95 % CI | flip diff | 95 % CI |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in ratios:
+        lo, hi = r["kl_ratio_ci95"]
+        flo, fhi = r["flip_diff_ci95"]
+        lines.append(
+            f"| {r['model']} | {r['scheme']} | {r['numerator']} / {r['denominator']} | {r['kl_ratio']:.2f} "
+            f"| {lo:.2f} - {hi:.2f} | {r['flip_diff']:+.2%} | {flo:+.2%} - {fhi:+.2%} |"
+        )
+    lines += ["", "Geometric mean over models of KL(tlq-gptq) / KL(gptq):", ""]
+    for scheme in args.schemes:
+        values = [r["kl_ratio"] for r in ratios if r["scheme"] == scheme and r["denominator"] == "gptq"]
+        if values and all(v > 0 for v in values):
+            geo = math.exp(statistics.fmean(math.log(v) for v in values))
+            lines.append(f"- {scheme}: {geo:.2f} over {len(values)} models")
+    return lines + [""]
+
+
+def _targets_section(records: list[dict], ratios: list[dict], args) -> list[str]:
+    """The quality issue's targets, computed from the records and ratios (met / not met)."""
     lines = ["## Targets", ""]
-    contenders = [m for m in METHODS] + list(PEERS)
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    pairs = {(r["model"], r["scheme"], r["numerator"], r["denominator"]): r for r in ratios}
+    for scheme in ("W3A16-g128", "W2A16-g64", "W4A8"):
+        found = [pairs.get((m, scheme, "tlq-gptq", "gptq")) for m in args.models]
+        found = [r for r in found if r is not None]
+        if not found:
+            continue
+        worse = [r["model"] for r in found if r["kl_ratio"] > 1]
+        lines.append(
+            f"- {scheme}: TLQ mean answer KL <= GPTQ's on every model: {verdict(not worse)}"
+            + (f" (worse on {', '.join(worse)})" if worse else "")
+        )
+        flips = [r["model"] for r in found if r["flip_diff_ci95"][0] > 0]
+        lines.append(
+            f"- {scheme}: TLQ flips never worse than GPTQ's beyond the interval: {verdict(not flips)}"
+            + (f" (worse on {', '.join(flips)})" if flips else "")
+        )
+        if scheme == "W3A16-g128":
+            geo = math.exp(statistics.fmean(math.log(max(r["kl_ratio"], 1e-12)) for r in found))
+            lines.append(
+                f"- {scheme}: geometric mean TLQ/GPTQ KL over {len(found)} models {geo:.2f} (target <= 0.6): "
+                f"{verdict(geo <= 0.6)}"
+            )
+    for scheme in ("W4A16-g128", "W3A16-g128"):
+        for peer in PEERS:
+            found = [pairs.get((m, scheme, "tlq-gptq", peer)) for m in args.models]
+            found = [r for r in found if r is not None]
+            if found:
+                worse = [r["model"] for r in found if r["kl_ratio"] >= 1]
+                lines.append(
+                    f"- {scheme}: TLQ below {peer} on every model: {verdict(not worse)}"
+                    + (f" (not on {', '.join(worse)})" if worse else "")
+                )
     for model in args.models:
         fp = next(r["accuracy"] for r in records if r["model"] == model and r["method"] == "fp")
-        for scheme in ("W3A16-g128", "W2A16-g64", "W4A8"):
-            if scheme not in args.schemes:
+        for scheme in args.schemes:
+            accs = {m: _mean_of(records, model, m, scheme, "accuracy") for m in [*METHODS, *PEERS]}
+            accs = {m: v for m, v in accs.items() if v is not None}
+            # "accuracy moves": the worst method loses at least 2 points of FP accuracy
+            if "tlq-gptq" not in accs or fp - min(accs.values()) < 0.02:
                 continue
-            for key in ("kl", "flips"):
-                means = {m: _mean_of(records, model, m, scheme, key) for m in contenders}
-                means = {m: v for m, v in means.items() if v is not None}
-                if "tlq-gptq" not in means:
-                    continue
-                best = min(means, key=means.get)
-                ok = best == "tlq-gptq"
-                lines.append(
-                    f"- {model} {scheme} lowest mean {key}: {'met' if ok else 'NOT met'} (tlq-gptq "
-                    f"{means['tlq-gptq']:.3g}; best {best} {means[best]:.3g})"
-                )
-        for scheme, need in (("W4A16-g128", 0.99), ("W3A16-g128", 0.95)):
-            acc = _mean_of(records, model, "tlq-gptq", scheme, "accuracy")
-            if acc is not None and fp > 0:
-                lines.append(
-                    f"- {model} {scheme} accuracy retained {acc / fp:.1%} of FP (target {need:.0%}): "
-                    f"{'met' if acc / fp >= need else 'NOT met'}"
-                )
-        tlq, gptq = (_mean_of(records, model, m, "W3A16-g128", "kl") for m in ("tlq-gptq", "gptq"))
-        if tlq is not None and gptq:
-            lines.append(f"- {model} moonshot KL(tlq-gptq) / KL(gptq) at W3A16-g128 = {tlq / gptq:.2f} (target <= 0.7)")
-        tlq_t, peer_t = (
-            _mean_of(records, model, m, "W4A16-g128", "calib_seconds", "timing") for m in ("tlq-gptq", "llmc-gptq")
-        )
-        if tlq_t is not None and peer_t:
-            ok = tlq_t / peer_t <= 1.5
+            best = max(accs, key=accs.get)
             lines.append(
-                f"- {model} calibration time tlq-gptq / llm-compressor GPTQ = {tlq_t / peer_t:.2f}x (target <= 1.5x): "
-                f"{'met' if ok else 'NOT met'}"
+                f"- {model} {scheme} (accuracy moves: {min(accs.values()):.1%} to {max(accs.values()):.1%} vs FP "
+                f"{fp:.1%}): TLQ retains the most: {verdict(accs['tlq-gptq'] >= accs[best])} (tlq-gptq "
+                f"{accs['tlq-gptq'] / fp:.1%} of FP; best {best} {accs[best] / fp:.1%})"
+            )
+        tlq_t, gptq_t = (
+            _mean_of(records, model, m, "W4A16-g128", "calib_seconds", "timing") for m in ("tlq-gptq", "gptq")
+        )
+        if tlq_t is not None and gptq_t:
+            lines.append(
+                f"- {model} calibration time tlq-gptq / gptq = {tlq_t / gptq_t:.2f}x (target <= 1.3x): "
+                f"{verdict(tlq_t / gptq_t <= 1.3)}"
             )
     return lines + [""]
 
 
-def write_results(records: list[dict], args, wall: float) -> None:
+def write_results(records: list[dict], ratios: list[dict], args, wall: float) -> None:
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    (results / "quality.json").write_text(json.dumps(records, indent=1))
+    (results / "quality.json").write_text(json.dumps({"records": records, "ratios": ratios}, indent=1))
     meta_path = results / "quality_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     key = "timing_only" if args.timing_only else "peers_only" if args.peers_only else "table"
@@ -617,7 +817,7 @@ def write_results(records: list[dict], args, wall: float) -> None:
             "below measures it.",
             "",
         ]
-    lines += _timing_section(records, args) + _targets_section(records, args)
+    lines += _ratio_section(ratios, args) + _timing_section(records, args) + _targets_section(records, ratios, args)
     peer_rows = [r for r in records if r["library"] == "llm-compressor" and "kl" in r]
     failed = [r for r in peer_rows if r.get("reload_error")]
     if peer_rows:
@@ -695,11 +895,18 @@ def main() -> None:
     p.add_argument("--peers-only", action="store_true", help="re-run only the llm-compressor jobs (with --peers)")
     args = p.parse_args()
     args.argv = sys.argv[1:]
+    missing = [m for m in args.models if m not in MODELS]
+    if missing:
+        recipes = {r.name: key for key, r in RECIPES.items()}
+        hints = [
+            f"python benchmarks/train_vqa.py --model {recipes[m]}" if m in recipes else f"{m}: unknown" for m in missing
+        ]
+        p.error(f"no trained benchmark model {missing} under benchmarks/models; train it first: {'; '.join(hints)}")
     if args.quick:
         args.models, args.schemes, args.seeds = args.models[:1], ["W3A16-g128"], args.seeds[:1]
     start = time.perf_counter()
-    records = run(args)
-    write_results(records, args, time.perf_counter() - start)
+    records, items = run(args)
+    write_results(records, items.ratios(args.models, args.schemes), args, time.perf_counter() - start)
     print(f"wrote {HERE / 'results' / 'RESULTS.md'} in {(time.perf_counter() - start) / 60:.1f} min")
 
 
