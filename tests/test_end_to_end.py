@@ -17,7 +17,7 @@ from _helpers import FAMILIES, auto_class, logits_of
 from torch import nn
 
 from tlq_hf import TLQConfig
-from tlq_hf.arch import find_decoder_stack
+from tlq_hf.arch import find_decoder_stack, matches_any
 from tlq_hf.evaluation import compare_logits, linear_bytes_on_disk
 from tlq_hf.nn import TLQLinear
 
@@ -28,6 +28,10 @@ SCHEMES = {
     "W8A8": dict(bits=8, group_size=-1, act_bits=8),
     "W4A8": dict(bits=4, group_size=128, act_bits=8),
 }
+
+
+#: Name parts of the vision towers and projectors (Gemma 3's holds a raw parameter), which stay full precision.
+UNQUANTIZED_PARTS = ("visual", "vision", "multi_modal_projector")
 
 
 def _reload_without_plugin(folder: str, batch, out: str, dtype: str = "float32", device_map: str | None = None):
@@ -45,7 +49,7 @@ def _reload_without_plugin(folder: str, batch, out: str, dtype: str = "float32",
         batch = torch.load({out!r} + ".inputs.pt")
         with torch.no_grad():
             logits = model(**batch).logits.float()
-        state = {{k: v.float() for k, v in model.state_dict().items() if "visual" in k or "vision" in k}}
+        state = {{k: v.float() for k, v in model.state_dict().items() if any(p in k for p in {UNQUANTIZED_PARTS!r})}}
         torch.save({{"logits": logits, "vision": state}}, {out!r})
         """
     )
@@ -54,8 +58,26 @@ def _reload_without_plugin(folder: str, batch, out: str, dtype: str = "float32",
     return torch.load(out)
 
 
+#: vLLM's checkpoint-to-module renames for these families (its ``hf_to_vllm_mapper`` prefixes, first match wins:
+#: Qwen2-VL / Qwen2.5-VL, LLaVA / LLaVA-OneVision and Gemma 3 use these).
+VLLM_PREFIXES = (
+    ("model.language_model.", "language_model.model."),
+    ("model.visual.", "visual."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+
+def _vllm_name(name: str) -> str:
+    for old, new in VLLM_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
 def _vision_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.float() for k, v in model.state_dict().items() if "visual" in k or "vision" in k}
+    return {k: v.float() for k, v in model.state_dict().items() if any(p in k for p in UNQUANTIZED_PARTS)}
 
 
 def _packed_names(model: nn.Module) -> list[tuple[str, TLQLinear]]:
@@ -93,6 +115,11 @@ def test_quantize_save_reload_compressed_tensors(family, tiny_vlm_dirs, batch_fo
     saved = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "compressed-tensors" and saved["format"] == "pack-quantized"
     assert all(p.startswith("re:") for p in saved["ignore"])
+    # the ignore list picks exactly the full-precision linears, by transformers' names and by vLLM's
+    linears = {n: isinstance(m, TLQLinear) for n, m in q.named_modules() if isinstance(m, (nn.Linear, TLQLinear))}
+    for name, is_packed in linears.items():
+        for view in (name, _vllm_name(name)):
+            assert matches_any(view, saved["ignore"]) != is_packed, (view, saved["ignore"])
 
     ratio_stats = linear_bytes_on_disk(tmp_path / "ct", r"^(?!.*(vision|visual)).*layers\.\d+\.(self_attn|mlp)\.")
     ratio = ratio_stats["stored"] / (2 * ratio_stats["weights"])
@@ -106,7 +133,7 @@ def test_quantize_save_reload_compressed_tensors(family, tiny_vlm_dirs, batch_fo
     vision_fp = _vision_state(fp)
     assert vision_fp and len(reloaded["vision"]) == len(vision_fp)
     for (k_fp, v_fp), v_re in zip(sorted(vision_fp.items()), [v for _, v in sorted(reloaded["vision"].items())]):
-        assert torch.equal(v_fp, v_re), f"vision weight {k_fp} changed on reload"
+        assert torch.equal(v_fp, v_re), f"vision / projector weight {k_fp} changed on reload"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor
 
 from tlq_hf import TLQConfig
-from tlq_hf.arch import decoder_device_map, find_decoder_stack, select_quant_targets
+from tlq_hf.arch import decoder_device_map, find_decoder_stack, select_quant_targets, smooth_mappings
 from tlq_hf.calibration import layer_loop
 from tlq_hf.calibration.activations import ActivationStore
 from tlq_hf.calibration.capture import capture_layer_inputs, layer_forward
@@ -331,6 +331,39 @@ def test_smoothing_with_gptq_solver_rescales_the_hessian(tiny_vlm_dirs, monkeypa
     expected = weighted_hessian(torch.cat(inputs) / recorded[members[0]])
     assert torch.allclose(h_used, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
     assert full  # weights existed
+
+
+@pytest.mark.parametrize(
+    "family, offset, rejected",
+    [("llava", 0.0, set()), ("gemma3", 1.0, {"post_attention_layernorm"})],
+)
+def test_smoothing_folds_only_where_the_layer_output_is_unchanged(tiny_vlm_dirs, family, offset, rejected):
+    """Gemma 3's norms scale by ``1 + weight`` and its ``post_attention_layernorm`` normalises the attention output
+    (the MLP reads ``pre_feedforward_layernorm``): the fold check rejects that mapping, and the folds it accepts
+    (with real, non-power-of-two scales) leave the layer's output unchanged."""
+    path = tiny_vlm_dirs[family]
+    model = auto_class().from_pretrained(path, dtype=torch.float32)
+    stack = find_decoder_stack(model)
+    samples = build_calibration_set(sample_rows(1), AutoProcessor.from_pretrained(path), 1)
+    (c,) = capture_layer_inputs(model, stack, samples)
+    layer = stack.layers[1]
+    names = dict(layer.named_modules())
+
+    def run_one():
+        return layer_forward(layer, c.hidden, c.kwargs_for(1))
+
+    mappings = smooth_mappings(model, layer)
+    assert layer_loop.weight_offset(names[mappings[0][0]]) == offset
+    verdicts = {p: layer_loop.folds_preserve_output(layer, p, cs, run_one) for p, cs in mappings}
+    assert {p for p, ok in verdicts.items() if not ok} == rejected
+    reference = run_one()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for producer, consumers in mappings:
+            if verdicts[producer]:
+                s = 0.5 + 1.5 * torch.rand(names[consumers[0]].weight.shape[1], generator=gen)
+                layer_loop._fold(names[producer], [names[n] for n in consumers], s)
+        assert torch.allclose(run_one(), reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
 
 
 def test_modules_sharing_an_input_share_one_statistic_and_factorisation(tiny_vlm_dirs):

@@ -40,11 +40,14 @@ ARCH_FACTS: dict[str, dict] = {}
 # Inside one decoder layer: (producer, consumers) pairs whose shared input can be rescaled per channel by
 # folding 1/s into the producer (a norm's weight, or a linear's output rows) and s into the consumers'
 # weight columns. Names are suffix regexes relative to the layer; pairs whose modules are missing or whose
-# shapes disagree are skipped. Holds for Llama/Qwen2/Qwen2-VL/Qwen2.5-VL style decoders.
+# shapes disagree are skipped, and the layer loop folds only where a fold leaves the layer's output unchanged
+# (checked once per model). Holds for Llama/Qwen2/Qwen2-VL/Qwen2.5-VL style decoders and for Gemma 3's, whose
+# MLP reads ``pre_feedforward_layernorm`` (its ``post_attention_layernorm`` normalises the attention output).
 DEFAULT_SMOOTH_MAPPINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"input_layernorm", (r"self_attn\.q_proj", r"self_attn\.k_proj", r"self_attn\.v_proj")),
     (r"self_attn\.v_proj", (r"self_attn\.o_proj",)),
     (r"post_attention_layernorm", (r"mlp\.gate_proj", r"mlp\.up_proj")),
+    (r"pre_feedforward_layernorm", (r"mlp\.gate_proj", r"mlp\.up_proj")),
     (r"mlp\.up_proj", (r"mlp\.down_proj",)),
 )
 

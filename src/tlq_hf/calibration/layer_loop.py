@@ -163,19 +163,90 @@ class LoopState:
             store.close()
 
 
+@torch.no_grad()
+def weight_offset(norm: nn.Module) -> float:
+    """``c`` in ``norm(x) = x_hat * (weight + c) (+ bias)``: 0 for LayerNorm / Llama-style RMSNorm, 1 for
+    Gemma's ``x_hat * (1 + weight)``.
+
+    Found by evaluating ``norm`` on a fixed input with its weight set to 0 and to 1 (and bias 0); its tensors are
+    restored afterwards. Raises ``ValueError`` if the output is not of that form (no scale can be folded in).
+    """
+    weight, bias = norm.weight, getattr(norm, "bias", None)
+    saved = [(t, t.detach().clone()) for t in (weight, bias) if t is not None]
+    x = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    try:
+        if bias is not None:
+            bias.zero_()
+        weight.zero_()
+        at_zero = norm(x).float()
+        weight.fill_(1.0)
+        unit = norm(x).float() - at_zero  # x_hat
+    finally:
+        for t, value in saved:
+            t.copy_(value)
+    c = float((at_zero * unit).sum() / (unit * unit).sum().clamp_min(1e-30))
+    if abs(c - round(c)) < 1e-2:  # the conventions in use are 0 and 1; half-precision probes land near them
+        c = float(round(c))
+    if not torch.allclose(at_zero, c * unit, rtol=1e-2, atol=1e-3 * float(unit.abs().max())):
+        raise ValueError(f"{type(norm).__name__} is not x_hat * (weight + c): no per-channel scale can be folded in")
+    return c
+
+
 def _fold(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor) -> None:
     """``producer`` output / s, consumers' input columns * s: the layer function is unchanged.
 
-    Computed in float32 whatever the stored dtype (a half-precision weight is rounded once, after scaling).
+    A linear producer's output rows (and bias) are divided by ``s``; a norm's ``weight + c`` (see
+    :func:`weight_offset`) and bias are. Computed in float32 whatever the stored dtype (a half-precision weight
+    is rounded once, after scaling).
     """
     s = s.float()
     with torch.no_grad():
         w = producer.weight
-        w.copy_(w.float() / (s[:, None] if w.ndim == 2 else s))
+        if w.ndim == 2:
+            w.copy_(w.float() / s[:, None])
+        else:
+            c = weight_offset(producer)
+            w.copy_((w.float() + c) / s - c)
         if getattr(producer, "bias", None) is not None:
             producer.bias.copy_(producer.bias.float() / s)
-        for c in consumers:
-            c.weight.copy_(c.weight.float() * s[None, :])
+        for consumer in consumers:
+            consumer.weight.copy_(consumer.weight.float() * s[None, :])
+
+
+def _probe_scale(width: int, device: torch.device) -> torch.Tensor:
+    """Per-channel scales of 1/2 or 2 (fixed pattern): multiplying and dividing by them is exact in floating point."""
+    signs = torch.randint(0, 2, (width,), generator=torch.Generator().manual_seed(width))
+    return (2.0 ** (2 * signs - 1).float()).to(device)
+
+
+@torch.no_grad()
+def folds_preserve_output(
+    layer: nn.Module, producer: str, consumers: list[str], run_one: Callable[[], torch.Tensor]
+) -> bool:
+    """Whether folding a per-channel scale from ``producer`` into ``consumers`` (names inside ``layer``) leaves the
+    layer's output unchanged, i.e. the consumers read the producer's output through channel-wise linear steps only.
+
+    The fold is emulated with hooks (the producer's output divided, the consumers' inputs multiplied by a
+    power-of-two probe scale; no weight is touched) around one forward ``run_one()``; with power-of-two scales a
+    valid mapping reproduces the output exactly. Catches, e.g., a norm applied to a branch output rather than to
+    the consumers' input (Gemma's ``post_attention_layernorm``: the MLP reads ``pre_feedforward_layernorm``).
+    """
+    names = dict(layer.named_modules())
+    reference = run_one().float()
+    width = names[consumers[0]].weight.shape[1]
+    s = _probe_scale(width, reference.device)
+    handles = [names[producer].register_forward_hook(lambda m, args, out: out / s.to(out.dtype))]
+    handles += [
+        names[c].register_forward_pre_hook(lambda m, args: (args[0] * s.to(args[0].dtype), *args[1:]))
+        for c in consumers
+    ]
+    try:
+        folded = run_one().float()
+    finally:
+        for h in handles:
+            h.remove()
+    err = float((folded - reference).norm() / reference.norm().clamp_min(1e-30))
+    return err <= 1e-5
 
 
 def statistic_passes(groups: list[StatGroup], footprint: Callable[[StatGroup], int], budget: int) -> list[list[int]]:
@@ -250,6 +321,8 @@ class LayerLoop:
         self.fp_boundaries = fp_boundaries  # X[0..L] of the full-precision model, or None (recompute)
         self.solver = LAYER_SOLVERS[settings.solver]
         self.smoother = SMOOTHERS[settings.smoothing] if settings.smoothing is not None else None
+        # (producer, consumers) names inside a layer -> whether a fold there preserves the layer (checked once)
+        self._fold_checked: dict[tuple[str, tuple[str, ...]], bool] = {}
 
     def initial_state(self) -> LoopState:
         if self.fp_boundaries is not None:
@@ -316,7 +389,7 @@ class LayerLoop:
                 for g in part:
                     g.reduce(self.comm)
                 if self.smoother is not None:
-                    self._smooth(layer, part, prefix, on.compute_dtype)
+                    self._smooth(layer, part, prefix, on.compute_dtype, lambda: forward(state.x_in[0], 0))
                 last = k == len(passes) - 1
                 if last:  # no pass needs the full-precision modules any more
                     self._install(deferred, live, on)
@@ -347,8 +420,17 @@ class LayerLoop:
                 groups.append(StatGroup(part, stats, input_of=members[0]))
         return groups
 
-    def _smooth(self, layer: nn.Module, groups: list[StatGroup], prefix: str, compute: torch.dtype) -> None:
-        """Fold per-channel scales for every (producer, consumers) mapping whose consumers are all targets.
+    def _smooth(
+        self,
+        layer: nn.Module,
+        groups: list[StatGroup],
+        prefix: str,
+        compute: torch.dtype,
+        run_one: Callable[[], torch.Tensor],
+    ) -> None:
+        """Fold per-channel scales for every (producer, consumers) mapping whose consumers are all targets and
+        whose fold leaves the layer unchanged (:func:`folds_preserve_output`, checked at the first layer that has
+        the mapping, agreed over ranks; a rejected mapping is logged and skipped everywhere).
 
         The scale is searched on the first consumer's statistics (the consumers share their input); every
         consumer's statistics are rescaled after the fold.
@@ -357,7 +439,7 @@ class LayerLoop:
         names = dict(layer.named_modules())
         for k, (producer, consumers) in enumerate(smooth_mappings(self.model, layer)):
             affected = [by_member.get(prefix + c) for c in consumers]
-            if any(g is None for g in affected):
+            if any(g is None for g in affected) or not self._fold_preserves(layer, producer, consumers, run_one):
                 continue
             weights = [names[c].weight.to(compute) for c in consumers]
             owner = self.comm.owner(k)
@@ -368,6 +450,22 @@ class LayerLoop:
             _fold(names[producer], [names[c] for c in consumers], s)
             for group in {id(g): g for g in affected}.values():
                 group.rescale(s)
+
+    def _fold_preserves(
+        self, layer: nn.Module, producer: str, consumers: list[str], run_one: Callable[[], torch.Tensor]
+    ) -> bool:
+        key = (producer, tuple(consumers))
+        if key not in self._fold_checked:
+            ok = folds_preserve_output(layer, producer, consumers, run_one)
+            (agree,) = self.comm.sum(float(ok))
+            self._fold_checked[key] = agree == self.comm.world
+            if not self._fold_checked[key]:
+                logger.info(
+                    "tlq smoothing: %s -> %s skipped: a scale folded there would change the layer's output",
+                    producer,
+                    ", ".join(consumers),
+                )
+        return self._fold_checked[key]
 
     def _footprint(self, live: dict[str, nn.Module], samples: int) -> Callable[[StatGroup], int]:
         def footprint(group: StatGroup) -> int:
