@@ -82,6 +82,27 @@ def test_captured_layer_calls_reproduce_the_model(tiny_vlm_dirs, family):
     assert grad.loss == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
+def test_gemma3_layers_see_bidirectional_image_blocks_and_their_own_window(tiny_vlm_dirs):
+    """Gemma 3 (processor ``token_type_ids``): image tokens attend to later image tokens in every layer; the
+    sliding-window layer cannot see past its window, the global layer can."""
+    path = tiny_vlm_dirs["gemma3"]
+    model = auto_class().from_pretrained(path, dtype=torch.float32)
+    (sample,) = build_calibration_set(sample_rows(1), AutoProcessor.from_pretrained(path), 1)
+    assert "token_type_ids" in sample.inputs
+    stack = find_decoder_stack(model)
+    (c,) = capture_layer_inputs(model, stack, [sample])
+    image = c.vision_mask.nonzero().flatten()
+    first, last = int(image[0]), int(image[-1])
+    window = model.config.get_text_config().sliding_window
+    for i, kind in enumerate(model.config.get_text_config().layer_types):
+        mask = c.kwargs_for(i)["attention_mask"][0, 0]
+        allowed = mask if mask.dtype == torch.bool else mask == 0
+        assert allowed[first, last], (i, kind)  # bidirectional within the image
+        end = mask.shape[-1] - 1
+        assert end >= window  # the last token is further than the window from the first
+        assert bool(allowed[end, 0]) == (kind == "full_attention"), (i, kind)
+
+
 def test_tempered_importance_is_zero_free_and_finite():
     raw = torch.tensor([0.0, 0.0, 1e-12, 3.0, 1e6, float("inf")]).nan_to_num(posinf=1e30)
     a = temper(raw, Tempering(gamma=0.5, lo=0.05, hi=20.0))
