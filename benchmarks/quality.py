@@ -79,7 +79,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "tlq act_order=off": dict(method="tlq", act_order=False),
 }
 PEERS: dict[str, str] = {"llmc-gptq": "GPTQModifier", "llmc-awq": "AWQModifier"}
-PEER_SCHEMES = ("W4A16-g128", "W3A16-g128")
+#: Our scheme -> llm-compressor's preset of the same format (int weights, symmetric, groups of 128 or per
+#: channel; A8 = dynamic per-token int8 activations in both libraries).
+PEER_SCHEMES = {"W4A16-g128": "W4A16", "W3A16-g128": "W3A16", "W8A8": "W8A8", "W4A8": "W4A8"}
 TIMED = ("tlq-gptq", "gptq", "tlq-awq", "awq")  # tlq_hf rows of the time-alone pass
 NUM_SAMPLES, POOL, HELD_OUT = 128, 1024, 2000
 POOL_SEED, HELD_OUT_SEED = 1234, 5678
@@ -153,7 +155,7 @@ def _worker_llmc(job: dict) -> dict:
 
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     processor = AutoProcessor.from_pretrained(job["model"])
-    scheme = {"W4A16-g128": "W4A16", "W3A16-g128": "W3A16"}[job["scheme_name"]]
+    scheme = PEER_SCHEMES[job["scheme_name"]]
     ignore = ["re:.*lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
     evaluator = Evaluator(
         job["model"], job["held_out"], task_of(job["model_name"])
