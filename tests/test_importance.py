@@ -82,6 +82,60 @@ def test_captured_layer_calls_reproduce_the_model(tiny_vlm_dirs, family):
     assert grad.loss == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
+class _ToyLayer(torch.nn.Module):
+    def __init__(self, width: int, tuple_output: bool) -> None:
+        super().__init__()
+        self.proj, self.tuple_output = torch.nn.Linear(width, width), tuple_output
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None):
+        out = hidden_states + torch.tanh(self.proj(hidden_states)) * attention_mask + position_embeddings
+        return (out, None) if self.tuple_output else out
+
+
+class _ToyDecoder(torch.nn.Module):
+    """A text model whose layers alternate two masks and that touches the hidden states between layers; layers
+    return tuples that the loop indexes (transformers 4.x style) or bare tensors (5.x style)."""
+
+    def __init__(self, tuple_output: bool, layers: int = 5, width: int = 8) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(image_token_id=1)
+        self.embed = torch.nn.Embedding(16, width)
+        self.layers = torch.nn.ModuleList(_ToyLayer(width, tuple_output) for _ in range(layers))
+        self.tuple_output = tuple_output
+
+    def forward(self, input_ids, use_cache=False):
+        h = self.embed(input_ids)
+        masks = {"a": torch.ones(1, h.shape[1], 1), "b": torch.full((1, h.shape[1], 1), 0.5)}
+        rope = torch.linspace(0, 1, h.shape[-1])
+        for i, layer in enumerate(self.layers):
+            out = layer(h, attention_mask=masks["ab"[i % 2]], position_embeddings=rope)
+            h = out[0] if self.tuple_output else out
+            h = h * 1.0 + h[:, :1] * 0.0  # a between-layer step that needs the [1, T, H] hidden states
+        return h
+
+
+@pytest.mark.parametrize("tuple_output", [False, True])
+def test_capture_handles_tuple_and_tensor_layer_outputs(tuple_output):
+    from tlq_hf.arch import DecoderStack
+    from tlq_hf.data import CalibrationSample
+
+    torch.manual_seed(0)
+    model = _ToyDecoder(tuple_output)
+    ids = torch.tensor([[3, 1, 1, 4, 5, 6]])
+    sample = CalibrationSample(inputs={"input_ids": ids}, labels=ids.clone())
+    (c,) = capture_layer_inputs(model, DecoderStack("layers", model.layers), [sample])
+    assert len({id(k) for k in c.layer_kwargs}) == 2 and c.kwargs_for(2) is c.kwargs_for(0)
+    assert torch.equal(c.vision_mask, ids[0] == 1)
+    h = c.hidden
+    for i, layer in enumerate(model.layers):
+        h = layer_forward(layer, h, c.kwargs_for(i))
+    with torch.no_grad():
+        assert torch.allclose(h, model(ids))
+    assert "forward" not in model.layers[0].__dict__  # the layers' own forwards are back
+
+
 def test_gemma3_layers_see_bidirectional_image_blocks_and_their_own_window(tiny_vlm_dirs):
     """Gemma 3 (processor ``token_type_ids``): image tokens attend to later image tokens in every layer; the
     sliding-window layer cannot see past its window, the global layer can."""

@@ -129,12 +129,18 @@ def _offloaded(calls: list[dict[str, Any]], device: torch.device | str) -> list[
     return [moved.setdefault(id(kwargs), to_device(kwargs, device)) for kwargs in calls]
 
 
+class _IndexedOutputs(Exception):
+    """The model took ``output[0]`` of a recorder that returned a bare tensor: it expects tuple outputs."""
+
+
 class _LayerRecorder:
     """Stands in for every decoder layer's forward (a scoped swap of the instance's ``forward``).
 
-    Each recorder keeps its layer's call kwargs and returns the hidden states it got; layer 0's keeps its input
-    hidden states too, and the last layer's raises :class:`StopForward`. The layers' own forwards (with any
-    accelerate hook wrapped around them) are put back on exit.
+    Each recorder keeps its layer's call kwargs and passes the hidden states it got on; layer 0's keeps its input
+    hidden states too, and the last layer's raises :class:`StopForward`. Layers return a bare tensor on
+    transformers 5 but ``(hidden_states, ...)`` on many 4.x models, whose decoder loop keeps ``output[0]``: the
+    recorders return a tensor until layer 1 receives a slice of it (the loop indexed it), then tuples
+    (``wrap``). The layers' own forwards (with any accelerate hook wrapped around them) are put back on exit.
     """
 
     _UNSET = object()
@@ -143,6 +149,7 @@ class _LayerRecorder:
         self.layers = layers
         self.hidden: torch.Tensor | None = None
         self.calls: list[dict[str, Any] | None] = [None] * len(layers)
+        self.wrap = False
         self._saved: list[Any] = []
 
     def reset(self) -> None:
@@ -160,10 +167,12 @@ class _LayerRecorder:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if index == 0:
                 self.hidden = hidden
+            elif not self.wrap and getattr(hidden, "shape", None) != self.hidden.shape:
+                raise _IndexedOutputs
             self.calls[index] = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
             if last:
                 raise StopForward
-            return hidden
+            return (hidden,) if self.wrap else hidden
 
         return forward
 
@@ -182,6 +191,20 @@ class _LayerRecorder:
         self._saved.clear()
 
 
+def _run_prefix(model: nn.Module, inputs: dict[str, Any], recorder: _LayerRecorder) -> None:
+    """One forward of ``model`` on ``inputs`` through the recorders (again with tuple outputs if it indexes them)."""
+    for _ in range(2):
+        recorder.reset()
+        try:
+            model(**inputs, use_cache=False)
+        except StopForward:
+            return
+        except _IndexedOutputs:
+            recorder.wrap = True
+            continue
+        return
+
+
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module, stack: DecoderStack, samples: list[CalibrationSample], offload: str = "cpu"
@@ -192,12 +215,8 @@ def capture_layer_inputs(
     captured = []
     with _LayerRecorder(stack.layers) as recorder:
         for sample in tqdm(samples, desc="tlq capture", unit="sample", leave=False):
-            recorder.reset()
             inputs = to_device(sample.inputs, device)
-            try:
-                model(**inputs, use_cache=False)
-            except StopForward:
-                pass
+            _run_prefix(model, inputs, recorder)
             missing = [i for i, call in enumerate(recorder.calls) if call is None]
             if missing:
                 raise RuntimeError(f"decoder layers {missing} were never called: cannot capture calibration inputs")
