@@ -228,8 +228,10 @@ def folds_preserve_output(
 
     The fold is emulated with hooks (the producer's output divided, the consumers' inputs multiplied by a
     power-of-two probe scale; no weight is touched) around one forward ``run_one()``; with power-of-two scales a
-    valid mapping reproduces the output exactly. Catches, e.g., a norm applied to a branch output rather than to
-    the consumers' input (Gemma's ``post_attention_layernorm``: the MLP reads ``pre_feedforward_layernorm``).
+    valid mapping reproduces the output exactly (accepted up to 1e-3 relative, for kernels that are not
+    deterministic), an invalid one typically moves it by tens of percent. Catches, e.g., a norm applied to a
+    branch output rather than to the consumers' input (Gemma's ``post_attention_layernorm``: the MLP reads
+    ``pre_feedforward_layernorm``).
     """
     names = dict(layer.named_modules())
     reference = run_one().float()
@@ -246,7 +248,7 @@ def folds_preserve_output(
         for h in handles:
             h.remove()
     err = float((folded - reference).norm() / reference.norm().clamp_min(1e-30))
-    return err <= 1e-5
+    return err <= 1e-3
 
 
 def statistic_passes(groups: list[StatGroup], footprint: Callable[[StatGroup], int], budget: int) -> list[list[int]]:
