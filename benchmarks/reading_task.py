@@ -74,6 +74,8 @@ _WORDS = tuple(word for _, word in GLYPHS)
 CLASS_COUNTS = (len(COLORS) + 1, len(GLYPHS) + 1)
 _MIN_OBJECTS, _MAX_OBJECTS = 3, 6
 _SUPERSAMPLE = 2
+_STROKE = 1  # bold strokes (pixels of outline at the final size): thin strokes leave too few coloured pixels
+_JITTER = 3.0  # pixels a character may move from its cell's centre, each axis
 
 #: A scene: for each cell in raster order, ``None`` or ``(colour, character word)``.
 Scene = tuple[tuple[str, str] | None, ...]
@@ -107,15 +109,23 @@ def render_scene(scene: Scene, rng: random.Random) -> Image.Image:
             continue
         color, word = obj
         row, col = divmod(index, GRID)
-        font = _font(rng.randint(20, 26) * s)
-        left, top, right, bottom = draw.textbbox((0, 0), drawn[word], font=font)
+        font = _font(rng.randint(24, 27) * s)
+        left, top, right, bottom = draw.textbbox((0, 0), drawn[word], font=font, stroke_width=_STROKE * s)
         width, height = right - left, bottom - top
-        slack_x = max(0.0, CELL * s / 2 - width / 2 - 2 * s)
-        slack_y = max(0.0, CELL * s / 2 - height / 2 - 2 * s)
+        # a little jitter only: one 32-px patch per cell must still read the character
+        slack_x = min(_JITTER * s, max(0.0, CELL * s / 2 - width / 2 - 2 * s))
+        slack_y = min(_JITTER * s, max(0.0, CELL * s / 2 - height / 2 - 2 * s))
         cx = (col + 0.5) * CELL * s + rng.uniform(-slack_x, slack_x)
         cy = (row + 0.5) * CELL * s + rng.uniform(-slack_y, slack_y)
         fill = tuple(min(255, max(0, c + rng.randint(-18, 18))) for c in COLORS[color])
-        draw.text((cx - width / 2 - left, cy - height / 2 - top), drawn[word], font=font, fill=fill)
+        draw.text(
+            (cx - width / 2 - left, cy - height / 2 - top),
+            drawn[word],
+            font=font,
+            fill=fill,
+            stroke_width=_STROKE * s,
+            stroke_fill=fill,
+        )
     return canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
 
 
