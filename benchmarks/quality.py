@@ -260,7 +260,7 @@ class Evaluator:
                 )
                 for i in part
             ]
-            enc = self.processor(text=texts, images=[i["image"] for i in part], return_tensors="pt", padding=True)
+            enc = self.processor(text=texts, images=[[i["image"]] for i in part], return_tensors="pt", padding=True)
             mask = enc["attention_mask"]
             last = (mask * torch.arange(mask.shape[1])).argmax(-1)
             self.batches.append((dict(enc), last))

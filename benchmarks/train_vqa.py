@@ -207,6 +207,25 @@ RECIPES: dict[str, Recipe] = {
         processor={"patch_size": _CELL},
         position_embedding_std=1.0,
     ),
+    "gemma3": Recipe(
+        name="gemma3-vqa",
+        family="gemma3",
+        architecture="Gemma3ForConditionalGeneration",
+        text=_TEXT,
+        # SigLIP tower, one 32-px patch per grid cell, pooled 1:1 to 9 image tokens
+        vision={
+            "image_size": _SIDE,
+            "patch_size": _CELL,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+        config={"mm_tokens_per_image": (_SIDE // _CELL) ** 2},
+        image_processor={"size": {"height": _SIDE, "width": _SIDE}},
+        processor={"image_seq_length": (_SIDE // _CELL) ** 2},
+        position_embedding_std=1.0,
+    ),
     # the other task mix: reading coloured digits and letters, comparing digits
     "llava-read": Recipe(
         name="llava-read-vqa",
@@ -346,7 +365,9 @@ class TrainingSet:
 
 
 def _image_inputs(processor: Any, images: Sequence[Any]) -> dict[str, torch.Tensor]:
-    return dict(processor.image_processor(images=list(images), return_tensors="pt"))
+    # only what the processor hands the model (Gemma 3's image processor also returns its crop counts)
+    out = processor.image_processor(images=list(images), return_tensors="pt")
+    return {k: v for k, v in out.items() if k in processor.model_input_names}
 
 
 def encode_training_set(
@@ -480,19 +501,23 @@ def _pretrain_vision(
 
 @torch.no_grad()
 def _rescale_image_features(model: nn.Module, processor: Any, tap: FeatureTap, recipe: Recipe) -> float:
-    """Scale the projector's last linear layer so image tokens have mean norm ``recipe.feature_norm``."""
+    """Scale the projector's output weights so image tokens have mean norm ``recipe.feature_norm``."""
     inner = model.model
-    if hasattr(inner, "multi_modal_projector"):
-        last = inner.multi_modal_projector.linear_2
-    else:
+    projector = getattr(inner, "multi_modal_projector", None)
+    if projector is None:  # Qwen-VL: the merger's last linear
         last = inner.visual.merger.mlp[-1]
+        outputs = [last.weight, last.bias]
+    elif hasattr(projector, "linear_2"):  # LLaVA, LLaVA-OneVision
+        outputs = [projector.linear_2.weight, projector.linear_2.bias]
+    else:  # Gemma 3: normalised pooled features times one projection matrix
+        outputs = [projector.mm_input_projection_weight]
     items = _task(recipe).make_items(recipe.pretrain_batch, recipe.seed, "train")
     images = _image_inputs(processor, [item["image"] for item in items])
     model.eval()
     _vision_forward(model, images)
     scale = recipe.feature_norm / float(tap.cells(len(items)).float().norm(dim=-1).mean())
-    last.weight.mul_(scale)
-    last.bias.mul_(scale)
+    for tensor in outputs:
+        tensor.mul_(scale)
     return scale
 
 

@@ -502,7 +502,7 @@ def evaluate(model: Any, processor: Any, items: Sequence[dict[str, Any]], batch_
             batch = items[start : start + batch_size]
             inputs = processor(
                 text=[_prompt(processor, item["question"]) for item in batch],
-                images=[item["image"].convert("RGB") for item in batch],
+                images=[[item["image"].convert("RGB")] for item in batch],  # one image per prompt
                 return_tensors="pt",
                 padding=True,
             )
