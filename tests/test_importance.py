@@ -12,6 +12,7 @@ from tlq_hf import TLQConfig
 from tlq_hf.arch import find_decoder_stack, find_final_norm, select_quant_targets
 from tlq_hf.calibration.capture import capture_layer_inputs, layer_forward
 from tlq_hf.calibration.importance import (
+    AnswerLoss,
     Tempering,
     gradient_importance,
     modality_balance,
@@ -20,6 +21,7 @@ from tlq_hf.calibration.importance import (
     temper,
 )
 from tlq_hf.data import build_calibration_set, sample_rows
+from tlq_hf.nn import TLQLinear
 
 
 def _setup(tiny_vlm_dirs, family, n=3):
@@ -230,3 +232,133 @@ def test_chunked_head_loss_and_gradient_equal_autograd():
     loss, grad = _head_loss_and_grad(x.detach(), head, targets, weights, torch.float32, chunk=7, softcap=cap)
     assert torch.allclose(loss.mean(), loss_ref.detach(), rtol=1e-6)
     assert torch.allclose(grad, x.grad, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- #
+# Which gradient: predictive labels, first answer token, layer scope
+# --------------------------------------------------------------------------- #
+
+
+class _WrappedHead(torch.nn.Module):
+    """A head that is not a plain ``nn.Linear``: the gradient pass takes its plain-autograd path."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+@pytest.mark.parametrize(
+    "spec", [AnswerLoss("predictive", 3, "all"), AnswerLoss("gold", 4, "first"), AnswerLoss("predictive", 2, "first")]
+)
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_blockwise_answer_loss_variants_equal_full_graph(tiny_vlm_dirs, family, spec, wrapped):
+    model, stack, captured, targets = _setup(tiny_vlm_dirs, family, n=2)
+    if wrapped:
+        model.lm_head = _WrappedHead(model.lm_head)
+    block = gradient_importance(model, stack, captured, targets, loss_spec=spec)
+    full = reference_importance(model, stack, captured, targets, loss_spec=spec)
+    gold = gradient_importance(model, stack, captured, targets)
+    differs = False
+    for name in targets:
+        for b, f, g in zip(block.raw[name], full[name], gold.raw[name]):
+            assert torch.allclose(b, f, rtol=1e-4, atol=1e-5 * float(f.abs().max())), name
+            differs |= not torch.allclose(b, g, rtol=1e-3)
+    assert differs  # the variant is a different weighting than the gold-label, all-token default
+    assert block.loss == pytest.approx(gold.loss, rel=1e-5) if spec.tokens == "all" else block.loss > 0
+    assert len(block.layer_raw) == len(stack.layers) and all(len(x) == len(captured) for x in block.layer_raw)
+
+
+def test_first_answer_positions_pick_the_start_of_each_answer():
+    from tlq_hf.calibration.importance import _answer_positions
+
+    labels = torch.tensor([[-100, -100, 5, 6, 7, -100, -100, 8, 9]])
+    pos, tokens = _answer_positions(labels)
+    assert pos.tolist() == [1, 2, 3, 6, 7] and tokens.tolist() == [5, 6, 7, 8, 9]
+    pos, tokens = _answer_positions(labels, first=True)
+    assert pos.tolist() == [1, 6] and tokens.tolist() == [5, 8]
+
+
+def test_topk_labels_are_the_head_distribution_top_k_across_chunks():
+    from torch import nn
+
+    from tlq_hf.calibration.importance import _topk_labels
+
+    gen = torch.Generator().manual_seed(1)
+    head = nn.Linear(8, 23)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(23, 8, generator=gen) * 3)
+    x = torch.randn(6, 8, generator=gen)
+    gold = torch.tensor([0, 5, 22, 11, 7, 3])
+    labels, q, gold_loss = _topk_labels(x, head, gold, 4, torch.float32, chunk=5)
+    logits = head(x).detach()
+    ref_v, ref_i = torch.topk(logits, 4, dim=-1)
+    assert torch.equal(labels, ref_i)
+    assert torch.allclose(q, torch.softmax(ref_v, -1), atol=1e-6)
+    assert torch.allclose(gold_loss, F.cross_entropy(logits, gold, reduction="none"), atol=1e-5)
+
+
+def test_layer_scope_weights_every_module_by_the_layer_output(tiny_vlm_dirs):
+    from tlq_hf.calibration.distributed import Comm
+    from tlq_hf.calibration.importance import TokenWeighting
+
+    model, stack, captured, targets = _setup(tiny_vlm_dirs, "llava", n=2)
+    grad = gradient_importance(model, stack, captured, targets)
+    masks, samples = [c.vision_mask for c in captured], list(range(len(captured)))
+    by_module = TokenWeighting(grad, "fisher", Tempering(), 1.0, masks, samples, Comm())
+    by_layer = TokenWeighting(grad, "fisher", Tempering(), 1.0, masks, samples, Comm(), "layer", stack.layer_index)
+    # (not down_proj: its output gradient is the layer output's, through the residual sum)
+    name = stack.layer_prefix(1) + ".self_attn.q_proj"
+    for a, b in zip(by_layer.for_modules([name]), by_layer.for_layer(1)):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(by_module.for_modules([name]), by_layer.for_modules([name])))
+    with pytest.raises(ValueError, match="not inside the decoder layers"):
+        stack.layer_index("lm_head")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("importance_labels", "sampled"),
+        ("importance_topk", 0),
+        ("importance_topk", True),
+        ("answer_tokens", "last"),
+        ("importance_scope", "model"),
+    ],
+)
+def test_answer_loss_fields_are_validated_and_serialised(field, value):
+    with pytest.raises(ValueError, match=field):
+        TLQConfig(**{field: value})
+    config = TLQConfig(
+        importance_labels="predictive", importance_topk=3, answer_tokens="first", importance_scope="layer"
+    )
+    again = TLQConfig.from_dict(config.to_dict())
+    assert (again.importance_labels, again.importance_topk, again.answer_tokens, again.importance_scope) == (
+        "predictive",
+        3,
+        "first",
+        "layer",
+    )
+
+
+def test_answer_loss_settings_reach_the_calibration(tiny_vlm_dirs):
+    """Each setting changes the quantized weights (so it is wired through from TLQConfig), and the model stays
+    finite."""
+    rows = sample_rows(4)
+
+    def codes(**settings):
+        cfg = TLQConfig(bits=3, group_size=64, dataset=rows, num_samples=4, **settings)
+        model = auto_class().from_pretrained(tiny_vlm_dirs["llava"], quantization_config=cfg, dtype=torch.float32)
+        stack = find_decoder_stack(model).layers
+        return torch.cat([m.codes().flatten().float() for m in stack.modules() if isinstance(m, TLQLinear)])
+
+    base = codes()
+    for settings in (
+        {"importance_labels": "predictive", "importance_topk": 2},
+        {"answer_tokens": "first"},
+        {"importance_scope": "layer"},
+    ):
+        assert not torch.equal(codes(**settings), base), settings

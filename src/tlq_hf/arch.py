@@ -69,6 +69,14 @@ class DecoderStack:
     def layer_prefix(self, index: int) -> str:
         return f"{self.path}.{index}"
 
+    def layer_index(self, name: str) -> int:
+        """The index of the decoder layer that the module called ``name`` belongs to."""
+        rest = name.removeprefix(self.path + ".")
+        head = rest.split(".", 1)[0]
+        if rest == name or not head.isdigit():
+            raise ValueError(f"{name!r} is not inside the decoder layers {self.path!r}")
+        return int(head)
+
 
 def _text_config(model: nn.Module):
     config = getattr(model, "config", None)

@@ -12,13 +12,25 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .qtypes import SUPPORTED_ACT_BITS, SUPPORTED_WEIGHT_BITS, QuantScheme
 from .version import __version__
 
-__all__ = ["TLQConfig", "METHODS", "SOLVERS", "IMPORTANCE", "SAVE_FORMATS"]
+__all__ = [
+    "TLQConfig",
+    "METHODS",
+    "SOLVERS",
+    "IMPORTANCE",
+    "IMPORTANCE_LABELS",
+    "ANSWER_TOKENS",
+    "IMPORTANCE_SCOPES",
+    "SAVE_FORMATS",
+]
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("tlq", "gptq", "awq", "mbq", "smoothquant", "rtn")
 SOLVERS = ("gptq", "awq", "rtn")
 IMPORTANCE = ("fisher", "l1", "uniform", "modality")
+IMPORTANCE_LABELS = ("gold", "predictive")
+ANSWER_TOKENS = ("all", "first")
+IMPORTANCE_SCOPES = ("module", "layer")
 SAVE_FORMATS = ("compressed-tensors", "tlq")
 
 _SERIALIZED = (
@@ -36,6 +48,10 @@ _SERIALIZED = (
     "gamma",
     "importance_clip",
     "uniform_mix",
+    "importance_labels",
+    "importance_topk",
+    "answer_tokens",
+    "importance_scope",
     "token_fraction",
     "exposed",
     "solver",
@@ -71,6 +87,14 @@ class TLQConfig(QuantizationConfigMixin):
         importance: per-token weights, ``"fisher"`` (squared output gradient), ``"l1"``, ``"uniform"`` or
             ``"modality"`` (MBQ per-modality mean); ``None`` = the method's default.
         gamma, importance_clip, uniform_mix: tempering ``a <- (1-mix) * clip((a/mean a)^gamma, lo, hi) + mix``.
+        importance_labels: the answer labels the gradients are taken at: ``"gold"`` (the dataset's answers, the
+            empirical Fisher) or ``"predictive"`` (the full-precision model's own distribution: the expectation
+            over its ``importance_topk`` most likely tokens at each answer position, weighted by their
+            renormalised probabilities; one extra backward per label, so about ``importance_topk`` x the
+            gradient pass's backward time).
+        answer_tokens: ``"all"`` answer tokens carry the loss, or only the ``"first"`` of each answer.
+        importance_scope: weights from each module group's own output gradient (``"module"``) or from the
+            decoder layer's output gradient, shared by all of the layer's modules (``"layer"``).
         token_fraction: keep only this fraction of the most important tokens in the statistics.
         exposed: calibrate layer ``l`` on the outputs of the already-quantized layers (``None`` = method default).
         solver: ``"gptq"``, ``"awq"`` or ``"rtn"`` for ``method="tlq"`` (``None`` = ``"gptq"``).
@@ -103,6 +127,10 @@ class TLQConfig(QuantizationConfigMixin):
         gamma: float = 0.5,
         importance_clip: tuple[float, float] | list[float] = (0.05, 20.0),
         uniform_mix: float = 0.0,
+        importance_labels: str = "gold",
+        importance_topk: int = 4,
+        answer_tokens: str = "all",
+        importance_scope: str = "module",
         token_fraction: float = 1.0,
         exposed: bool | None = None,
         solver: str | None = None,
@@ -127,6 +155,8 @@ class TLQConfig(QuantizationConfigMixin):
         self.num_samples, self.max_length, self.seed = num_samples, max_length, seed
         self.importance, self.gamma, self.importance_clip = importance, gamma, list(importance_clip)
         self.uniform_mix, self.token_fraction, self.exposed, self.solver = uniform_mix, token_fraction, exposed, solver
+        self.importance_labels, self.importance_topk = importance_labels, importance_topk
+        self.answer_tokens, self.importance_scope = answer_tokens, importance_scope
         self.damp, self.act_order, self.smooth_alpha = damp, act_order, smooth_alpha
         self.offload_dir = os.fspath(offload_dir) if offload_dir is not None else None
         self.checkpoint_dir = os.fspath(checkpoint_dir) if checkpoint_dir is not None else None
@@ -162,6 +192,18 @@ class TLQConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"TLQConfig(importance_clip={self.importance_clip!r}): use (lo, hi) with 0 < lo <= 1 <= hi."
             )
+        if self.importance_labels not in IMPORTANCE_LABELS:
+            raise ValueError(
+                f"TLQConfig(importance_labels={self.importance_labels!r}): use one of {IMPORTANCE_LABELS}."
+            )
+        if not (isinstance(self.importance_topk, int) and not isinstance(self.importance_topk, bool)) or not (
+            1 <= self.importance_topk <= 64
+        ):
+            raise ValueError(f"TLQConfig(importance_topk={self.importance_topk!r}): use an integer in [1, 64], e.g. 4.")
+        if self.answer_tokens not in ANSWER_TOKENS:
+            raise ValueError(f"TLQConfig(answer_tokens={self.answer_tokens!r}): use one of {ANSWER_TOKENS}.")
+        if self.importance_scope not in IMPORTANCE_SCOPES:
+            raise ValueError(f"TLQConfig(importance_scope={self.importance_scope!r}): use one of {IMPORTANCE_SCOPES}.")
         if not 0 <= self.uniform_mix <= 1:
             raise ValueError(f"TLQConfig(uniform_mix={self.uniform_mix!r}): use a value in [0, 1].")
         if not 0 <= self.damp < 1:

@@ -9,6 +9,13 @@ gradient at every target linear's output: token ``t``'s raw importance for modul
 ``sum_j g[t, j]^2`` (``"fisher"``, a diagonal-Fisher estimate of how much an output error at ``t`` raises
 the loss) or ``sum_j |g[t, j]|`` (``"l1"``).
 
+Which gradient: :class:`AnswerLoss` says which answer tokens carry the loss (every one, or the first of
+each answer) and at which labels it is taken: the gold answers (the empirical Fisher) or the full-precision
+model's own predictive distribution, as the expectation over its top-k tokens at each answer position
+(one backward per label, the squared gradients weighted by the renormalised probabilities). A confident,
+well-trained model has near-zero gold-label gradients on the answers it gets right; the predictive Fisher
+does not collapse there.
+
 Raw importance is then normalised per sample and tempered, ``a <- clip((a / mean a)^gamma, lo, hi)``,
 optionally mixed with uniform weights: raw squared gradients are so peaky that a Hessian weighted by them
 is effectively estimated on a handful of tokens.
@@ -34,6 +41,7 @@ from .offload import Onloaded, compute_dtype_for, onloaded, row_reader
 
 __all__ = [
     "IMPORTANCE_KINDS",
+    "AnswerLoss",
     "Tempering",
     "GradientPass",
     "gradient_importance",
@@ -55,6 +63,23 @@ _REDUCE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "l1": lambda g: g.float().abs().sum(-1),
     "modality": lambda g: g.float().pow(2).sum(-1),  # per-token Fisher, averaged per modality later
 }
+
+
+@dataclass(frozen=True)
+class AnswerLoss:
+    """Which answer tokens carry the loss (``tokens``: ``"all"`` or ``"first"`` of each answer) and at which
+    labels its gradient is taken (``labels``: ``"gold"``, or ``"predictive"``: the model's ``topk`` most
+    likely tokens, each a separate backward whose squared gradient is weighted by its renormalised
+    probability)."""
+
+    labels: str = "gold"
+    topk: int = 4
+    tokens: str = "all"
+
+    @property
+    def draws(self) -> int:
+        """Backward passes per sample."""
+        return self.topk if self.labels == "predictive" else 1
 
 
 @dataclass(frozen=True)
@@ -152,11 +177,73 @@ def _head_loss_and_grad(
     return lse - target_logit, grad
 
 
-def _answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions ``p`` whose output predicts an answer token, and those tokens (``labels[p + 1]``)."""
+def _answer_positions(labels: torch.Tensor, first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions ``p`` whose output predicts an answer token, and those tokens (``labels[p + 1]``); with
+    ``first``, only the position predicting the first token of each answer."""
     nxt = labels[0, 1:]
-    pos = (nxt != -100).nonzero().flatten()
+    answer = nxt != -100
+    if first:
+        starts = answer.clone()
+        starts[1:] &= ~answer[:-1]
+        answer = starts
+    pos = answer.nonzero().flatten()
     return pos, nxt[pos]
+
+
+def _topk_labels(
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    gold: torch.Tensor,
+    k: int,
+    compute_dtype: torch.dtype,
+    chunk: int = 8192,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely tokens of ``head(hidden [N, H])`` per row, their probabilities renormalised over
+    the ``k``, and the gold cross-entropy per row; one chunked pass over the vocabulary (as
+    :func:`_head_loss_and_grad`, the head is never whole in memory)."""
+    x = hidden.to(compute_dtype)
+    rows = row_reader(head, "weight")
+    bias = None if head.bias is None else row_reader(head, "bias")
+    n = x.shape[0]
+    lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
+    gold_logit = torch.zeros(n, dtype=torch.float32, device=x.device)
+    top_v = torch.full((n, 0), float("-inf"), dtype=torch.float32, device=x.device)
+    top_i = torch.zeros((n, 0), dtype=torch.long, device=x.device)
+    for lo in range(0, head.weight.shape[0], chunk):
+        logits = x @ rows(lo, lo + chunk).to(x.device, compute_dtype).T
+        if bias is not None:
+            logits = logits + bias(lo, lo + chunk).to(x.device, compute_dtype)
+        logits = _softcapped(logits.float(), softcap)
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, -1))
+        inside = (gold >= lo) & (gold < lo + logits.shape[1])
+        gold_logit[inside] = logits[inside, gold[inside] - lo]
+        v, i = torch.topk(logits, min(k, logits.shape[1]), dim=-1)
+        top_v, order = torch.topk(torch.cat([top_v, v], -1), min(k, top_v.shape[1] + v.shape[1]), dim=-1)
+        top_i = torch.gather(torch.cat([top_i, i + lo], -1), 1, order)
+    probs = torch.exp(top_v - lse[:, None])
+    return top_i, probs / probs.sum(-1, keepdim=True), lse - gold_logit
+
+
+def _draws(
+    rows: torch.Tensor,
+    head: nn.Linear,
+    gold: torch.Tensor,
+    scale: torch.Tensor,
+    spec: AnswerLoss,
+    compute_dtype: torch.dtype,
+    softcap: float | None,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """The ``(targets, row weights)`` of each backward draw, and the gold cross-entropy per row.
+
+    Gold labels: one draw, weights ``scale`` (1 / answer length: a sample's loss is its mean). Predictive:
+    one draw per top-k token, weights ``scale * sqrt(q)``, so each draw's squared gradient counts with the
+    token's renormalised probability ``q``.
+    """
+    if spec.labels == "gold":
+        return [(gold, scale)], None
+    labels, q, gold_loss = _topk_labels(rows, head, gold, spec.topk, compute_dtype, softcap=softcap)
+    return [(labels[:, j], scale * q[:, j].sqrt()) for j in range(labels.shape[1])], gold_loss
 
 
 class _OutputGrabber:
@@ -207,8 +294,13 @@ def gradient_importance(
     spill_dir: str | None = None,
     comm: Comm | None = None,
     keep_boundaries: bool = False,
+    loss_spec: AnswerLoss | None = None,
 ) -> GradientPass:
     """Block-wise backward of the answer loss; per-module, per-token raw importance.
+
+    ``loss_spec`` (default: gold labels, every answer token) picks the loss and labels; with ``k`` draws per
+    sample (predictive labels) each layer's forward is run once and back-propagated ``k`` times, and a
+    token's raw importance is the sum over draws.
 
     The boundaries ``X[0..L]`` live in :class:`ActivationStore` objects (spilled to ``spill_dir`` if given);
     each is dropped as soon as the backward has passed it, unless ``keep_boundaries`` (then they are
@@ -218,6 +310,7 @@ def gradient_importance(
 
     start = time.perf_counter()
     comm = comm or Comm()
+    spec = loss_spec or AnswerLoss()
     reduce = _REDUCE[kind]
     norm, head = find_final_norm(model, stack), model.get_output_embeddings()
     softcap = logit_softcap(model)
@@ -241,33 +334,41 @@ def gradient_importance(
             with onloaded(norm) as on:
                 compute = compute_dtype_for(on.device, head.weight.dtype)
                 total += _chunked_head_gradients(
-                    boundaries[-1], captured, norm, head, on.device, compute, grads, softcap
+                    boundaries[-1], captured, norm, head, on.device, compute, grads, softcap, spec
                 )
         else:
             with onloaded(norm), onloaded(head) as on:
                 compute = compute_dtype_for(on.device, on.store_dtype)
                 for h, s in zip(boundaries[-1], captured):
-                    h = h.to(on.device, compute).detach().requires_grad_(True)
-                    loss = answer_loss(_softcapped(head(norm(h)), softcap), s.labels)
-                    loss.backward()
-                    total += float(loss.detach())
-                    grads.append(h.grad.float())
+                    total += _module_head_gradients(h, s, norm, head, on.device, compute, grads, softcap, spec)
         if not keep_boundaries:
             boundaries[-1].close()
         for i in tqdm(range(n_layers - 1, -1, -1), desc="tlq importance bwd", unit="layer", leave=False):
             layer = stack.layers[i]
-            layer_raw[i] = [reduce(g[0]).cpu() for g in grads]
             grabber = _OutputGrabber(_layer_targets(stack, targets, i))
             new_grads = ActivationStore(spill_dir, "g")
+            draws = iter(grads)
             try:
                 with onloaded(layer) as on:
-                    for h, g, s in zip(boundaries[i], grads, captured):
+                    for h, s in zip(boundaries[i], captured):
                         h = h.to(on.device, on.compute_dtype).detach().requires_grad_(True)
                         out = layer_forward(layer, h, _kwargs(s, i, on))
-                        out.backward(g.to(on.device, out.dtype))
-                        for name, output in grabber.outputs.items():
-                            raw[name].append(reduce(output.grad[0]).cpu())
-                        new_grads.append(h.grad.float())
+                        sums: dict[str, torch.Tensor] = {}
+                        at_output = None
+                        for d in range(spec.draws):
+                            g = next(draws)
+                            part = reduce(g[0]).cpu()
+                            at_output = part if at_output is None else at_output + part
+                            out.backward(g.to(on.device, out.dtype), retain_graph=d + 1 < spec.draws)
+                            for name, output in grabber.outputs.items():
+                                part = reduce(output.grad[0]).cpu()
+                                sums[name] = part if name not in sums else sums[name] + part
+                                output.grad = None
+                            new_grads.append(h.grad.float())
+                            h.grad = None
+                        layer_raw[i].append(at_output)
+                        for name, value in sums.items():
+                            raw[name].append(value)
                         grabber.outputs.clear()
             finally:
                 grabber.remove()
@@ -292,33 +393,74 @@ def _chunked_head_gradients(
     compute: torch.dtype,
     grads: ActivationStore,
     softcap: float | None = None,
+    spec: AnswerLoss | None = None,
 ) -> float:
-    """``dLoss_s / dX[L]`` of every sample into ``grads``; returns the sum of the per-sample answer losses.
+    """``dLoss_s / dX[L]`` of every sample and draw into ``grads`` (sample-major); returns the sum of the
+    per-sample gold answer losses.
 
     Only positions that predict an answer token carry loss, so every sample's such rows go through the
-    head together, in one chunked pass over the vocabulary (each row weighted by 1 / its sample's answer
-    length: the loss of a sample is its mean); then each sample's final norm is re-run with grad and
-    back-propagated from its rows' gradient.
+    head together, in one chunked pass over the vocabulary per draw (each row weighted by 1 / its sample's
+    answer length: the loss of a sample is its mean); then each sample's final norm is re-run with grad and
+    back-propagated from its rows' gradient of each draw.
     """
+    spec = spec or AnswerLoss()
+    first = spec.tokens == "first"
     rows, targets, weights = [], [], []
     with torch.no_grad():
         for h, s in zip(last, captured):
-            pos, target = _answer_positions(s.labels.to(device))
+            pos, target = _answer_positions(s.labels.to(device), first)
             rows.append(norm(h.to(device, compute))[0, pos])
             targets.append(target)
             weights.append(torch.full((len(pos),), 1.0 / max(len(pos), 1), device=device))
-    weight = torch.cat(weights)
-    row_loss, row_grad = _head_loss_and_grad(
-        torch.cat(rows), head, torch.cat(targets), weight, compute, softcap=softcap
-    )
+    weight, hidden = torch.cat(weights), torch.cat(rows)
     del rows
-    for (h, s), g in zip(zip(last, captured), row_grad.split([len(w) for w in weights])):
+    draws, gold_loss = _draws(hidden, head, torch.cat(targets), weight, spec, compute, softcap)
+    row_grads = []
+    for draw_targets, draw_weights in draws:
+        row_loss, row_grad = _head_loss_and_grad(hidden, head, draw_targets, draw_weights, compute, softcap=softcap)
+        row_grads.append(row_grad.split([len(w) for w in weights]))
+        gold_loss = row_loss if gold_loss is None else gold_loss
+    for j, (h, s) in enumerate(zip(last, captured)):
         h = h.to(device, compute).detach().requires_grad_(True)
-        pos, _ = _answer_positions(s.labels.to(device))
+        pos, _ = _answer_positions(s.labels.to(device), first)
         normed = norm(h)[0, pos]
-        normed.backward(g.to(normed.dtype))
+        for d, per_sample in enumerate(row_grads):
+            normed.backward(per_sample[j].to(normed.dtype), retain_graph=d + 1 < len(row_grads))
+            grads.append(h.grad.float())
+            h.grad = None
+    return float(gold_loss @ weight)
+
+
+def _module_head_gradients(
+    h: torch.Tensor,
+    sample: CapturedSample,
+    norm: nn.Module,
+    head: nn.Module,
+    device: torch.device,
+    compute: torch.dtype,
+    grads: ActivationStore,
+    softcap: float | None,
+    spec: AnswerLoss,
+) -> float:
+    """As :func:`_chunked_head_gradients` for one sample, through a head that is not a plain linear layer
+    (plain autograd; predictive labels from the full logits)."""
+    h = h.to(device, compute).detach().requires_grad_(True)
+    pos, gold = _answer_positions(sample.labels.to(device), spec.tokens == "first")
+    logits = _softcapped(head(norm(h)[0, pos]), softcap).float()
+    scale = torch.full((len(pos),), 1.0 / max(len(pos), 1), device=device)
+    gold_loss = F.cross_entropy(logits, gold, reduction="none")
+    if spec.labels == "gold":
+        draws = [(gold, scale)]
+    else:
+        top_v, top_i = torch.topk(logits.detach(), min(spec.topk, logits.shape[-1]), dim=-1)
+        q = torch.softmax(top_v, -1)
+        draws = [(top_i[:, j], scale * q[:, j].sqrt()) for j in range(top_i.shape[1])]
+    for d, (targets, weights) in enumerate(draws):
+        loss = (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
+        loss.backward(retain_graph=d + 1 < len(draws))
         grads.append(h.grad.float())
-    return float(row_loss @ weight)
+        h.grad = None
+    return float(gold_loss.detach() @ scale)
 
 
 def _kwargs(sample: CapturedSample, index: int, on: Onloaded) -> dict:
@@ -331,8 +473,10 @@ def reference_importance(
     captured: list[CapturedSample],
     targets: dict[str, nn.Module],
     kind: str = "fisher",
+    loss_spec: AnswerLoss | None = None,
 ) -> dict[str, list[torch.Tensor]]:
-    """The same raw importance from one full-graph backward (for testing the block-wise pass)."""
+    """The same raw importance from full-graph backwards, one per draw (for testing the block-wise pass)."""
+    spec = loss_spec or AnswerLoss()
     reduce = _REDUCE[kind]
     norm, head = find_final_norm(model, stack), model.get_output_embeddings()
     softcap = logit_softcap(model)
@@ -344,9 +488,24 @@ def reference_importance(
                 h = s.hidden.detach().requires_grad_(True)
                 for i, layer in enumerate(stack.layers):
                     h = layer_forward(layer, h, s.kwargs_for(i))
-                answer_loss(_softcapped(head(norm(h)), softcap), s.labels).backward()
+                pos, gold = _answer_positions(s.labels, spec.tokens == "first")
+                logits = _softcapped(head(norm(h))[0, pos], softcap).float()
+                scale = torch.full((len(pos),), 1.0 / max(len(pos), 1))
+                if spec.labels == "gold":
+                    draws = [(gold, scale)]
+                else:
+                    top_v, top_i = torch.topk(logits.detach(), spec.topk, dim=-1)
+                    q = torch.softmax(top_v, -1)
+                    draws = [(top_i[:, j], scale * q[:, j].sqrt()) for j in range(spec.topk)]
+                sums = {name: 0 for name in targets}
+                for d, (labels, weights) in enumerate(draws):
+                    loss = (F.cross_entropy(logits, labels, reduction="none") * weights).sum()
+                    loss.backward(retain_graph=d + 1 < len(draws))
+                    for name in targets:
+                        sums[name] = sums[name] + reduce(grabber.outputs[name].grad[0]).cpu()
+                        grabber.outputs[name].grad = None
                 for name in targets:
-                    raw[name].append(reduce(grabber.outputs[name].grad[0]).cpu())
+                    raw[name].append(sums[name])
                 grabber.outputs.clear()
     finally:
         grabber.remove()
@@ -411,7 +570,9 @@ class TokenWeighting:
     A group of modules reading one input (q/k/v) is weighted like one linear with concatenated outputs: its
     raw importance is the sum of its members' (the squared gradient norm over all their outputs). Weights
     are then tempered per sample (or set to the per-modality mean for ``"modality"``) and optionally
-    restricted to the most important ``token_fraction`` of all tokens.
+    restricted to the most important ``token_fraction`` of all tokens. With ``scope="layer"`` every module of
+    a decoder layer is weighted by the gradient at the layer's output instead (``layer_of`` maps a module
+    name to its layer index).
     """
 
     grad: GradientPass
@@ -421,6 +582,8 @@ class TokenWeighting:
     vision_masks: list[torch.Tensor]
     samples: list[int]
     comm: Comm
+    scope: str = "module"
+    layer_of: Callable[[str], int] | None = None
 
     def _weights(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
         t = self.tempering
@@ -434,6 +597,10 @@ class TokenWeighting:
 
     def for_modules(self, names: list[str]) -> list[torch.Tensor]:
         """Per-sample weights ``[T]`` for a group of modules that read the same input."""
+        if self.scope == "layer":
+            if self.layer_of is None:
+                raise ValueError("TokenWeighting(scope='layer') needs layer_of to find a module's layer")
+            return self.for_layer(self.layer_of(names[0]))
         per_module = [self.grad.raw[n] for n in names]
         return self._weights([torch.stack(parts).sum(0) for parts in zip(*per_module)])
 

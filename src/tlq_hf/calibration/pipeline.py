@@ -25,7 +25,7 @@ from ..solvers import rtn
 from .activations import spill_root
 from .capture import capture_layer_inputs
 from .distributed import Comm, init_from_env
-from .importance import Tempering, TokenWeighting, gradient_importance
+from .importance import AnswerLoss, Tempering, TokenWeighting, gradient_importance
 from .io_clock import io_seconds
 from .layer_loop import LayerLoop, LayerReport, LayerSettings
 from .offload import map_large_allocations, onloaded
@@ -233,7 +233,10 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
                 grad = checkpoint.load_importance(len(captured))
             else:
                 keep = _keep_boundaries(captured, len(stack.layers), spill)
-                grad = gradient_importance(model, stack, captured, in_stack, recipe.importance, spill, comm, keep)
+                spec = AnswerLoss(config.importance_labels, config.importance_topk, config.answer_tokens)
+                grad = gradient_importance(
+                    model, stack, captured, in_stack, recipe.importance, spill, comm, keep, loss_spec=spec
+                )
                 if checkpoint is not None:
                     checkpoint.save_importance(grad)
             lo, hi = config.importance_clip
@@ -245,6 +248,8 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
                 [s.vision_mask for s in captured],
                 shard,
                 comm,
+                scope=config.importance_scope,
+                layer_of=stack.layer_index,
             )
             report.answer_loss = grad.loss
             report.phases["importance"] = time.perf_counter() - t0
