@@ -74,6 +74,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "tlq token_fraction=0.5": dict(method="tlq", token_fraction=0.5),
     "tlq token_fraction=0.25": dict(method="tlq", token_fraction=0.25),
     "tlq exposed=off": dict(method="tlq", exposed=False),
+    "tlq labels=predictive": dict(method="tlq", importance_labels="predictive"),
+    "tlq answer_tokens=first": dict(method="tlq", answer_tokens="first"),
+    "tlq scope=layer": dict(method="tlq", importance_scope="layer"),
     # act_order (static groups) is the default, as in llm-compressor's GPTQ; these rows show its effect
     "gptq act_order=off": dict(method="gptq", act_order=False),
     "tlq act_order=off": dict(method="tlq", act_order=False),

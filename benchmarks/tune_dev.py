@@ -50,6 +50,9 @@ BASE: dict[str, Any] = {
     "importance_clip": tuple(_DEFAULTS.importance_clip),
     "damp": _DEFAULTS.damp,
     "act_order": _DEFAULTS.act_order,
+    "importance_labels": _DEFAULTS.importance_labels,
+    "answer_tokens": _DEFAULTS.answer_tokens,
+    "importance_scope": _DEFAULTS.importance_scope,
 }
 #: Alternative values tried for each TLQ factor.
 ALTERNATIVES: dict[str, tuple[Any, ...]] = {
@@ -58,6 +61,11 @@ ALTERNATIVES: dict[str, tuple[Any, ...]] = {
     "importance_clip": ((0.01, 100.0), (0.2, 5.0)),
     "damp": (0.1,),
     "act_order": (not BASE["act_order"],),
+    # which gradient (the quality issue's robustness question): the model's own predictive Fisher, the first
+    # answer token only, one weight per layer output instead of per module group
+    "importance_labels": ("predictive",),
+    "answer_tokens": ("first",),
+    "importance_scope": ("layer",),
 }
 REFERENCE = "gptq (default)"
 
