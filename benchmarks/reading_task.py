@@ -37,10 +37,13 @@ from vqa_task import (  # noqa: F401 - re-exported: the shared evaluation interf
     IMAGE_SIZE,
     RELATIONS,
     SPLITS,
+    ItemStream,
     TextPrior,
     _background,
     accuracy_by,
     evaluate,
+    neighbourhood_targets,
+    pick_relation,
     text_prior_accuracy,
 )
 
@@ -137,21 +140,7 @@ def cell_targets(scene: Scene) -> list[list[int]]:
     left, right, above, below (0 also when the neighbour is outside the grid).
     """
     colors = list(COLORS)
-
-    def classes(index: int | None) -> tuple[int, int]:
-        obj = None if index is None else scene[index]
-        return (0, 0) if obj is None else (colors.index(obj[0]) + 1, _WORDS.index(obj[1]) + 1)
-
-    def neighbour(index: int, dr: int, dc: int) -> int | None:
-        row, col = divmod(index, GRID)
-        r, c = row + dr, col + dc
-        return r * GRID + c if 0 <= r < GRID and 0 <= c < GRID else None
-
-    cells = range(GRID * GRID)
-    rows = [[classes(i)[k] for i in cells] for k in (0, 1)]
-    for _, dr, dc in RELATIONS:
-        rows += [[classes(neighbour(i, dr, dc))[k] for i in cells] for k in (0, 1)]
-    return rows
+    return neighbourhood_targets(scene, lambda obj: (colors.index(obj[0]) + 1, _WORDS.index(obj[1]) + 1))
 
 
 # --------------------------------------------------------------------------- #
@@ -240,31 +229,22 @@ def _q_exists(scene: Scene, rng: random.Random) -> tuple[str, str]:
     return f"is there a {word}?", "yes" if any(w == word for _, _, w in _objects(scene)) else "no"
 
 
-def _relation(scene: Scene, rng: random.Random) -> tuple[str, str, tuple[str, str]] | None:
-    options = []
-    for i, description in _unique(scene):
-        row, col = divmod(i, GRID)
-        for phrase, dr, dc in RELATIONS:
-            r, c = row + dr, col + dc
-            if 0 <= r < GRID and 0 <= c < GRID and scene[r * GRID + c] is not None:
-                options.append((phrase, description, scene[r * GRID + c]))
-    return rng.choice(options) if options else None
+def _relation_question(template: str, field: int) -> _Generator:
+    """A two-step question: ``template`` (with ``{phrase}`` and ``{reference}``) about the character next to
+    a uniquely described one; the answer is field ``field`` of that character (0 colour, 1 the character)."""
+
+    def generate(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
+        found = pick_relation(scene, _unique(scene), rng)
+        if found is None:
+            return None
+        phrase, reference, obj = found
+        return template.format(phrase=phrase, reference=reference), obj[field]
+
+    return generate
 
 
-def _q_relation_read(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
-    found = _relation(scene, rng)
-    if found is None:
-        return None
-    phrase, reference, (_, w) = found
-    return f"what is written {phrase} {reference}?", w
-
-
-def _q_relation_color(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
-    found = _relation(scene, rng)
-    if found is None:
-        return None
-    phrase, reference, (c, _) = found
-    return f"what color is the character {phrase} {reference}?", c
+_q_relation_read = _relation_question("what is written {phrase} {reference}?", 1)
+_q_relation_color = _relation_question("what color is the character {phrase} {reference}?", 0)
 
 
 #: Question type -> (group, sampling weight, generator). Weights sum to 100 (percent of items).
@@ -283,40 +263,12 @@ _TYPES: dict[str, tuple[str, int, _Generator]] = {
 }
 QUESTION_TYPES: tuple[str, ...] = tuple(_TYPES)
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(group for group, _, _ in _TYPES.values()))
-_YES_NO_TYPES = frozenset({"exists"})
-_MAX_TRIES = 1000
-
-
-def _item(split: str, seed: int, index: int) -> dict[str, Any]:
-    rng = random.Random(f"tlq-read/{split}/{seed}/{index}")
-    qtype = rng.choices(QUESTION_TYPES, weights=[w for _, w, _ in _TYPES.values()])[0]
-    group, _, generate = _TYPES[qtype]
-    wanted = rng.choice(("yes", "no")) if qtype in _YES_NO_TYPES else None
-    for _ in range(_MAX_TRIES):
-        scene = _sample_scene(rng)
-        qa = generate(scene, rng)
-        if qa is not None and (wanted is None or qa[1] == wanted):
-            break
-    else:  # pragma: no cover - every type fits a large share of scenes
-        raise RuntimeError(f"no scene fits question type {qtype!r} after {_MAX_TRIES} tries")
-    question, answer = qa
-    return {
-        "image": render_scene(scene, rng),
-        "question": question,
-        "answer": answer,
-        "type": qtype,
-        "group": group,
-        "scene": scene,
-    }
+_STREAM = ItemStream("tlq-read", _TYPES, frozenset({"exists"}), _sample_scene, render_scene)
 
 
 def make_items(n: int, seed: int = 0, split: str = "train", start: int = 0) -> list[dict[str, Any]]:
     """Items ``start .. start + n - 1`` of the ``(split, seed)`` stream (see :func:`vqa_task.make_items`)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if n < 0 or start < 0:
-        raise ValueError(f"need n >= 0 and start >= 0, got n={n}, start={start}")
-    return [_item(split, seed, i) for i in range(start, start + n)]
+    return _STREAM.items(n, seed, split, start)
 
 
 def vocabulary() -> tuple[str, ...]:

@@ -72,6 +72,21 @@ _TEXT = {
 }
 _SIDE = vqa_task.IMAGE_SIZE
 _CELL = vqa_task.CELL
+#: A small ViT (CLIP or SigLIP) with one 32-px patch per grid cell: 9 patch tokens.
+_VIT = {
+    "image_size": _SIDE,
+    "patch_size": _CELL,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+#: LLaVA's config / image processor / processor settings for that tower (9 image tokens, class token dropped).
+_LLAVA_IO: dict[str, Any] = {
+    "config": {"image_seq_length": (_SIDE // _CELL) ** 2, "vision_feature_layer": -1},
+    "image_processor": {"size": {"shortest_edge": _SIDE}, "crop_size": {"height": _SIDE, "width": _SIDE}},
+    "processor": {"patch_size": _CELL},
+}
 
 
 @dataclass(frozen=True)
@@ -122,17 +137,8 @@ RECIPES: dict[str, Recipe] = {
         architecture="LlavaForConditionalGeneration",
         text=_TEXT,
         # CLIP tower with one 32-px patch per grid cell: 9 image tokens (the class token is dropped).
-        vision={
-            "image_size": _SIDE,
-            "patch_size": _CELL,
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-        },
-        config={"image_seq_length": (_SIDE // _CELL) ** 2, "vision_feature_layer": -1},
-        image_processor={"size": {"shortest_edge": _SIDE}, "crop_size": {"height": _SIDE, "width": _SIDE}},
-        processor={"patch_size": _CELL},
+        vision=_VIT,
+        **_LLAVA_IO,
         # unit-scale position embeddings: the cell position survives into the image tokens
         position_embedding_std=1.0,
     ),
@@ -175,14 +181,7 @@ RECIPES: dict[str, Recipe] = {
         text=_TEXT,
         # SigLIP tower, one 32-px patch per grid cell; one any-resolution tile (the 96-px image itself), so
         # the language model sees the base image (9 tokens) and the tile (3 x 3 + 3 row newlines).
-        vision={
-            "image_size": _SIDE,
-            "patch_size": _CELL,
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-        },
+        vision=_VIT,
         config={"image_grid_pinpoints": [[_SIDE, _SIDE]]},
         image_processor={"size": {"height": _SIDE, "width": _SIDE}, "image_grid_pinpoints": [[_SIDE, _SIDE]]},
         processor={"num_image_tokens": (_SIDE // _CELL) ** 2},
@@ -194,17 +193,8 @@ RECIPES: dict[str, Recipe] = {
         family="llava",
         architecture="LlavaForConditionalGeneration",
         text={**_TEXT, "num_hidden_layers": 12},
-        vision={
-            "image_size": _SIDE,
-            "patch_size": _CELL,
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-        },
-        config={"image_seq_length": (_SIDE // _CELL) ** 2, "vision_feature_layer": -1},
-        image_processor={"size": {"shortest_edge": _SIDE}, "crop_size": {"height": _SIDE, "width": _SIDE}},
-        processor={"patch_size": _CELL},
+        vision=_VIT,
+        **_LLAVA_IO,
         position_embedding_std=1.0,
     ),
     "gemma3": Recipe(
@@ -213,14 +203,7 @@ RECIPES: dict[str, Recipe] = {
         architecture="Gemma3ForConditionalGeneration",
         text=_TEXT,
         # SigLIP tower, one 32-px patch per grid cell, pooled 1:1 to 9 image tokens
-        vision={
-            "image_size": _SIDE,
-            "patch_size": _CELL,
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-        },
+        vision=_VIT,
         config={"mm_tokens_per_image": (_SIDE // _CELL) ** 2},
         image_processor={"size": {"height": _SIDE, "width": _SIDE}},
         processor={"image_seq_length": (_SIDE // _CELL) ** 2},
@@ -243,9 +226,7 @@ RECIPES: dict[str, Recipe] = {
             "num_attention_heads": 4,
         },
         pretrain_steps=1000,
-        config={"image_seq_length": (_SIDE // _CELL) ** 2, "vision_feature_layer": -1},
-        image_processor={"size": {"shortest_edge": _SIDE}, "crop_size": {"height": _SIDE, "width": _SIDE}},
-        processor={"patch_size": _CELL},
+        **_LLAVA_IO,
         position_embedding_std=1.0,
         task="reading",
     ),

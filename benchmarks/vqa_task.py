@@ -29,6 +29,7 @@ import functools
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ __all__ = [
     "COLORS",
     "GROUPS",
     "IMAGE_SIZE",
+    "ItemStream",
     "QUESTION_TYPES",
     "RELATIONS",
     "SHAPES",
@@ -49,6 +51,8 @@ __all__ = [
     "cell_targets",
     "evaluate",
     "make_items",
+    "neighbourhood_targets",
+    "pick_relation",
     "render_scene",
     "text_prior_accuracy",
     "vocabulary",
@@ -203,21 +207,28 @@ def cell_targets(scene: Scene) -> list[list[int]]:
     direction ``k`` of left, right, above, below (0 also when the neighbour is outside the grid).
     """
     colors, shapes = list(COLORS), list(SHAPES)
+    return neighbourhood_targets(scene, lambda obj: (colors.index(obj[0]) + 1, shapes.index(obj[1]) + 1))
 
-    def classes(index: int | None) -> tuple[int, int]:
+
+def neighbourhood_targets(scene: Scene, classes: Callable[[tuple[str, str]], tuple[int, int]]) -> list[list[int]]:
+    """``[10][cells]`` rows: the two classes ``classes(obj)`` of each cell's object (0, 0 for an empty cell),
+    then of its neighbour in each direction of :data:`RELATIONS` (0, 0 also outside the grid)."""
+
+    def at(index: int | None) -> tuple[int, int]:
         obj = None if index is None else scene[index]
-        return (0, 0) if obj is None else (colors.index(obj[0]) + 1, shapes.index(obj[1]) + 1)
-
-    def neighbour(index: int, dr: int, dc: int) -> int | None:
-        row, col = divmod(index, GRID)
-        r, c = row + dr, col + dc
-        return r * GRID + c if 0 <= r < GRID and 0 <= c < GRID else None
+        return (0, 0) if obj is None else classes(obj)
 
     cells = range(GRID * GRID)
-    rows = [[classes(i)[k] for i in cells] for k in (0, 1)]
+    rows = [[at(i)[k] for i in cells] for k in (0, 1)]
     for _, dr, dc in RELATIONS:
-        rows += [[classes(neighbour(i, dr, dc))[k] for i in cells] for k in (0, 1)]
+        rows += [[at(_neighbour(i, dr, dc))[k] for i in cells] for k in (0, 1)]
     return rows
+
+
+def _neighbour(index: int, dr: int, dc: int) -> int | None:
+    row, col = divmod(index, GRID)
+    r, c = row + dr, col + dc
+    return r * GRID + c if 0 <= r < GRID and 0 <= c < GRID else None
 
 
 # --------------------------------------------------------------------------- #
@@ -322,16 +333,23 @@ def _q_most_shape(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
     return None if best is None else ("which shape is the most common?", best)
 
 
+def pick_relation(
+    scene: Scene, references: list[tuple[int, str]], rng: random.Random
+) -> tuple[str, str, tuple[str, str]] | None:
+    """A random ``(relation phrase, reference description, the related cell's object)`` over the uniquely
+    described ``references`` (``(cell, description)``) that have an object next to them, or ``None``."""
+    options = []
+    for i, description in references:
+        for phrase, dr, dc in RELATIONS:
+            j = _neighbour(i, dr, dc)
+            if j is not None and scene[j] is not None:
+                options.append((phrase, description, scene[j]))
+    return rng.choice(options) if options else None
+
+
 def _relation(scene: Scene, rng: random.Random) -> tuple[str, str, tuple[str, str]] | None:
     """A random ``(relation phrase, reference description, (colour, shape) of the related object)``."""
-    options = []
-    for i, description in _unique_objects(scene):
-        row, col = divmod(i, GRID)
-        for phrase, dr, dc in RELATIONS:
-            r, c = row + dr, col + dc
-            if 0 <= r < GRID and 0 <= c < GRID and scene[r * GRID + c] is not None:
-                options.append((phrase, description, scene[r * GRID + c]))
-    return rng.choice(options) if options else None
+    return pick_relation(scene, _unique_objects(scene), rng)
 
 
 def _q_relation_color(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
@@ -371,27 +389,51 @@ _YES_NO_TYPES = frozenset({"more_color"})
 _MAX_TRIES = 1000
 
 
-def _item(split: str, seed: int, index: int) -> dict[str, Any]:
-    rng = random.Random(f"tlq-vqa/{split}/{seed}/{index}")
-    qtype = rng.choices(QUESTION_TYPES, weights=[w for _, w, _ in _TYPES.values()])[0]
-    group, _, generate = _TYPES[qtype]
-    wanted = rng.choice(("yes", "no")) if qtype in _YES_NO_TYPES else None
-    for _ in range(_MAX_TRIES):
-        scene = _sample_scene(rng)
-        qa = generate(scene, rng)
-        if qa is not None and (wanted is None or qa[1] == wanted):
-            break
-    else:  # pragma: no cover - every type fits a large share of scenes
-        raise RuntimeError(f"no scene fits question type {qtype!r} after {_MAX_TRIES} tries")
-    question, answer = qa
-    return {
-        "image": render_scene(scene, rng),
-        "question": question,
-        "answer": answer,
-        "type": qtype,
-        "group": group,
-        "scene": scene,
-    }
+@dataclass(frozen=True)
+class ItemStream:
+    """How one task turns ``(split, seed, index)`` into an item: its own string-seeded random stream (named
+    ``name``), question types with sampling weights, the yes/no types (balanced), a scene sampler and a
+    renderer."""
+
+    name: str
+    types: dict[str, tuple[str, int, _Generator]]
+    yes_no: frozenset[str]
+    sample_scene: Callable[[random.Random], Scene]
+    render: Callable[[Scene, random.Random], Image.Image]
+
+    def item(self, split: str, seed: int, index: int) -> dict[str, Any]:
+        """Item ``index`` of the ``(split, seed)`` stream."""
+        rng = random.Random(f"{self.name}/{split}/{seed}/{index}")
+        qtype = rng.choices(list(self.types), weights=[w for _, w, _ in self.types.values()])[0]
+        group, _, generate = self.types[qtype]
+        wanted = rng.choice(("yes", "no")) if qtype in self.yes_no else None
+        for _ in range(_MAX_TRIES):
+            scene = self.sample_scene(rng)
+            qa = generate(scene, rng)
+            if qa is not None and (wanted is None or qa[1] == wanted):
+                break
+        else:  # pragma: no cover - every type fits a large share of scenes
+            raise RuntimeError(f"no scene fits question type {qtype!r} after {_MAX_TRIES} tries")
+        question, answer = qa
+        return {
+            "image": self.render(scene, rng),
+            "question": question,
+            "answer": answer,
+            "type": qtype,
+            "group": group,
+            "scene": scene,
+        }
+
+    def items(self, n: int, seed: int, split: str, start: int) -> list[dict[str, Any]]:
+        """Items ``start .. start + n - 1`` of the ``(split, seed)`` stream."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if n < 0 or start < 0:
+            raise ValueError(f"need n >= 0 and start >= 0, got n={n}, start={start}")
+        return [self.item(split, seed, i) for i in range(start, start + n)]
+
+
+_STREAM = ItemStream("tlq-vqa", _TYPES, _YES_NO_TYPES, _sample_scene, render_scene)
 
 
 def make_items(n: int, seed: int = 0, split: str = "train", start: int = 0) -> list[dict[str, Any]]:
@@ -401,11 +443,7 @@ def make_items(n: int, seed: int = 0, split: str = "train", start: int = 0) -> l
     "type": question type, "group": question group, "scene": the cells}``; item ``i`` depends only on
     ``(split, seed, i)``, so splits never share a random stream.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if n < 0 or start < 0:
-        raise ValueError(f"need n >= 0 and start >= 0, got n={n}, start={start}")
-    return [_item(split, seed, i) for i in range(start, start + n)]
+    return _STREAM.items(n, seed, split, start)
 
 
 def vocabulary() -> tuple[str, ...]:
