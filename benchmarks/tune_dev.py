@@ -169,9 +169,13 @@ def main() -> None:
     if previous.exists():  # keep the other models' records, so models can be tuned one run at a time
         old = json.loads(previous.read_text())
         labels = {label for label, _ in grid()}
-        records = [r for r in old if r["model"] not in args.models and r["point"] in labels] + records
+        # records of this grid only (a file from an older grid has no reference point to score against)
+        current = {(r["model"], r["scheme"]) for r in old if r["point"] == REFERENCE}
+        keep = [r for r in old if r["model"] not in args.models and r["point"] in labels]
+        records = [r for r in keep if (r["model"], r["scheme"]) in current] + records
     previous.write_text(json.dumps(records, indent=1))
-    print(write_markdown(records, args.schemes, (time.time() - start) / 60))
+    schemes = list(dict.fromkeys(r["scheme"] for r in records))
+    print(write_markdown(records, schemes, (time.time() - start) / 60))
 
 
 if __name__ == "__main__":
