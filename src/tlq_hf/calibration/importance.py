@@ -46,7 +46,6 @@ __all__ = [
     "GradientPass",
     "gradient_importance",
     "reference_importance",
-    "answer_loss",
     "logit_softcap",
     "temper",
     "modality_balance",
@@ -119,13 +118,6 @@ def logit_softcap(model: nn.Module) -> float | None:
 
 def _softcapped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return logits if cap is None else torch.tanh(logits / cap) * cap
-
-
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens (next-token prediction, labels shifted by one)."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
 
 
 def _head_loss_and_grad(
@@ -243,7 +235,24 @@ def _draws(
     if spec.labels == "gold":
         return [(gold, scale)], None
     labels, q, gold_loss = _topk_labels(rows, head, gold, spec.topk, compute_dtype, softcap=softcap)
-    return [(labels[:, j], scale * q[:, j].sqrt()) for j in range(labels.shape[1])], gold_loss
+    return _weighted_draws(labels, q, scale), gold_loss
+
+
+def _weighted_draws(
+    labels: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One draw per column of ``labels [N, k]``: its targets and row weights ``scale * sqrt(q)``."""
+    return [(labels[:, j], scale * q[:, j].sqrt()) for j in range(labels.shape[1])]
+
+
+def _draws_from_logits(
+    logits: torch.Tensor, gold: torch.Tensor, scale: torch.Tensor, spec: AnswerLoss
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`_draws` from logits already in memory (a head that is not a plain linear layer, the reference)."""
+    if spec.labels == "gold":
+        return [(gold, scale)]
+    top_v, top_i = torch.topk(logits.detach(), min(spec.topk, logits.shape[-1]), dim=-1)
+    return _weighted_draws(top_i, torch.softmax(top_v, -1), scale)
 
 
 class _OutputGrabber:
@@ -449,12 +458,7 @@ def _module_head_gradients(
     logits = _softcapped(head(norm(h)[0, pos]), softcap).float()
     scale = torch.full((len(pos),), 1.0 / max(len(pos), 1), device=device)
     gold_loss = F.cross_entropy(logits, gold, reduction="none")
-    if spec.labels == "gold":
-        draws = [(gold, scale)]
-    else:
-        top_v, top_i = torch.topk(logits.detach(), min(spec.topk, logits.shape[-1]), dim=-1)
-        q = torch.softmax(top_v, -1)
-        draws = [(top_i[:, j], scale * q[:, j].sqrt()) for j in range(top_i.shape[1])]
+    draws = _draws_from_logits(logits, gold, scale, spec)
     for d, (targets, weights) in enumerate(draws):
         loss = (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
         loss.backward(retain_graph=d + 1 < len(draws))
@@ -491,12 +495,7 @@ def reference_importance(
                 pos, gold = _answer_positions(s.labels, spec.tokens == "first")
                 logits = _softcapped(head(norm(h))[0, pos], softcap).float()
                 scale = torch.full((len(pos),), 1.0 / max(len(pos), 1))
-                if spec.labels == "gold":
-                    draws = [(gold, scale)]
-                else:
-                    top_v, top_i = torch.topk(logits.detach(), spec.topk, dim=-1)
-                    q = torch.softmax(top_v, -1)
-                    draws = [(top_i[:, j], scale * q[:, j].sqrt()) for j in range(spec.topk)]
+                draws = _draws_from_logits(logits, gold, scale, spec)
                 sums = {name: 0 for name in targets}
                 for d, (labels, weights) in enumerate(draws):
                     loss = (F.cross_entropy(logits, labels, reduction="none") * weights).sum()
