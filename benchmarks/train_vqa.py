@@ -55,6 +55,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 MODELS_DIR = BENCH_DIR / "models"
 RESULTS_DIR = BENCH_DIR / "results"
 HELDOUT_SEED = 0
+#: Weight files are written in shards of at most this size (the repository keeps every tracked file small).
+MAX_SHARD = "16MB"
 #: The synthetic tasks a model can be trained on; both modules share one interface (see ``reading_task``).
 TASKS: dict[str, Any] = {"shapes": vqa_task, "reading": reading_task}
 
@@ -634,7 +636,7 @@ def _save(model: nn.Module, processor: Any, recipe: Recipe, heldout: Sequence[di
     path.mkdir(parents=True, exist_ok=True)
     model.set_attn_implementation("sdpa")
     model.to(getattr(torch, recipe.save_dtype)).eval()
-    model.save_pretrained(path)
+    model.save_pretrained(path, max_shard_size=MAX_SHARD)
     processor.save_pretrained(path)
     _check_tokenizer(path, heldout, _task(recipe))
     return path
