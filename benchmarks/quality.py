@@ -64,8 +64,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "smoothquant": dict(method="smoothquant"),
     "awq": dict(method="awq"),
     "gptq": dict(method="gptq"),
+    "gptaq": dict(method="gptaq"),
     "mbq": dict(method="mbq"),
     "tlq-gptq": dict(method="tlq", solver="gptq"),
+    "tlq-gptaq": dict(method="tlq", solver="gptaq"),
     "tlq-awq": dict(method="tlq", solver="awq"),
 }
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -301,6 +303,8 @@ def _load(path: Path):
 #: (numerator, denominator) method pairs whose KL ratio and flip difference get bootstrap intervals.
 RATIO_PAIRS = (
     ("tlq-gptq", "gptq"),
+    ("tlq-gptaq", "gptq"),
+    ("gptaq", "gptq"),
     ("tlq-awq", "awq"),
     ("tlq-gptq", "llmc-gptq"),
     ("tlq-gptq", "llmc-awq"),

@@ -38,6 +38,7 @@ import quality  # noqa: E402
 
 import tlq_hf  # noqa: E402,F401  registers quant_method "tlq"
 from tlq_hf import TLQConfig  # noqa: E402
+from tlq_hf.calibration.pipeline import resolve_recipe  # noqa: E402
 from tlq_hf.tiny_models import load_auto_class  # noqa: E402
 
 DEV_SEED, DEV_ITEMS = 4321, 1000
@@ -53,6 +54,7 @@ BASE: dict[str, Any] = {
     "importance_labels": _DEFAULTS.importance_labels,
     "answer_tokens": _DEFAULTS.answer_tokens,
     "importance_scope": _DEFAULTS.importance_scope,
+    "solver": resolve_recipe(_DEFAULTS).solver,
 }
 #: Alternative values tried for each TLQ factor.
 ALTERNATIVES: dict[str, tuple[Any, ...]] = {
@@ -66,6 +68,8 @@ ALTERNATIVES: dict[str, tuple[Any, ...]] = {
     "importance_labels": ("predictive",),
     "answer_tokens": ("first",),
     "importance_scope": ("layer",),
+    # the asymmetric objective (GPTAQ): the full-precision output as the target of the exposed input
+    "solver": ("gptaq",),
 }
 REFERENCE = "gptq (default)"
 
@@ -76,6 +80,7 @@ def grid() -> list[tuple[str, dict[str, Any]]]:
     for damp, order in itertools.product((0.01, 0.1), (True, False)):
         if (damp, order) != (BASE["damp"], BASE["act_order"]):
             points.append((f"gptq damp={damp} act_order={order}", dict(method="gptq", damp=damp, act_order=order)))
+    points.append(("gptaq", dict(method="gptaq", damp=BASE["damp"], act_order=BASE["act_order"])))
     points.append(("tlq (defaults)", dict(method="tlq", **BASE)))
     for factor, values in ALTERNATIVES.items():
         for value in values:
@@ -83,11 +88,12 @@ def grid() -> list[tuple[str, dict[str, Any]]]:
     return points
 
 
-def score(records: list[dict], label: str) -> float:
-    """Geometric mean over (model, scheme) of the point's KL divided by the reference GPTQ's KL."""
+def score(records: list[dict], label: str, model: str | None = None) -> float:
+    """Geometric mean over (model, scheme) of the point's KL divided by the reference GPTQ's KL (one model's
+    schemes only, with ``model``)."""
     ratios = []
     for r in records:
-        if r["point"] != label:
+        if r["point"] != label or (model is not None and r["model"] != model):
             continue
         ref = next(x for x in records if (x["model"], x["scheme"], x["point"]) == (r["model"], r["scheme"], REFERENCE))
         ratios.append(max(r["kl"], 1e-12) / max(ref["kl"], 1e-12))
@@ -130,6 +136,15 @@ def write_markdown(records: list[dict], schemes: list[str], wall_min: float) -> 
     for label in labels:
         cells = [_cell(records, m, s, label) for m in models for s in schemes]
         lines.append(f"| {label} | {score(records, label):.3f} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Per model (geometric mean over schemes of KL / default GPTQ; a point that helps only one model shows here):",
+        "",
+        "| point | " + " | ".join(models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(f"{score(records, label, m):.3f}" for m in models) + " |")
     chosen = choose(records)
     changed = {k: v for k, v in chosen.items() if v != BASE[k]}
     shown = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in chosen.items()})

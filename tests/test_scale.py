@@ -204,7 +204,7 @@ _DIST_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("method", ["tlq", "mbq"])
+@pytest.mark.parametrize("method", ["tlq", "mbq", "gptaq"])
 def test_two_processes_equal_one(tiny_vlm_dirs, tmp_path, method):
     """Same threads per process: the 2-rank gloo run writes the 1-process checkpoint bit for bit."""
     script = tmp_path / "dist.py"
@@ -245,11 +245,12 @@ def test_statistic_rescale_equals_statistic_of_rescaled_inputs(kind):
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(7 + i, 16, generator=gen) for i in range(3)]
     ws = [torch.rand(7 + i, generator=gen) for i in range(3)]
+    refs = [x + 0.1 * torch.randn(x.shape, generator=gen) for x in xs]  # paired statistics' full-precision inputs
     s = torch.rand(16, generator=gen) + 0.5
     folded, direct = STATISTICS[kind](rows_per_sample=5), STATISTICS[kind](rows_per_sample=5)
-    for j, (x, a) in enumerate(zip(xs, ws)):
-        folded.update(x, a, j)
-        direct.update(x / s, a, j)
+    for j, (x, a, r) in enumerate(zip(xs, ws, refs)):
+        folded.update(x, a, j, reference=r)
+        direct.update(x / s, a, j, reference=r / s)
     folded.rescale(s)
     for key, value in direct.state_dict().items():
         assert torch.allclose(folded.state_dict()[key].double(), value.double(), rtol=1e-5, atol=1e-6), key

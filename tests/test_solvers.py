@@ -159,3 +159,54 @@ def test_smoothquant_scales_balance_outlier_channels():
     before = x.abs().amax(0).max() / x.abs().amax(0).median()
     after = (x / s).abs().amax(0).max() / (x / s).abs().amax(0).median()
     assert after < before
+
+
+def _asymmetric_problem(seed=2):
+    """Full-precision inputs ``x_fp`` and exposed inputs ``x_in``: ``x_fp`` plus the error earlier quantized
+    layers carried in (a correlated, channel-mixing distortion and noise)."""
+    w, x_fp, a = _problem(seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    distortion = torch.eye(x_fp.shape[1]) + 0.05 * torch.randn(x_fp.shape[1], x_fp.shape[1], generator=g)
+    x_in = x_fp @ distortion + 0.05 * torch.randn(x_fp.shape, generator=g)
+    return w, x_fp, x_in, a
+
+
+def _asymmetric_error(w, codes, qp, scheme, x_fp, x_in, a):
+    q = dequantize_codes(codes, qp, scheme, torch.float32)
+    return float((a * (x_in @ q.T - x_fp @ w.T).pow(2).sum(1)).sum() / (a * (x_fp @ w.T).pow(2).sum(1)).sum())
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(3, 128), QuantScheme(4, -1)])
+def test_asymmetric_gptq_beats_gptq_on_the_full_precision_target(scheme):
+    """GPTQ of ``W* = W + W (C - H)(H + lambda)^-1`` against the exposed Hessian keeps the full-precision output
+    better than plain GPTQ on the exposed inputs (which copies the incoming error)."""
+    from tlq_hf.solvers import asymmetric_map, asymmetric_weights, gptq_factor, gptq_quantize
+
+    w, x_fp, x_in, a = _asymmetric_problem()
+    hessian = weighted_hessian(x_in, a)
+    cross = ((x_fp * a[:, None]).T @ x_in / a.sum()).float()
+    (target,) = asymmetric_weights([w], asymmetric_map(hessian, cross))
+    factor = gptq_factor(hessian)
+    e_gptq = _asymmetric_error(w, *gptq_quantize(w, factor, scheme), scheme, x_fp, x_in, a)
+    e_gptaq = _asymmetric_error(w, *gptq_quantize(target, factor, scheme), scheme, x_fp, x_in, a)
+    assert e_gptaq < 0.8 * e_gptq
+    # with no incoming error the target is the weight itself
+    same = asymmetric_map(hessian, hessian)
+    torch.testing.assert_close(same, torch.eye(w.shape[1]), atol=1e-5, rtol=0)
+
+
+def test_cross_statistic_matches_definition_and_rescales_like_its_inputs():
+    from tlq_hf.calibration.stats import CrossStatistic
+
+    _, x_fp, x_in, a = _asymmetric_problem()
+    stat = CrossStatistic()
+    for k in range(0, x_in.shape[0], 512):  # several samples
+        stat.update(x_in[k : k + 512], a[k : k + 512], k, reference=x_fp[k : k + 512])
+    expected = (x_fp.double() * a[:, None].double()).T @ x_in.double() / a.double().sum()
+    torch.testing.assert_close(stat.normalized().double(), expected, rtol=1e-5, atol=1e-5)
+    s = torch.linspace(0.5, 2.0, x_in.shape[1])
+    stat.rescale(s)
+    rescaled = (x_fp / s).double().mul(a[:, None].double()).T @ (x_in / s).double() / a.double().sum()
+    torch.testing.assert_close(stat.normalized().double(), rescaled, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="full-precision input"):
+        stat.update(x_in[:4], a[:4], 0)

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from .config import METHODS, SOLVERS
+
 __all__ = ["main", "parse_max_memory", "quantize_main"]
 
 
@@ -17,8 +19,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 for per-channel")
     p.add_argument("--act-bits", type=int, default=None, choices=[8], help="8: dynamic per-token int8 activations")
     p.add_argument("--asym", action="store_true", help="asymmetric weights (needs --format tlq)")
-    p.add_argument("--method", default="tlq", choices=["tlq", "gptq", "awq", "mbq", "smoothquant", "rtn"])
-    p.add_argument("--solver", default=None, choices=["gptq", "awq", "rtn"], help="for --method tlq (default gptq)")
+    p.add_argument("--method", default="tlq", choices=list(METHODS))
+    p.add_argument("--solver", default=None, choices=list(SOLVERS), help="for --method tlq (default gptq)")
     p.add_argument("--dataset", default=None, help="calibration data: local dataset folder or Hub dataset id")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--max-length", type=int, default=2048)

@@ -25,8 +25,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("tlq", "gptq", "awq", "mbq", "smoothquant", "rtn")
-SOLVERS = ("gptq", "awq", "rtn")
+METHODS = ("tlq", "gptq", "gptaq", "awq", "mbq", "smoothquant", "rtn")
+SOLVERS = ("gptq", "gptaq", "awq", "rtn")
 IMPORTANCE = ("fisher", "l1", "uniform", "modality")
 IMPORTANCE_LABELS = ("gold", "predictive")
 ANSWER_TOKENS = ("all", "first")
@@ -71,7 +71,8 @@ class TLQConfig(QuantizationConfigMixin):
         sym: symmetric (zero point 0) or asymmetric weight quantization.
         act_bits: ``None`` for weight-only, or 8 for dynamic per-token int8 activations (W8A8, W4A8).
         method: ``"tlq"`` (gradient token importance + token-level calibration set + quantization-exposed
-            layer-wise solver), or a baseline through the same pipeline: ``"gptq"``, ``"awq"``, ``"mbq"``
+            layer-wise solver), or a baseline through the same pipeline: ``"gptq"``, ``"gptaq"`` (asymmetric
+            GPTQ, uniform weights), ``"awq"``, ``"mbq"``
             (modality-balanced weights, AWQ solver), ``"smoothquant"`` (migration + RTN), ``"rtn"``
             (round-to-nearest, no data). Every method but ``"rtn"`` needs ``dataset``.
         ignore: regexes (an optional ``re:`` prefix is accepted) of module names to keep in full
@@ -97,7 +98,8 @@ class TLQConfig(QuantizationConfigMixin):
             decoder layer's output gradient, shared by all of the layer's modules (``"layer"``).
         token_fraction: keep only this fraction of the most important tokens in the statistics.
         exposed: calibrate layer ``l`` on the outputs of the already-quantized layers (``None`` = method default).
-        solver: ``"gptq"``, ``"awq"`` or ``"rtn"`` for ``method="tlq"`` (``None`` = ``"gptq"``).
+        solver: ``"gptq"``, ``"gptaq"`` (asymmetric GPTQ: the full-precision output is the target of the
+            exposed input), ``"awq"`` or ``"rtn"`` for ``method="tlq"`` (``None`` = ``"gptq"``).
         damp, act_order: GPTQ damping (fraction of the mean Hessian diagonal) and column order (``True``:
             columns by decreasing Hessian diagonal with static groups, as llm-compressor's default; no
             ``g_idx`` needed in the checkpoint).

@@ -37,7 +37,16 @@ from ..arch import DecoderStack, smooth_mappings
 from ..nn import TLQLinear, dequant_cache
 from ..primitives import QParams, quantize_codes
 from ..qtypes import QuantScheme
-from ..solvers import awq_clip_search, awq_scale_search, gptq_factor, gptq_quantize, rtn, smoothquant_scales
+from ..solvers import (
+    asymmetric_map,
+    asymmetric_weights,
+    awq_clip_search,
+    awq_scale_search,
+    gptq_factor,
+    gptq_quantize,
+    rtn,
+    smoothquant_scales,
+)
 from .activations import ActivationStore
 from .capture import CapturedSample, layer_forward, to_device
 from .distributed import Comm
@@ -111,6 +120,16 @@ def _solve_gptq(weights, group, scheme, cfg, scale_dtype) -> list[Solution]:
     return [gptq_quantize(w, factor, scheme, scale_dtype=scale_dtype) for w in weights]
 
 
+def _solve_gptaq(weights, group, scheme, cfg, scale_dtype) -> list[Solution]:
+    hessian = group.stats.pop("hessian").take_normalized()
+    mapping = asymmetric_map(hessian, group.stats.pop("cross").normalized(), damp=cfg.damp)
+    targets = asymmetric_weights(weights, mapping)
+    del mapping
+    factor = gptq_factor(hessian, damp=cfg.damp, act_order=cfg.act_order, overwrite=True)
+    del hessian
+    return [gptq_quantize(w, factor, scheme, scale_dtype=scale_dtype) for w in targets]
+
+
 def _solve_awq(weights, group, scheme, cfg, scale_dtype) -> list[Solution]:
     x, a = group.stats["inputs"].rows(cfg.max_tokens)
     out = []
@@ -127,6 +146,8 @@ def _solve_rtn(weights, group, scheme, cfg, scale_dtype) -> list[Solution]:
 
 LAYER_SOLVERS: dict[str, LayerSolver] = {
     "gptq": LayerSolver(("hessian",), _solve_gptq),
+    # asymmetric GPTQ: the full-precision output as the target of the exposed input (GPTAQ)
+    "gptaq": LayerSolver(("hessian", "cross"), _solve_gptaq),
     "awq": LayerSolver(("inputs",), _solve_awq),
     "rtn": LayerSolver((), _solve_rtn),
 }
@@ -378,6 +399,8 @@ class LayerLoop:
                 try:
                     for j, x in enumerate(state.x_in):
                         collector.begin(self.samples[j], [w[j] if w is not None else None for w in weights])
+                        if collector.paired:  # the full-precision inputs of the same tokens, first
+                            collector.reference(lambda j=j: forward(state.x_fp[j], j))
                         y = forward(x, j)
                         if k > 0:
                             continue

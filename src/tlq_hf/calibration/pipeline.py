@@ -49,6 +49,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "tlq": Recipe("fisher", "gptq", None, True),
     "gptq": Recipe("uniform", "gptq", None, True),  # as GPTQ tools do: sequential, quantized inputs
+    "gptaq": Recipe("uniform", "gptaq", None, True),  # asymmetric: full-precision output as the target
     "awq": Recipe("uniform", "awq", "awq", False),
     "mbq": Recipe("modality", "awq", "awq", False),
     "smoothquant": Recipe(None, "rtn", "smoothquant", False),

@@ -33,6 +33,7 @@ __all__ = [
     "HessianStatistic",
     "InputRowsStatistic",
     "AbsMaxStatistic",
+    "CrossStatistic",
     "StatGroup",
     "StatCollector",
     "register_statistic",
@@ -61,9 +62,12 @@ class Statistic(ABC):
     """What one solver needs from the rows ``x [N, in]`` (float32) with token weights ``a [N]`` (>= 0)."""
 
     kind: ClassVar[str]
+    #: whether :meth:`update` also takes ``reference``: the same tokens' input to the module when the
+    #: full-precision layer runs on the full-precision layer input (see :class:`CrossStatistic`)
+    paired: ClassVar[bool] = False
 
     @abstractmethod
-    def update(self, x: torch.Tensor, a: torch.Tensor, sample: int) -> None: ...
+    def update(self, x: torch.Tensor, a: torch.Tensor, sample: int, reference: torch.Tensor | None = None) -> None: ...
 
     @abstractmethod
     def rescale(self, s: torch.Tensor) -> None:
@@ -130,7 +134,7 @@ class HessianStatistic(Statistic):
             full[r0:r1, :r1] = block
         return full.tril() + full.tril(-1).T
 
-    def update(self, x: torch.Tensor, a: torch.Tensor, sample: int) -> None:
+    def update(self, x: torch.Tensor, a: torch.Tensor, sample: int, reference: torch.Tensor | None = None) -> None:
         keep = a > 0
         x, a = x[keep].float(), a[keep].float()
         n = x.shape[1]
@@ -208,7 +212,7 @@ class InputRowsStatistic(Statistic):
         self.rows_per_sample = rows_per_sample
         self.samples: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def update(self, x: torch.Tensor, a: torch.Tensor, sample: int) -> None:
+    def update(self, x: torch.Tensor, a: torch.Tensor, sample: int, reference: torch.Tensor | None = None) -> None:
         keep = a > 0
         xs, ws = subsample_rows(x[keep], a[keep], self.rows_per_sample)
         self.samples[sample] = (xs.cpu(), ws.cpu())
@@ -258,7 +262,7 @@ class AbsMaxStatistic(Statistic):
     def __init__(self, **_: object) -> None:
         self.absmax: torch.Tensor | None = None
 
-    def update(self, x: torch.Tensor, a: torch.Tensor, sample: int) -> None:
+    def update(self, x: torch.Tensor, a: torch.Tensor, sample: int, reference: torch.Tensor | None = None) -> None:
         amax = x.abs().amax(0)
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
 
@@ -277,6 +281,59 @@ class AbsMaxStatistic(Statistic):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.absmax = state["absmax"]
+
+
+@register_statistic
+class CrossStatistic(Statistic):
+    """``C = sum_t a_t r_t x_t^T`` and ``mass = sum_t a_t`` (float64 sums), with ``x_t`` a token's exposed input
+    and ``r_t`` the same token's input when the full-precision layer runs on the full-precision layer input:
+    the cross term of the asymmetric GPTQ objective (:mod:`tlq_hf.solvers.gptaq`). ``[in, in]``, not symmetric.
+    """
+
+    kind = "cross"
+    paired = True
+
+    def __init__(self, **_: object) -> None:
+        self.sum: torch.Tensor | None = None
+        self.mass = 0.0
+
+    def update(self, x: torch.Tensor, a: torch.Tensor, sample: int, reference: torch.Tensor | None = None) -> None:
+        if reference is None or reference.shape != x.shape:
+            raise RuntimeError("the cross statistic needs the full-precision input of the same tokens")
+        keep = a > 0
+        x, r, a = x[keep].float(), reference[keep].float(), a[keep].float()
+        if self.sum is None:
+            self.sum = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        self.sum.add_((r * a[:, None]).T @ x)
+        self.mass += float(a.double().sum())
+
+    def footprint(self, in_features: int, samples: int) -> int:
+        return in_features * in_features * 8
+
+    def rescale(self, s: torch.Tensor) -> None:
+        if self.sum is not None:  # both inputs are divided by s (the target weight is multiplied by it)
+            inv = 1.0 / s.to(self.sum.device, torch.float64)
+            self.sum.mul_(inv[:, None]).mul_(inv[None, :])
+
+    def reduce(self, comm: Comm) -> None:
+        if comm.world == 1:
+            return
+        if self.sum is None:
+            raise RuntimeError("a rank saw no tokens for a module: use at least as many samples as processes")
+        comm.all_reduce_(self.sum)
+        (self.mass,) = comm.sum(self.mass)
+
+    def normalized(self) -> torch.Tensor:
+        """``C / sum_t a_t`` (float32)."""
+        if self.sum is None:
+            raise RuntimeError("no calibration tokens reached this module")
+        return (self.sum / max(self.mass, 1e-12)).float()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"sum": self.sum, "mass": torch.tensor(self.mass, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.sum, self.mass = state["sum"], float(state["mass"])
 
 
 @dataclass
@@ -341,7 +398,9 @@ class StatCollector:
 
     Before each sample's forward, :meth:`begin` names the sample and each group's token weights (``None``:
     uniform), in the order of ``groups``. With ``act_bits`` the statistics see the fake-quantized
-    activations the packed layer will compute with.
+    activations the packed layer will compute with. When a statistic is :attr:`~Statistic.paired`, each
+    sample's full-precision forward runs first inside :meth:`reference`, which records every shared input
+    (un-quantized: the target is the full-precision output) for the paired updates of the exposed forward.
     """
 
     def __init__(self, groups: list[StatGroup], modules: dict[str, nn.Module], act_bits: int | None) -> None:
@@ -354,22 +413,41 @@ class StatCollector:
             module = modules[g.input_of or g.members[0]]
             readers.setdefault(id(module), []).append(i)
             first[id(module)] = module
-        self.handles = [first[k].register_forward_pre_hook(self._hook(idx)) for k, idx in readers.items()]
+        self.first = first
+        self.references: dict[int, torch.Tensor] = {}
+        self.paired = any(stat.paired for g in groups for stat in g.stats.values())
+        self.handles = [first[k].register_forward_pre_hook(self._hook(k, idx)) for k, idx in readers.items()]
+        self.recording = False
+
+    def reference(self, run: Callable[[], object]) -> None:
+        """Run ``run()`` (the full-precision layer on this sample's full-precision input), keeping each shared
+        input as the reference of the next exposed forward; statistics are not updated."""
+        self.references, self.recording = {}, True
+        try:
+            run()
+        finally:
+            self.recording = False
 
     def begin(self, sample: int, weights: list[torch.Tensor | None]) -> None:
         self.sample, self.weights = sample, weights
 
-    def _hook(self, indices: list[int]):
+    def _hook(self, key: int, indices: list[int]):
         def hook(module, args):
             x = args[0].detach()
+            if self.recording:
+                self.references[key] = x.reshape(-1, x.shape[-1]).float()
+                return
             if self.act_bits is not None:
                 x = fake_quantize_activation(x, self.act_bits)
             x = x.reshape(-1, x.shape[-1]).float()
+            reference = self.references.pop(key, None)
+            if self.paired and reference is None:
+                raise RuntimeError("a paired statistic needs StatCollector.reference() before each exposed forward")
             for index in indices:
                 a = self.weights[index]
                 a = torch.ones(x.shape[0], device=x.device) if a is None else a.to(x.device).float()
                 for stat in self.groups[index].stats.values():
-                    stat.update(x, a, self.sample)
+                    stat.update(x, a, self.sample, reference)
 
         return hook
 

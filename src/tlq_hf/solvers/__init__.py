@@ -5,11 +5,14 @@ explicit argument.
 """
 
 from .awq import awq_clip_search, awq_scale_search, weighted_output_error
+from .gptaq import asymmetric_map, asymmetric_weights
 from .gptq import GPTQFactor, gptq, gptq_factor, gptq_quantize, weighted_hessian
 from .rtn import rtn
 from .smoothquant import smoothquant_scales
 
 __all__ = [
+    "asymmetric_map",
+    "asymmetric_weights",
     "awq_clip_search",
     "awq_scale_search",
     "GPTQFactor",
