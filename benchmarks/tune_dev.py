@@ -2,6 +2,7 @@
 
     python benchmarks/tune_dev.py                      # every trained model, W3A16-g128 and W2A16-g64
     python benchmarks/tune_dev.py --models llava-vqa   # re-run one model (the others' records are kept)
+    python benchmarks/tune_dev.py --combine            # then: every factor at its best value, together
 
 Calibration rows are those of calibration seed 0 of `quality.py` (a subset of each model's training pool);
 the development items are a separate stream of the *train* split of the model's task (seed ``DEV_SEED``),
@@ -9,9 +10,11 @@ disjoint from the pool, from the models' training items and from the held-out te
 reports. Each point quantizes in-process and is scored by first-answer-token KL(FP || quantized) and flip
 rate on the development items.
 
-The search is one factor at a time around the current defaults (a full grid over five factors and every
-model does not fit the machine): plain GPTQ at each ``damp`` x ``act_order``, then TLQ with one of
-``gamma``, ``importance``, ``importance_clip``, ``damp`` and ``act_order`` changed. Each point's score is the
+The search is one factor at a time around the current defaults (a full grid over the factors and every
+model does not fit the machine): plain GPTQ at each ``damp`` x ``act_order`` and plain GPTAQ, then TLQ with
+one of ``gamma``, ``importance``, ``importance_clip``, ``damp``, ``act_order``, the importance labels, the
+answer tokens, the importance scope and the solver changed; ``--combine`` then measures every factor at its
+best value together. The chosen setting is the best-scoring TLQ point measured. Each point's score is the
 geometric mean over models and schemes of its KL relative to the default plain GPTQ on the same model and
 scheme, so that no single model (whose KL scale may be 10x another's) decides; per-model results are in
 the table so that a point that only helps one model shows. Writes benchmarks/results/tune_dev.{json,md}.
@@ -72,6 +75,7 @@ ALTERNATIVES: dict[str, tuple[Any, ...]] = {
     "solver": ("gptaq",),
 }
 REFERENCE = "gptq (default)"
+COMBINED = "tlq (combined)"
 
 
 def grid() -> list[tuple[str, dict[str, Any]]]:
@@ -105,9 +109,8 @@ def _cell(records: list[dict], model: str, scheme: str, label: str) -> str:
     return "" if r is None else f"{r['kl']:.2e} / {1 - r['agreement']:.1%}"
 
 
-def choose(records: list[dict]) -> dict[str, Any]:
-    """The TLQ setting the dev split picks: for each factor, the value with the best score (the default when
-    no alternative beats it)."""
+def combine(records: list[dict]) -> dict[str, Any]:
+    """Each factor at its best-scoring value (the default when no alternative beats it): the ``--combine`` point."""
     chosen = dict(BASE)
     base_score = score(records, "tlq (defaults)")
     for factor, values in ALTERNATIVES.items():
@@ -116,6 +119,15 @@ def choose(records: list[dict]) -> dict[str, Any]:
         if best_score < base_score:
             chosen[factor] = best
     return chosen
+
+
+def choose(records: list[dict]) -> tuple[str, dict[str, Any]]:
+    """The best-scoring TLQ point that was measured (defaults, one factor changed, or the combination) and
+    its settings."""
+    labels = [label for label in dict.fromkeys(r["point"] for r in records) if label.startswith("tlq")]
+    best = min(labels, key=lambda label: score(records, label))
+    record = next(r for r in records if r["point"] == best)
+    return best, {k: tuple(record[k]) if isinstance(record[k], list) else record[k] for k in BASE}
 
 
 def write_markdown(records: list[dict], schemes: list[str], wall_min: float) -> Path:
@@ -145,12 +157,12 @@ def write_markdown(records: list[dict], schemes: list[str], wall_min: float) -> 
     ]
     for label in labels:
         lines.append(f"| {label} | " + " | ".join(f"{score(records, label, m):.3f}" for m in models) + " |")
-    chosen = choose(records)
+    label, chosen = choose(records)
     changed = {k: v for k, v in chosen.items() if v != BASE[k]}
     shown = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in chosen.items()})
     lines += [
         "",
-        f"Chosen across {len(models)} models: {shown}"
+        f"Chosen across {len(models)} models: `{label}` (score {score(records, label):.3f}): {shown}"
         + (f" (changed from the defaults: {changed})" if changed else " (the current defaults)."),
         "",
     ]
@@ -164,29 +176,44 @@ def main() -> None:
     p.add_argument("--models", nargs="*", default=list(quality.MODELS))
     p.add_argument("--schemes", nargs="*", default=list(SCHEMES))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--combine",
+        action="store_true",
+        help="only evaluate every factor at its best value together (from the recorded one-factor points)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     records: list[dict] = []
     start = time.time()
+    previous = HERE / "results" / "tune_dev.json"
+    points = grid()
+    if args.combine:
+        points = [(COMBINED, dict(method="tlq", **combine(json.loads(previous.read_text()))))]
     for model_name in args.models:
         path = HERE / "models" / model_name
         rows = quality.calibration_rows(0, model_name)
         ev = quality.Evaluator(str(path), DEV_ITEMS, quality.task_of(model_name), seed=DEV_SEED, split="train")
         ref = ev.logprobs(load_auto_class().from_pretrained(path, dtype=torch.float32))
-        for scheme, (label, overrides) in itertools.product(args.schemes, grid()):
+        for scheme, (label, overrides) in itertools.product(args.schemes, points):
             cfg = TLQConfig(dataset=rows, num_samples=quality.NUM_SAMPLES, **quality.SCHEMES[scheme], **overrides)
             model = load_auto_class().from_pretrained(path, quantization_config=cfg, dtype=torch.float32)
             m = ev.metrics(ref, ev.logprobs(model))
             point = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
             records.append(dict(model=model_name, scheme=scheme, point=label, **point, **m))
             print(f"{model_name} {scheme} {label}: KL {m['kl']:.3e} flips {1 - m['agreement']:.2%}", flush=True)
-    previous = HERE / "results" / "tune_dev.json"
-    if previous.exists():  # keep the other models' records, so models can be tuned one run at a time
+    if previous.exists():  # keep the other models' (or, with --combine, the other points') records
         old = json.loads(previous.read_text())
-        labels = {label for label, _ in grid()}
+        labels = {label for label, _ in grid()} | {COMBINED}
         # records of this grid only (a file from an older grid has no reference point to score against)
         current = {(r["model"], r["scheme"]) for r in old if r["point"] == REFERENCE}
-        keep = [r for r in old if r["model"] not in args.models and r["point"] in labels]
+        ran = {(r["model"], r["point"]) for r in records}
+        keep = [
+            r
+            for r in old
+            if r["point"] in labels
+            and (r["model"], r["point"]) not in ran
+            and (args.combine or r["model"] not in args.models)  # a re-tuned model's combination is stale
+        ]
         records = [r for r in keep if (r["model"], r["scheme"]) in current] + records
     previous.write_text(json.dumps(records, indent=1))
     schemes = list(dict.fromkeys(r["scheme"] for r in records))
