@@ -44,6 +44,9 @@ sys.path.insert(0, str(HERE))
 
 from train_vqa import RECIPES, TASKS  # noqa: E402
 
+from tlq_hf.calibration.pipeline import resolve_recipe  # noqa: E402
+from tlq_hf.config import TLQConfig  # noqa: E402
+
 #: Benchmark model folder -> the synthetic task (key of ``train_vqa.TASKS``) it was trained on.
 MODEL_TASKS: dict[str, str] = {recipe.name: recipe.task for recipe in RECIPES.values()}
 #: The trained models present under ``benchmarks/models`` (the default ``--models``).
@@ -87,7 +90,9 @@ PEERS: dict[str, str] = {"llmc-gptq": "GPTQModifier", "llmc-awq": "AWQModifier"}
 #: Our scheme -> llm-compressor's preset of the same format (int weights, symmetric, groups of 128 or per
 #: channel; A8 = dynamic per-token int8 activations in both libraries).
 PEER_SCHEMES = {"W4A16-g128": "W4A16", "W3A16-g128": "W3A16", "W8A8": "W8A8", "W4A8": "W4A8"}
-TIMED = ("tlq-gptq", "gptq", "tlq-awq", "awq")  # tlq_hf rows of the time-alone pass
+#: The TLQ row the targets are about: TLQConfig's defaults (``tlq-<its default solver>``).
+PRIMARY = f"tlq-{resolve_recipe(TLQConfig()).solver}"
+TIMED = tuple(dict.fromkeys((PRIMARY, "tlq-gptq", "gptq", "tlq-awq", "awq")))  # tlq_hf rows of the time-alone pass
 NUM_SAMPLES, POOL, HELD_OUT = 128, 1024, 2000
 POOL_SEED, HELD_OUT_SEED = 1234, 5678
 
@@ -301,13 +306,18 @@ def _load(path: Path):
 
 
 #: (numerator, denominator) method pairs whose KL ratio and flip difference get bootstrap intervals.
-RATIO_PAIRS = (
-    ("tlq-gptq", "gptq"),
-    ("tlq-gptaq", "gptq"),
-    ("gptaq", "gptq"),
-    ("tlq-awq", "awq"),
-    ("tlq-gptq", "llmc-gptq"),
-    ("tlq-gptq", "llmc-awq"),
+RATIO_PAIRS = tuple(
+    dict.fromkeys(
+        (
+            (PRIMARY, "gptq"),
+            ("tlq-gptq", "gptq"),
+            ("tlq-gptaq", "gptq"),
+            ("gptaq", "gptq"),
+            ("tlq-awq", "awq"),
+            (PRIMARY, "llmc-gptq"),
+            (PRIMARY, "llmc-awq"),
+        )
+    )
 )
 
 
@@ -669,12 +679,17 @@ def _ratio_section(ratios: list[dict], args) -> list[str]:
             f"| {r['model']} | {r['scheme']} | {r['numerator']} / {r['denominator']} | {r['kl_ratio']:.2f} "
             f"| {lo:.2f} - {hi:.2f} | {r['flip_diff']:+.2%} | {flo:+.2%} - {fhi:+.2%} |"
         )
-    lines += ["", "Geometric mean over models of KL(tlq-gptq) / KL(gptq):", ""]
-    for scheme in args.schemes:
-        values = [r["kl_ratio"] for r in ratios if r["scheme"] == scheme and r["denominator"] == "gptq"]
-        if values and all(v > 0 for v in values):
-            geo = math.exp(statistics.fmean(math.log(v) for v in values))
-            lines.append(f"- {scheme}: {geo:.2f} over {len(values)} models")
+    lines += ["", "Geometric mean over models of the KL ratios against GPTQ:", ""]
+    for num in dict.fromkeys(r["numerator"] for r in ratios if r["denominator"] == "gptq"):
+        for scheme in args.schemes:
+            values = [
+                r["kl_ratio"]
+                for r in ratios
+                if (r["scheme"], r["numerator"], r["denominator"]) == (scheme, num, "gptq")
+            ]
+            if values and all(v > 0 for v in values):
+                geo = math.exp(statistics.fmean(math.log(v) for v in values))
+                lines.append(f"- {num} / gptq, {scheme}: {geo:.2f} over {len(values)} models")
     return lines + [""]
 
 
@@ -687,7 +702,7 @@ def _targets_section(records: list[dict], ratios: list[dict], args) -> list[str]
 
     pairs = {(r["model"], r["scheme"], r["numerator"], r["denominator"]): r for r in ratios}
     for scheme in ("W3A16-g128", "W2A16-g64", "W4A8"):
-        found = [pairs.get((m, scheme, "tlq-gptq", "gptq")) for m in args.models]
+        found = [pairs.get((m, scheme, PRIMARY, "gptq")) for m in args.models]
         found = [r for r in found if r is not None]
         if not found:
             continue
@@ -709,7 +724,7 @@ def _targets_section(records: list[dict], ratios: list[dict], args) -> list[str]
             )
     for scheme in ("W4A16-g128", "W3A16-g128"):
         for peer in PEERS:
-            found = [pairs.get((m, scheme, "tlq-gptq", peer)) for m in args.models]
+            found = [pairs.get((m, scheme, PRIMARY, peer)) for m in args.models]
             found = [r for r in found if r is not None]
             if found:
                 worse = [r["model"] for r in found if r["kl_ratio"] >= 1]
@@ -720,23 +735,25 @@ def _targets_section(records: list[dict], ratios: list[dict], args) -> list[str]
     for model in args.models:
         fp = next(r["accuracy"] for r in records if r["model"] == model and r["method"] == "fp")
         for scheme in args.schemes:
-            accs = {m: _mean_of(records, model, m, scheme, "accuracy") for m in [*METHODS, *PEERS]}
+            # TLQ's default against every baseline and peer (its own variants are not competitors)
+            rivals = [m for m in [*METHODS, *PEERS] if m == PRIMARY or not m.startswith("tlq")]
+            accs = {m: _mean_of(records, model, m, scheme, "accuracy") for m in rivals}
             accs = {m: v for m, v in accs.items() if v is not None}
             # "accuracy moves": the worst method loses at least 2 points of FP accuracy
-            if "tlq-gptq" not in accs or fp - min(accs.values()) < 0.02:
+            if PRIMARY not in accs or fp - min(accs.values()) < 0.02:
                 continue
             best = max(accs, key=accs.get)
             lines.append(
                 f"- {model} {scheme} (accuracy moves: {min(accs.values()):.1%} to {max(accs.values()):.1%} vs FP "
-                f"{fp:.1%}): TLQ retains the most: {verdict(accs['tlq-gptq'] >= accs[best])} (tlq-gptq "
-                f"{accs['tlq-gptq'] / fp:.1%} of FP; best {best} {accs[best] / fp:.1%})"
+                f"{fp:.1%}): TLQ retains the most: {verdict(accs[PRIMARY] >= accs[best])} ({PRIMARY} "
+                f"{accs[PRIMARY] / fp:.1%} of FP; best {best} {accs[best] / fp:.1%})"
             )
         tlq_t, gptq_t = (
-            _mean_of(records, model, m, "W4A16-g128", "calib_seconds", "timing") for m in ("tlq-gptq", "gptq")
+            _mean_of(records, model, m, "W4A16-g128", "calib_seconds", "timing") for m in (PRIMARY, "gptq")
         )
         if tlq_t is not None and gptq_t:
             lines.append(
-                f"- {model} calibration time tlq-gptq / gptq = {tlq_t / gptq_t:.2f}x (target <= 1.3x): "
+                f"- {model} calibration time {PRIMARY} / gptq = {tlq_t / gptq_t:.2f}x (target <= 1.3x): "
                 f"{verdict(tlq_t / gptq_t <= 1.3)}"
             )
     return lines + [""]
