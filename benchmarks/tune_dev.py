@@ -23,6 +23,7 @@ the table so that a point that only helps one model shows. Writes benchmarks/res
 from __future__ import annotations
 
 import argparse
+import fcntl
 import itertools
 import json
 import math
@@ -183,7 +184,6 @@ def main() -> None:
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    records: list[dict] = []
     start = time.time()
     previous = HERE / "results" / "tune_dev.json"
     points = grid()
@@ -194,6 +194,7 @@ def main() -> None:
         rows = quality.calibration_rows(0, model_name)
         ev = quality.Evaluator(str(path), DEV_ITEMS, quality.task_of(model_name), seed=DEV_SEED, split="train")
         ref = ev.logprobs(load_auto_class().from_pretrained(path, dtype=torch.float32))
+        records = []
         for scheme, (label, overrides) in itertools.product(args.schemes, points):
             cfg = TLQConfig(dataset=rows, num_samples=quality.NUM_SAMPLES, **quality.SCHEMES[scheme], **overrides)
             model = load_auto_class().from_pretrained(path, quantization_config=cfg, dtype=torch.float32)
@@ -201,23 +202,37 @@ def main() -> None:
             point = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
             records.append(dict(model=model_name, scheme=scheme, point=label, **point, **m))
             print(f"{model_name} {scheme} {label}: KL {m['kl']:.3e} flips {1 - m['agreement']:.2%}", flush=True)
-    if previous.exists():  # keep the other models' (or, with --combine, the other points') records
-        old = json.loads(previous.read_text())
+        merged = merge_records(previous, records, replace_model=not args.combine)
+    schemes = list(dict.fromkeys(r["scheme"] for r in merged))
+    print(write_markdown(merged, schemes, (time.time() - start) / 60))
+
+
+def merge_records(path: Path, records: list[dict], replace_model: bool) -> list[dict]:
+    """Add one model's ``records`` to the file at ``path`` (after each model, so an interrupted search keeps
+    what it measured; several searches over different models may run at once: the file is locked while
+    merged). Kept from the file: records of this grid (an older grid has no reference point to score
+    against) that were not re-measured now; with ``replace_model``, none of the re-tuned model's (its
+    combination would be stale)."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(path.read_text()) if path.exists() else []
         labels = {label for label, _ in grid()} | {COMBINED}
-        # records of this grid only (a file from an older grid has no reference point to score against)
-        current = {(r["model"], r["scheme"]) for r in old if r["point"] == REFERENCE}
+        current = {(r["model"], r["scheme"]) for r in old + records if r["point"] == REFERENCE}
         ran = {(r["model"], r["point"]) for r in records}
+        models = {r["model"] for r in records}
         keep = [
             r
             for r in old
             if r["point"] in labels
+            and (r["model"], r["scheme"]) in current
             and (r["model"], r["point"]) not in ran
-            and (args.combine or r["model"] not in args.models)  # a re-tuned model's combination is stale
+            and not (replace_model and r["model"] in models)
         ]
-        records = [r for r in keep if (r["model"], r["scheme"]) in current] + records
-    previous.write_text(json.dumps(records, indent=1))
-    schemes = list(dict.fromkeys(r["scheme"] for r in records))
-    print(write_markdown(records, schemes, (time.time() - start) / 60))
+        merged = keep + records
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(merged, indent=1))
+        tmp.replace(path)
+    return merged
 
 
 if __name__ == "__main__":
