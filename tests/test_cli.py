@@ -87,3 +87,23 @@ def test_max_memory_and_device_map_arguments():
         parse_max_memory("4GiB")
     assert _device_map('{"model.layers.0": "disk"}') == {"model.layers.0": "disk"}
     assert _device_map("auto") == "auto"
+
+
+def test_runtime_paths_never_import_the_test_fixtures(tiny_vlm_dirs, tmp_path):
+    """Quantize from a dataset folder with the CLI, then reload the checkpoint: neither the fixture module
+    (tiny models, scikit-image photos) nor scikit-image is imported (they are not runtime dependencies)."""
+    pytest.importorskip("datasets")
+    folder = write_dataset_folder(tmp_path / "data", 4)
+    out = tmp_path / "q"
+    script = f"""
+import sys
+from tlq_hf.cli import quantize_main
+from tlq_hf.arch import load_auto_class
+assert quantize_main([{tiny_vlm_dirs["llava"]!r}, "--out", {str(out)!r}, "--dataset", {str(folder)!r},
+                      "--num-samples", "4", "--method", "gptq"]) == 0
+load_auto_class().from_pretrained({str(out)!r})
+leaked = sorted(m for m in sys.modules if m == "tlq_hf.tiny_models" or m.split(".")[0] == "skimage")
+assert not leaked, leaked
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -54,7 +54,7 @@ class TLQQuantizer(OptimumQuantizer):
             raise ValueError("TLQQuantizer.from_pretrained loads a model folder or Hub id; file_name is not used.")
         from transformers import AutoProcessor
 
-        from .tiny_models import load_auto_class
+        from .arch import load_auto_class
 
         model = load_auto_class().from_pretrained(model_or_path, **kwargs)
         try:

@@ -22,6 +22,7 @@ __all__ = [
     "decoder_device_map",
     "find_final_norm",
     "image_token_id",
+    "load_auto_class",
     "smooth_mappings",
     "swap_module",
     "DecoderStack",
@@ -260,3 +261,12 @@ def decoder_device_map(model: nn.Module, decoder: str | int = "disk", rest: str 
 
     walk("", model)
     return out
+
+
+def load_auto_class() -> type:
+    """The Auto class that loads image-text-to-text models on this transformers: ``AutoModelForImageTextToText``
+    where available (4.47+ and 5.x), else the older ``AutoModelForVision2Seq``."""
+    import transformers
+
+    auto_cls = getattr(transformers, "AutoModelForImageTextToText", None)
+    return auto_cls if auto_cls is not None else transformers.AutoModelForVision2Seq

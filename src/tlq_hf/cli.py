@@ -85,8 +85,8 @@ def _quantize(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoProcessor
 
+    from .arch import load_auto_class
     from .calibration.distributed import Comm, init_from_env
-    from .tiny_models import load_auto_class
 
     init_from_env()  # under torchrun / accelerate launch: every rank calibrates its shard, rank 0 writes
     config = _config(args)

@@ -30,6 +30,8 @@ from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers, proce
 from tokenizers.models import WordLevel
 from transformers import BatchFeature, PreTrainedTokenizerFast
 
+from .arch import load_auto_class
+
 __all__ = [
     "FAMILIES",
     "build_tiny_vlm",
@@ -759,16 +761,6 @@ def build_vlm(
         _reinit_degenerate_parameters(model, std=_INIT_STD)
     _set_generation_ids(model, tokenizer)
     return model.eval(), built_processor
-
-
-def load_auto_class() -> type:
-    """Return the Auto class that loads image-text-to-text models on this transformers.
-
-    ``AutoModelForImageTextToText`` where available (4.47+ and 5.x), else the older
-    ``AutoModelForVision2Seq``.
-    """
-    auto_cls = getattr(transformers, "AutoModelForImageTextToText", None)
-    return auto_cls if auto_cls is not None else transformers.AutoModelForVision2Seq
 
 
 # --------------------------------------------------------------------------- #
