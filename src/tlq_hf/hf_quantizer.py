@@ -26,7 +26,14 @@ from .arch import ignore_regexes
 from .calibration import quantize_model
 from .calibration.offload import with_disk_layers_loaded
 from .config import TLQConfig
-from .formats import ct_config, ct_state_dict, swap_in_packed_modules, validate_checkpoint, validate_packed_modules
+from .formats import (
+    ct_config,
+    ct_state_dict,
+    note_serving_bits,
+    swap_in_packed_modules,
+    validate_checkpoint,
+    validate_packed_modules,
+)
 from .nn import TLQLinear
 from .version import __version__
 
@@ -108,6 +115,7 @@ class TLQHfQuantizer(HfQuantizer):
         metadata = {"tlq_provenance": json.dumps(self.provenance(model), sort_keys=True)}
         state = None
         if self.quantization_config.save_format == "compressed-tensors" and not self.pre_quantized:
+            note_serving_bits(self.quantization_config.bits)
             state = ct_state_dict(model)
         return with_disk_layers_loaded(model, state), metadata
 

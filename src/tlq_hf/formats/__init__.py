@@ -1,6 +1,6 @@
 """Storage formats: compressed-tensors (default) and the native ``tlq`` format."""
 
-from .compressed_tensors import ct_config, ct_state_dict
+from .compressed_tensors import ct_config, ct_state_dict, note_serving_bits
 from .native import (
     NATIVE_BUFFERS,
     CorruptCheckpointError,
@@ -12,6 +12,7 @@ from .native import (
 __all__ = [
     "ct_config",
     "ct_state_dict",
+    "note_serving_bits",
     "NATIVE_BUFFERS",
     "CorruptCheckpointError",
     "swap_in_packed_modules",

@@ -10,6 +10,9 @@ The format is whatever compressed-tensors itself infers for the scheme, so the t
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 from accelerate.utils import align_module_device
 from compressed_tensors.compressors.format import infer_module_format
@@ -21,7 +24,25 @@ from ..nn import TLQLinear
 from ..packing import pack
 from ..qtypes import QuantScheme
 
-__all__ = ["ct_scheme", "ct_format", "ct_config", "ct_state_dict"]
+__all__ = ["ct_scheme", "ct_format", "ct_config", "ct_state_dict", "note_serving_bits"]
+
+logger = logging.getLogger(__name__)
+
+#: Weight widths vLLM's compressed-tensors GPU kernels (Marlin / Machete / int8 GEMM) take.
+VLLM_WEIGHT_BITS = (4, 8)
+
+
+@functools.cache
+def note_serving_bits(bits: int) -> None:
+    """Log once per width when a checkpoint's weights are a width vLLM's usual GPU kernels do not take."""
+    if bits not in VLLM_WEIGHT_BITS:
+        logger.warning(
+            "tlq_hf: writing %d-bit weights as compressed-tensors: transformers reloads them (dequantized), but "
+            "vLLM's GPU kernels take 4- and 8-bit weights; %d-bit serves only where a kernel for that width exists "
+            "(newer vLLM builds). Use bits=4 or 8 to serve with vLLM anywhere.",
+            bits,
+            bits,
+        )
 
 
 def ct_scheme(scheme: QuantScheme, targets: list[str] | None = None) -> QuantizationScheme:
