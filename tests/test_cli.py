@@ -107,3 +107,66 @@ assert not leaked, leaked
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _parse(argv):
+    import argparse
+
+    from tlq_hf.cli import _add_quant_args, _config
+
+    p = argparse.ArgumentParser()
+    _add_quant_args(p)
+    return _config(p.parse_args(argv))
+
+
+def test_every_config_field_is_an_option_and_defaults_are_the_configs():
+    """The options are generated from TLQConfig's signature: a new field appears without touching the CLI."""
+    import inspect
+
+    from tlq_hf import TLQConfig
+    from tlq_hf.cli import config_fields
+
+    fields = [n for n in inspect.signature(TLQConfig.__init__).parameters if n not in ("self", "kwargs")]
+    assert set(config_fields()) == set(fields) - {"processor"}
+    assert _parse([]).to_dict() == TLQConfig().to_dict()
+    cfg = _parse(
+        "--bits 3 --group-size 64 --method gptaq --no-act-order --importance-clip 0.1 10 --exposed false "
+        "--solver none --act-bits 8 --ignore re:.*visual.* lm_head --importance-labels predictive "
+        "--answer-tokens first --importance-topk 2 --damp 0.05 --max-length none --format tlq --asym".split()
+    )
+    assert (cfg.bits, cfg.group_size, cfg.method, cfg.act_order, cfg.importance_clip) == (
+        3,
+        64,
+        "gptaq",
+        False,
+        [0.1, 10],
+    )
+    assert (cfg.exposed, cfg.solver, cfg.act_bits, cfg.ignore) == (False, None, 8, ["re:.*visual.*", "lm_head"])
+    assert (cfg.importance_labels, cfg.answer_tokens, cfg.importance_topk, cfg.damp) == ("predictive", "first", 2, 0.05)
+    assert (cfg.max_length, cfg.save_format, cfg.sym) == (None, "tlq", False)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ("--bits 5", "invalid choice: 5"),
+        ("--method sgd", "invalid choice: 'sgd'"),
+        ("--group-size many", "invalid int value: 'many'"),
+        ("--importance-clip 0.1", "expected 2 arguments"),
+        ("--gamma -1", "gamma=-1.0"),  # parsed, then refused by TLQConfig with the fix
+    ],
+)
+def test_bad_arguments_are_refused_clearly(argv, message, capsys):
+    with pytest.raises((SystemExit, ValueError)) as err:
+        _parse(argv.split())
+    text = capsys.readouterr().err + (str(err.value) if isinstance(err.value, ValueError) else "")
+    assert message in text
+
+
+def test_report_and_log_level(tiny_vlm_dirs, tmp_path):
+    report = tmp_path / "report.json"
+    argv = [tiny_vlm_dirs["llava"], "--out", str(tmp_path / "q"), "--method", "rtn", "--log-level", "warning"]
+    assert quantize_main([*argv, "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["method"] == "rtn" and len(data["modules"]) == 14 and data["format"] == "compressed-tensors"
+    assert all(0 < m["rel_weight_error"] < 1 for m in data["modules"]) and "summary" in data

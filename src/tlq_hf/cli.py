@@ -3,58 +3,83 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-from .config import METHODS, SOLVERS
+from typing import Any
 
 __all__ = ["main", "parse_max_memory", "quantize_main"]
 
 
+#: Config fields the command line does not offer (the processor is loaded from the model).
+_NOT_ON_CLI = ("processor",)
+#: Older spellings kept working: option -> (field, how the value maps).
+_ALIASES = {"--format": "save_format"}
+
+
+def _none_or(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
+
+
+def config_fields() -> dict[str, inspect.Parameter]:
+    """``TLQConfig``'s own arguments, in signature order (the single source of the command line's options)."""
+    from .config import TLQConfig
+
+    params = inspect.signature(TLQConfig.__init__).parameters
+    return {n: p for n, p in params.items() if n not in ("self", "kwargs") and n not in _NOT_ON_CLI}
+
+
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    p.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 for per-channel")
-    p.add_argument("--act-bits", type=int, default=None, choices=[8], help="8: dynamic per-token int8 activations")
-    p.add_argument("--asym", action="store_true", help="asymmetric weights (needs --format tlq)")
-    p.add_argument("--method", default="tlq", choices=list(METHODS))
-    p.add_argument("--solver", default=None, choices=list(SOLVERS), help="for --method tlq (default gptq)")
-    p.add_argument("--dataset", default=None, help="calibration data: local dataset folder or Hub dataset id")
-    p.add_argument("--num-samples", type=int, default=128)
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--format", dest="save_format", default="compressed-tensors", choices=["compressed-tensors", "tlq"])
-    p.add_argument("--ignore", nargs="*", default=None, help="regexes of modules to keep in full precision")
-    p.add_argument(
-        "--offload-dir",
-        default=None,
-        help="folder for calibration activations (one file per sample: host memory holds one layer's worth) and, "
-        "with a device map that sends weights to disk, for those weights",
-    )
-    p.add_argument(
-        "--checkpoint-dir", default=None, help="per-layer checkpoints: a restarted run skips the finished layers"
-    )
+    """One option per ``TLQConfig`` field, generated from the config's signature, docstring and ``CHOICES``:
+    ``--group-size`` for ``group_size``; booleans as ``--act-order / --no-act-order``; optional values accept
+    ``none``; ``--importance-clip LO HI``; ``--ignore RE [RE ...]``."""
+    import typing
+
+    from .config import CHOICES, TLQConfig, field_docs
+
+    docs, hints = field_docs(), typing.get_type_hints(TLQConfig.__init__)
+    group = p.add_argument_group("TLQConfig fields", "every field of tlq_hf.TLQConfig (see its docstring)")
+    for name, param in config_fields().items():
+        hint = hints.get(name, Any)
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        default = param.default
+        flags = [f"--{name.replace('_', '-')}"] + [alias for alias, field in _ALIASES.items() if field == name]
+        help_text = docs.get(name, "").replace("%", "%%") + f" (default: {default!r})"
+        kw: dict[str, Any] = {"dest": name, "default": default, "help": help_text}
+        if base is bool and not optional:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif base is bool:  # True / False / None (the method's default)
+            kw["type"] = _none_or(lambda t: {"true": True, "false": False}[t.lower()])
+            kw["metavar"] = "{true,false,none}"
+        elif typing.get_origin(base) in (tuple, list) and typing.get_args(base) and typing.get_args(base)[0] is float:
+            kw.update(nargs=2, type=float, metavar=("LO", "HI"))
+        elif typing.get_origin(base) is list:
+            kw.update(nargs="+", metavar="REGEX")
+        else:
+            kind = base if base in (int, float) else str
+            kw["type"] = _none_or(kind) if optional else kind
+            if name in CHOICES:
+                kw["choices"] = list(CHOICES[name])
+                kw["metavar"] = "{" + ",".join("none" if c is None else str(c) for c in CHOICES[name]) + "}"
+        group.add_argument(*flags, **kw)
+    # kept for older command lines: --asym = --no-sym
+    group.add_argument("--asym", dest="sym", action="store_false", help="asymmetric weights (= --no-sym)")
 
 
 def _config(args: argparse.Namespace):
     from .config import TLQConfig
 
-    return TLQConfig(
-        bits=args.bits,
-        group_size=args.group_size,
-        act_bits=args.act_bits,
-        sym=not args.asym,
-        method=args.method,
-        solver=args.solver,
-        dataset=args.dataset,
-        num_samples=args.num_samples,
-        max_length=args.max_length,
-        save_format=args.save_format,
-        ignore=args.ignore,
-        offload_dir=args.offload_dir,
-        checkpoint_dir=args.checkpoint_dir,
-    )
+    return TLQConfig(**{name: getattr(args, name) for name in config_fields()})
 
 
 def parse_max_memory(text: str | None) -> dict | None:
@@ -108,10 +133,11 @@ def _quantize(args: argparse.Namespace) -> int:
         AutoProcessor.from_pretrained(args.model).save_pretrained(out)
     except (OSError, ValueError) as err:
         logging.getLogger(__name__).warning("no processor saved (%s)", err)
-    print(
-        f"{model.tlq_report.summary()}\nsaved {config.save_format} checkpoint to {out} "
-        f"in {time.perf_counter() - start:.1f}s"
-    )
+    seconds = time.perf_counter() - start
+    if args.report is not None:
+        report = model.tlq_report.as_dict() | {"checkpoint": str(out), "format": config.save_format, "wall_s": seconds}
+        Path(args.report).write_text(json.dumps(report, indent=1))
+    print(f"{model.tlq_report.summary()}\nsaved {config.save_format} checkpoint to {out} in {seconds:.1f}s")
     return 0
 
 
@@ -125,9 +151,19 @@ def quantize_main(argv: list[str] | None = None) -> int:
         "--device-map", default=None, help='"auto", "balanced", or JSON such as {"model.layers.0": "disk", ...}'
     )
     p.add_argument("--max-memory", default=None, help="per-device limits for the device map, e.g. cpu=4GiB,0=20GiB")
+    p.add_argument(
+        "--report", default=None, help="write the run's summary (per layer and module errors, phases) as JSON"
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level",
+    )
     _add_quant_args(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(message)s")
     return _quantize(args)
 
 

@@ -16,6 +16,8 @@ __all__ = [
     "TLQConfig",
     "METHODS",
     "SOLVERS",
+    "CHOICES",
+    "field_docs",
     "IMPORTANCE",
     "IMPORTANCE_LABELS",
     "ANSWER_TOKENS",
@@ -32,6 +34,18 @@ IMPORTANCE_LABELS = ("gold", "predictive")
 ANSWER_TOKENS = ("all", "first")
 IMPORTANCE_SCOPES = ("module", "layer")
 SAVE_FORMATS = ("compressed-tensors", "tlq")
+#: The allowed values of every enumerated field (validation, the command line and its help read them here).
+CHOICES: dict[str, tuple] = {
+    "bits": SUPPORTED_WEIGHT_BITS,
+    "act_bits": (None, *(b for b in SUPPORTED_ACT_BITS if b is not None)),
+    "method": METHODS,
+    "solver": (None, *SOLVERS),
+    "importance": (None, *IMPORTANCE),
+    "importance_labels": IMPORTANCE_LABELS,
+    "answer_tokens": ANSWER_TOKENS,
+    "importance_scope": IMPORTANCE_SCOPES,
+    "save_format": SAVE_FORMATS,
+}
 
 _SERIALIZED = (
     "bits",
@@ -59,6 +73,25 @@ _SERIALIZED = (
     "act_order",
     "smooth_alpha",
 )
+
+
+def field_docs() -> dict[str, str]:
+    """Each ``TLQConfig`` argument's description, from the class docstring's ``Args:`` section (an entry
+    ``a, b: text`` documents both fields), whitespace collapsed."""
+    doc = TLQConfig.__doc__ or ""
+    body = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    for line in body.splitlines():
+        head = re.match(r"^ {8}([a-z_]+(?:, [a-z_]+)*): (.*)$", line)
+        if head:
+            names = head.group(1).split(", ")
+            for name in names:
+                docs[name] = head.group(2).strip()
+        elif line.strip() and names:
+            for name in names:
+                docs[name] += " " + line.strip()
+    return docs
 
 
 class TLQConfig(QuantizationConfigMixin):
@@ -93,6 +126,7 @@ class TLQConfig(QuantizationConfigMixin):
             over its ``importance_topk`` most likely tokens at each answer position, weighted by their
             renormalised probabilities; one extra backward per label, so about ``importance_topk`` x the
             gradient pass's backward time).
+        importance_topk: how many of the full-precision model's most likely tokens the predictive labels use.
         answer_tokens: ``"all"`` answer tokens carry the loss, or only the ``"first"`` of each answer.
         importance_scope: weights from each module group's own output gradient (``"module"``) or from the
             decoder layer's output gradient, shared by all of the layer's modules (``"layer"``).

@@ -8,6 +8,7 @@ optionally a token subset) -> layer-wise calibration with the method's solver. M
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -113,6 +114,13 @@ class QuantizationReport:
             phases += f"; of all: I/O {self.io_seconds:.1f}s"
         parts.append(f"{self.seconds:.1f}s" + (f" ({phases})" if phases else ""))
         return "; ".join(parts)
+
+    def as_dict(self) -> dict:
+        """Everything in the report as JSON-ready values (``summary`` included)."""
+        out = dataclasses.asdict(self)
+        out["recipe"] = dataclasses.asdict(self.recipe) if self.recipe is not None else None
+        out["summary"] = self.summary()
+        return out
 
     def table(self) -> str:
         """Per-layer weighted relative output error before / after quantizing the layer."""
