@@ -129,10 +129,15 @@ def _quantize(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out)
     model.save_pretrained(out)
+    processor = None
     try:
-        AutoProcessor.from_pretrained(args.model).save_pretrained(out)
+        processor = AutoProcessor.from_pretrained(args.model)
+        processor.save_pretrained(out)
     except (OSError, ValueError) as err:
         logging.getLogger(__name__).warning("no processor saved (%s)", err)
+    if args.push_to_hub is not None:
+        commit = model.push_to_hub(args.push_to_hub, processor=processor)
+        print(f"pushed to {args.push_to_hub}: {getattr(commit, 'commit_url', commit)}")
     seconds = time.perf_counter() - start
     if args.report is not None:
         report = model.tlq_report.as_dict() | {"checkpoint": str(out), "format": config.save_format, "wall_s": seconds}
@@ -151,6 +156,9 @@ def quantize_main(argv: list[str] | None = None) -> int:
         "--device-map", default=None, help='"auto", "balanced", or JSON such as {"model.layers.0": "disk", ...}'
     )
     p.add_argument("--max-memory", default=None, help="per-device limits for the device map, e.g. cpu=4GiB,0=20GiB")
+    p.add_argument(
+        "--push-to-hub", default=None, metavar="REPO", help="also upload the checkpoint, processor and card to REPO"
+    )
     p.add_argument(
         "--report", default=None, help="write the run's summary (per layer and module errors, phases) as JSON"
     )

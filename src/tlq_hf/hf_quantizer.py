@@ -34,6 +34,7 @@ from .formats import (
     validate_checkpoint,
     validate_packed_modules,
 )
+from .formats.card import attach_card_writer
 from .nn import TLQLinear
 from .version import __version__
 
@@ -94,6 +95,7 @@ class TLQHfQuantizer(HfQuantizer):
             validate_packed_modules(model, self._packed_names)
             return model
         model.tlq_report = quantize_model(model, cfg)
+        attach_card_writer(model)  # save_pretrained / push_to_hub write the model card
         if cfg.save_format == "compressed-tensors":
             packed = {n for n, m in model.named_modules() if isinstance(m, TLQLinear)}
             linears = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, TLQLinear))}

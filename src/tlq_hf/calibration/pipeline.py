@@ -93,6 +93,8 @@ class QuantizationReport:
     recipe: Recipe | None = None
     samples: int = 0
     tokens: int = 0
+    vision_tokens: int = 0  # of ``tokens``: image tokens
+    answer_tokens: int = 0  # of ``tokens``: answer tokens (the ones the importance loss is taken on)
     io_seconds: float = 0.0  # of ``seconds``: reading/writing spilled activations and loading offloaded layers
 
     def summary(self) -> str:
@@ -224,7 +226,12 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
     logger.info("tlq_hf: capture: decoder inputs of %d samples", len(shard))
     captured = capture_layer_inputs(model, stack, [samples[i] for i in shard])
     report.samples = len(samples)
-    (report.tokens,) = [int(t) for t in comm.sum(sum(c.hidden.shape[1] for c in captured))]
+    counts = comm.sum(
+        sum(c.hidden.shape[1] for c in captured),
+        sum(int(c.vision_mask.sum()) for c in captured),
+        sum(int(c.answer_mask.sum()) for c in captured),
+    )
+    report.tokens, report.vision_tokens, report.answer_tokens = (int(t) for t in counts)
     report.phases["capture"] = time.perf_counter() - t0
 
     spill = spill_root(config.offload_dir)

@@ -1,0 +1,272 @@
+"""The model card (``README.md``) every tlq_hf save writes, and the Hub upload that carries it.
+
+The card says how the checkpoint was made and how to load it: base model, scheme, method and recipe,
+calibration data (rows, tokens, image / text / answer split), importance settings, the per-layer error the
+calibration reached, the tlq_hf version, and loading with plain transformers, with tlq_hf and with vLLM. Its
+metadata (``base_model``, ``base_model_relation: quantized``, ``tags: [tlq, quantized, ...]``,
+``library_name``, ``pipeline_tag``) is what the Hub indexes.
+
+:func:`attach_card_writer` makes ``model.save_pretrained`` and ``model.push_to_hub`` of a model tlq_hf
+quantized write the card (transformers' own ``push_to_hub`` replaces any ``README.md`` with a generic card,
+so the upload is done here: save into a temporary folder, then one ``upload_folder`` commit).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from torch import nn
+
+from ..version import __version__
+
+__all__ = ["attach_card_writer", "base_model_id", "model_card", "push_to_hub", "write_model_card"]
+
+logger = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def base_model_id(model: nn.Module) -> str | None:
+    """The Hub id the model was loaded from (``config._name_or_path``), or ``None`` for a local folder."""
+    source = str(getattr(model.config, "_name_or_path", "") or "")
+    if not _HUB_ID.match(source) or os.path.exists(source):
+        return None
+    return source
+
+
+def _tags(config: Any) -> list[str]:
+    scheme = config.scheme
+    fmt = "compressed-tensors" if config.save_format == "compressed-tensors" else "tlq-native"
+    return ["tlq", "quantized", f"{scheme.bits}-bit", scheme.name, config.method, fmt, "vision-language"]
+
+
+def _layers_table(report: Any, limit: int = 16) -> list[str]:
+    layers = list(getattr(report, "layers", []) or [])
+    if not layers:
+        return []
+    lines = [
+        "| decoder layer | error carried in | error after quantizing the layer |",
+        "|---|---|---|",
+    ]
+    shown = layers if len(layers) <= limit else layers[: limit // 2] + layers[-limit // 2 :]
+    for k, r in enumerate(shown):
+        if len(layers) > limit and k == limit // 2:
+            lines.append(f"| ... ({len(layers) - limit} more) | | |")
+        lines.append(f"| {r.index} | {r.error_before:.3e} | {r.error_after:.3e} |")
+    worst = max(layers, key=lambda r: r.error_after)
+    lines += [
+        "",
+        f"Importance-weighted relative error of each decoder layer's output against the full-precision model on "
+        f"the calibration tokens (the worst: layer {worst.index}, {worst.error_after:.3e}).",
+    ]
+    return lines
+
+
+def model_card(model: nn.Module, repo_id: str | None = None, tags: list[str] | None = None) -> ModelCard:
+    """The card of a model tlq_hf quantized (``model.hf_quantizer.quantization_config`` and ``model.tlq_report``)."""
+    config = model.hf_quantizer.quantization_config
+    report = getattr(model, "tlq_report", None)
+    base = base_model_id(model)
+    scheme = config.scheme
+    name = repo_id or "path/to/this-folder"
+    data = ModelCardData(
+        base_model=base,
+        base_model_relation="quantized" if base else None,
+        tags=list(dict.fromkeys(_tags(config) + list(tags or []))),
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+    )
+    source = base or Path(str(getattr(model.config, "_name_or_path", "") or "a local checkpoint")).name
+    recipe = getattr(report, "recipe", None)
+    lines = [
+        f"# {source} - {scheme.name} ({config.method.upper()})",
+        "",
+        f"Quantized with tlq_hf {__version__}: "
+        + (
+            "TLQ, token-level gradient-importance calibration for vision-language models (arXiv 2602.07899)."
+            if config.method == "tlq"
+            else f"the `{config.method}` baseline of the same pipeline."
+        ),
+        "",
+        "## Quantization",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | {base or source} |",
+        f"| scheme | {scheme.name}: {scheme.bits}-bit {'symmetric' if scheme.sym else 'asymmetric'} weights, "
+        + ("per output channel" if scheme.group_size == -1 else f"groups of {scheme.group_size}")
+        + (f", dynamic per-token int{scheme.act_bits} activations" if scheme.act_bits else ", 16-bit activations")
+        + " |",
+        "| quantized | the linear layers of the language-model decoder "
+        + (
+            "(vision tower, projector and `lm_head` in full precision)"
+            if config.ignore is None
+            else f"(ignore {config.ignore})"
+        )
+        + " |",
+        f"| format | {config.save_format} |",
+        f"| method | `{config.method}`"
+        + (
+            f": importance `{recipe.importance}`, solver `{recipe.solver}`, smoothing `{recipe.smoothing}`, "
+            f"{'exposed' if recipe.exposed else 'full-precision'} layer inputs"
+            if recipe is not None
+            else ""
+        )
+        + " |",
+        f"| GPTQ settings | damp {config.damp}, act_order {config.act_order} |",
+    ]
+    if recipe is not None and recipe.importance not in (None, "uniform"):
+        lines.append(
+            f"| token importance | `{recipe.importance}` at the `{config.importance_labels}` labels of "
+            f"{config.answer_tokens} answer tokens, per {config.importance_scope}; tempering gamma {config.gamma}, "
+            f"clip {tuple(config.importance_clip)}, uniform mix {config.uniform_mix}, token fraction "
+            f"{config.token_fraction} |"
+        )
+    if report is not None and report.samples:
+        text = report.tokens - report.vision_tokens
+        lines.append(
+            f"| calibration data | {report.samples} rows, {report.tokens} tokens: {report.vision_tokens} image "
+            f"({report.vision_tokens / max(report.tokens, 1):.0%}), {text} text, of which {report.answer_tokens} "
+            f"answer tokens; max_length {config.max_length}, seed {config.seed} |"
+        )
+        if report.answer_loss is not None:
+            lines.append(f"| full-precision answer loss | {report.answer_loss:.4f} |")
+        lines.append(f"| calibration time | {report.seconds:.1f} s |")
+    table = _layers_table(report)
+    if table:
+        lines += ["", "## Calibration error per layer", "", *table]
+    lines += ["", "## Use", ""]
+    if config.save_format == "compressed-tensors":
+        lines += [
+            "Plain transformers (the `compressed-tensors` package decodes the weights; tlq_hf is not needed):",
+            "",
+            "```python",
+            "from transformers import AutoModelForImageTextToText, AutoProcessor",
+            f'model = AutoModelForImageTextToText.from_pretrained("{name}")',
+            f'processor = AutoProcessor.from_pretrained("{name}")',
+            "```",
+            "",
+            "vLLM (compressed-tensors):",
+            "",
+            "```bash",
+            f"vllm serve {name}",
+            "```",
+        ]
+        if scheme.bits not in (4, 8):
+            lines += [
+                "",
+                f"vLLM's usual GPU kernels take 4- and 8-bit weights; {scheme.bits}-bit weights serve only where a "
+                "kernel for that width exists.",
+            ]
+    else:
+        lines += [
+            "Native tlq format: import tlq_hf first (it registers the `tlq` quantization method; without it "
+            "transformers cannot read the packed weights):",
+            "",
+            "```python",
+            "import tlq_hf  # noqa: F401",
+            "from transformers import AutoModelForImageTextToText",
+            f'model = AutoModelForImageTextToText.from_pretrained("{name}")',
+            "```",
+        ]
+    lines += [
+        "",
+        "Re-create it with tlq_hf:",
+        "",
+        "```python",
+        "from transformers import AutoModelForImageTextToText",
+        "from tlq_hf import TLQConfig",
+        f"config = TLQConfig({', '.join(f'{k}={v!r}' for k, v in _changed_fields(config).items())}"
+        + (", " if _changed_fields(config) else "")
+        + "dataset=my_rows)",
+        f'model = AutoModelForImageTextToText.from_pretrained("{base or "BASE_MODEL"}", quantization_config=config)',
+        "```",
+        "",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _changed_fields(config: Any) -> dict[str, Any]:
+    """The config fields that differ from ``TLQConfig()``'s (the recipe a user types)."""
+    default = type(config)().to_dict()
+    return {k: v for k, v in config.to_dict().items() if k != "tlq_version" and default.get(k) != v}
+
+
+def write_model_card(
+    model: nn.Module, folder: str | os.PathLike, repo_id: str | None = None, tags: list[str] | None = None
+) -> Path:
+    """Write ``README.md`` into ``folder`` (atomically: a temporary name, then a rename)."""
+    path = Path(folder) / "README.md"
+    tmp = path.with_name(".README.md.tmp")
+    model_card(model, repo_id, tags).save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    processor: Any = None,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    create_pr: bool = False,
+    revision: str | None = None,
+    tags: list[str] | str | None = None,
+    **save_kwargs: Any,
+) -> Any:
+    """Save the quantized model (weights, config, card; ``processor`` too when given) into a temporary folder
+    and upload it to ``repo_id`` in one commit; ``tags`` are added to the card's. Returns ``HfApi.upload_folder``'s
+    commit info. Other keywords go to ``save_pretrained`` (e.g. ``max_shard_size``)."""
+    save_kwargs.pop("use_temp_dir", None)  # transformers' push_to_hub option: a temporary folder is always used
+    tags = [tags] if isinstance(tags, str) else tags
+    scheme_name = model.hf_quantizer.quantization_config.scheme.name
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, **save_kwargs)
+        write_model_card(model, folder, repo_id, tags)  # the card names the repo in its loading snippets
+        if processor is not None:
+            processor.save_pretrained(folder)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message or f"Upload {scheme_name} model (tlq_hf)",
+            create_pr=create_pr,
+            revision=revision,
+            repo_type="model",
+        )
+
+
+def attach_card_writer(model: nn.Module) -> None:
+    """Make this model's ``save_pretrained`` also write the card, and its ``push_to_hub`` upload the card with
+    the weights (:func:`push_to_hub`). Instance attributes: the class and every other model are untouched."""
+    save = model.save_pretrained  # the class's bound method
+
+    @functools.wraps(save)
+    def save_pretrained(save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("push_to_hub"):
+            raise ValueError(
+                "save_pretrained(push_to_hub=True) would replace tlq_hf's model card; use model.push_to_hub(repo_id)."
+            )
+        out = save(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_model_card(model, save_directory)
+        return out
+
+    @functools.wraps(push_to_hub)
+    def push(repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise TypeError("push_to_hub(repo_id, ...) takes its options as keywords")
+        return push_to_hub(model, repo_id, **kwargs)
+
+    model.save_pretrained = save_pretrained
+    model.push_to_hub = push
