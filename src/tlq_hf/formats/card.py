@@ -221,15 +221,17 @@ def push_to_hub(
     create_pr: bool = False,
     revision: str | None = None,
     tags: list[str] | str | None = None,
+    api: HfApi | None = None,
     **save_kwargs: Any,
 ) -> Any:
     """Save the quantized model (weights, config, card; ``processor`` too when given) into a temporary folder
     and upload it to ``repo_id`` in one commit; ``tags`` are added to the card's. Returns ``HfApi.upload_folder``'s
-    commit info. Other keywords go to ``save_pretrained`` (e.g. ``max_shard_size``)."""
+    commit info. ``api``: the Hub client (default ``HfApi(token=token)``; e.g. one for another endpoint). Other
+    keywords go to ``save_pretrained`` (e.g. ``max_shard_size``)."""
     save_kwargs.pop("use_temp_dir", None)  # transformers' push_to_hub option: a temporary folder is always used
     tags = [tags] if isinstance(tags, str) else tags
     scheme_name = model.hf_quantizer.quantization_config.scheme.name
-    api = HfApi(token=token)
+    api = api or HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, **save_kwargs)
