@@ -46,6 +46,7 @@ from train_vqa import RECIPES, TASKS  # noqa: E402
 
 from tlq_hf.calibration.pipeline import resolve_recipe  # noqa: E402
 from tlq_hf.config import TLQConfig  # noqa: E402
+from tlq_hf.evaluation import FirstAnswerEval  # noqa: E402
 
 #: Benchmark model folder -> the synthetic task (key of ``train_vqa.TASKS``) it was trained on.
 MODEL_TASKS: dict[str, str] = {recipe.name: recipe.task for recipe in RECIPES.values()}
@@ -241,8 +242,8 @@ def _run_worker(python: str, job: dict, timeout: int = 3600) -> dict:
 # ----------------------------------------------------------------------------- evaluation (parent)
 
 
-class Evaluator:
-    """First-answer-token log-probabilities of held-out items, inputs encoded once per model."""
+class Evaluator(FirstAnswerEval):
+    """:class:`tlq_hf.evaluation.FirstAnswerEval` on ``n_items`` held-out items of a benchmark model's task."""
 
     def __init__(
         self,
@@ -255,45 +256,10 @@ class Evaluator:
     ) -> None:
         from transformers import AutoProcessor
 
-        self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.items = task.make_items(n_items, seed=seed, split=split)
-        tok = self.processor.tokenizer
-        self.answers = torch.tensor([tok(i["answer"], add_special_tokens=False)["input_ids"][0] for i in self.items])
-        self.batches = []
-        for start in range(0, len(self.items), batch_size):
-            part = self.items[start : start + batch_size]
-            texts = [
-                self.processor.apply_chat_template(
-                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": i["question"]}]}],
-                    add_generation_prompt=True,
-                    tokenize=False,
-                )
-                for i in part
-            ]
-            enc = self.processor(text=texts, images=[[i["image"]] for i in part], return_tensors="pt", padding=True)
-            mask = enc["attention_mask"]
-            last = (mask * torch.arange(mask.shape[1])).argmax(-1)
-            self.batches.append((dict(enc), last))
-
-    @torch.inference_mode()
-    def logprobs(self, model) -> torch.Tensor:
-        out = []
-        for enc, last in self.batches:
-            logits = model(**enc).logits
-            out.append(torch.log_softmax(logits[torch.arange(len(last)), last].float(), -1))
-        return torch.cat(out)
-
-    @staticmethod
-    def item_kl(ref: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """KL(FP || quantized) of each held-out item's first answer token."""
-        return (ref.exp() * (ref - q)).sum(-1)
-
-    def metrics(self, ref: torch.Tensor, q: torch.Tensor) -> dict[str, float]:
-        return {
-            "accuracy": float((q.argmax(-1) == self.answers).float().mean()),
-            "kl": float(self.item_kl(ref, q).mean()),
-            "agreement": float((q.argmax(-1) == ref.argmax(-1)).float().mean()),
-        }
+        super().__init__(
+            AutoProcessor.from_pretrained(model_dir), task.make_items(n_items, seed=seed, split=split), batch_size
+        )
+        self.items = self.rows
 
 
 def _load(path: Path):

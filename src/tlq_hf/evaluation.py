@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LogitMetrics", "compare_logits", "answer_metrics", "linear_bytes_on_disk"]
+__all__ = ["FirstAnswerEval", "LogitMetrics", "compare_logits", "answer_metrics", "linear_bytes_on_disk"]
 
 
 @dataclass
@@ -35,6 +35,58 @@ def compare_logits(ref: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None
     kl = float(F.kl_div(F.log_softmax(q, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean"))
     agree = float((q.argmax(-1) == ref.argmax(-1)).float().mean())
     return LogitMetrics(rel, kl, agree)
+
+
+class FirstAnswerEval:
+    """First-answer-token log-probabilities of a model on held-out ``{"image", "question", "answer"}`` rows.
+
+    Each row's question goes through the processor's chat template (one image, a generation prompt), batched
+    with the tokenizer's padding; the log-softmax at the last prompt position is the model's distribution over
+    the answer's first token. Inputs are encoded once; :meth:`logprobs` runs any model of the same processor.
+    :meth:`metrics` compares a quantized model's log-probabilities with the full-precision ones: accuracy
+    (argmax = the answer's first token), KL(FP || quantized) and agreement (argmax unchanged).
+    """
+
+    def __init__(self, processor, rows, batch_size: int = 64) -> None:
+        self.rows = list(rows)
+        tok = processor.tokenizer
+        self.answers = torch.tensor([tok(r["answer"], add_special_tokens=False)["input_ids"][0] for r in self.rows])
+        self.batches: list[tuple[dict, torch.Tensor]] = []
+        for start in range(0, len(self.rows), batch_size):
+            part = self.rows[start : start + batch_size]
+            texts = [
+                processor.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}],
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+                for r in part
+            ]
+            enc = processor(text=texts, images=[[r["image"]] for r in part], return_tensors="pt", padding=True)
+            mask = enc["attention_mask"]
+            self.batches.append((dict(enc), (mask * torch.arange(mask.shape[1])).argmax(-1)))
+
+    @torch.inference_mode()
+    def logprobs(self, model) -> torch.Tensor:
+        """``[rows, vocab]`` float32 log-probabilities of the first answer token."""
+        device = next(model.parameters()).device
+        out = []
+        for enc, last in self.batches:
+            logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
+            out.append(torch.log_softmax(logits[torch.arange(len(last)), last.to(device)].float(), -1).cpu())
+        return torch.cat(out)
+
+    @staticmethod
+    def item_kl(ref: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """KL(FP || quantized) of each row's first answer token."""
+        return (ref.exp() * (ref - q)).sum(-1)
+
+    def metrics(self, ref: torch.Tensor, q: torch.Tensor) -> dict[str, float]:
+        return {
+            "accuracy": float((q.argmax(-1) == self.answers).float().mean()),
+            "kl": float(self.item_kl(ref, q).mean()),
+            "agreement": float((q.argmax(-1) == ref.argmax(-1)).float().mean()),
+        }
 
 
 @torch.no_grad()
