@@ -503,7 +503,8 @@ def _timing_jobs(args) -> list[dict]:
     """TLQ (both solvers), GPTQ, AWQ and (with --peers) llm-compressor GPTQ and AWQ at W4A16-g128, for the
     time-alone pass."""
     labels = list(TIMED) + (list(PEERS) if args.peers else [])
-    return [_job(model, label, "W4A16-g128") for model in args.models for label in labels]
+    models = args.timing_models or args.models
+    return [_job(model, label, "W4A16-g128") for model in models for label in labels]
 
 
 ITEMS_PATH = HERE / "results" / "quality_items.pt"  # per-item metrics of the last table (not committed)
@@ -601,10 +602,11 @@ def _timing_section(records: list[dict], args) -> list[str]:
         "memory: tlq_hf's quantize-on-load `from_pretrained`; llm-compressor's row encoding (same processor), model "
         "load and `oneshot` (the `oneshot` call alone in parentheses).",
         "",
-        "| model | library | method | calib s (mean ± std) | peak RSS MB | ratio to llm-compressor (same solver) |",
-        "|---|---|---|---|---|---|",
+        "| model | library | method | calib s (mean ± std) | peak RSS MB | ratio to gptq | ratio to llm-compressor "
+        "(same solver) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for model in args.models:
+    for model in args.timing_models or args.models:
         for method in (*TIMED, *PEERS):
             group = [r for r in rows if r["model"] == model and r["method"] == method]
             if not group:
@@ -612,11 +614,14 @@ def _timing_section(records: list[dict], args) -> list[str]:
             peer_label = "llmc-awq" if method.endswith("awq") else "llmc-gptq"
             peer = _mean_of(records, model, peer_label, "W4A16-g128", "calib_seconds", "timing")
             mean, std = _mean_std([r["calib_seconds"] for r in group])
+            ours = _mean_of(records, model, "gptq", "W4A16-g128", "calib_seconds", "timing")
+            to_gptq = f"{mean / ours:.2f}x" if ours else "n/a"
             ratio = f"{mean / peer:.2f}x" if peer else "n/a"
             if "oneshot_seconds" in group[0]:
                 ratio += f" (oneshot alone {statistics.fmean(r['oneshot_seconds'] for r in group):.2f} s)"
             lines.append(
-                f"| {model} | {group[0]['library']} | {method} | {mean:.2f} ± {std:.2f} | {_rss(group[0])} | {ratio} |"
+                f"| {model} | {group[0]['library']} | {method} | {mean:.2f} ± {std:.2f} | {_rss(group[0])} | {to_gptq} "
+                f"| {ratio} |"
             )
     return lines + [""]
 
@@ -883,6 +888,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads of a worker when --jobs 1 and when timing")
     p.add_argument("--jobs", type=int, default=2, help="calibration workers at a time (one thread each if > 1)")
     p.add_argument("--no-timing", action="store_true", help="skip the time-alone pass")
+    p.add_argument("--timing-models", nargs="*", help="models of the time-alone pass (default: --models)")
     p.add_argument("--timing-only", action="store_true", help="re-run only the time-alone pass (keeps the table)")
     p.add_argument("--peers-only", action="store_true", help="re-run only the llm-compressor jobs (with --peers)")
     args = p.parse_args()
