@@ -160,7 +160,7 @@ class TLQConfig(QuantizationConfigMixin):
         max_length: int | None = 2048,
         seed: int = 0,
         importance: str | None = None,
-        gamma: float = 0.5,
+        gamma: float = 1.0,
         importance_clip: tuple[float, float] | list[float] = (0.05, 20.0),
         uniform_mix: float = 0.0,
         importance_labels: str = "gold",
