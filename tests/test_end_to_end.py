@@ -19,7 +19,7 @@ from torch import nn
 from tlq_hf import TLQConfig
 from tlq_hf.arch import find_decoder_stack, matches_any
 from tlq_hf.evaluation import compare_logits, linear_bytes_on_disk
-from tlq_hf.nn import TLQLinear
+from tlq_hf.nn import TLQLinear, kernels
 
 SCHEMES = {
     "W4A16-g128": dict(bits=4, group_size=128),
@@ -170,7 +170,8 @@ def test_every_scheme_round_trips_without_plugin(scheme, tiny_vlm_dirs, batch_fo
 
 
 @pytest.mark.parametrize("save_format", ["compressed-tensors", "tlq"])
-def test_bfloat16_and_device_map_auto(save_format, tiny_vlm_dirs, batch_for, tmp_path):
+def test_bfloat16_and_device_map_auto(save_format, tiny_vlm_dirs, batch_for, tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "KERNELS", [])  # format exactness: the reference path (kernels: test_kernels.py)
     path, batch = tiny_vlm_dirs["qwen2_5_vl"], batch_for("qwen2_5_vl")
     q = _quantized(path, bits=4, group_size=128, save_format=save_format, dtype=torch.bfloat16)
     packed = [m for m in q.modules() if isinstance(m, TLQLinear)]

@@ -35,7 +35,7 @@ from .formats import (
     validate_packed_modules,
 )
 from .formats.card import attach_card_writer
-from .nn import TLQLinear
+from .nn import TLQLinear, prepare_kernels
 from .version import __version__
 
 __all__ = ["TLQHfQuantizer"]
@@ -93,8 +93,10 @@ class TLQHfQuantizer(HfQuantizer):
         cfg = self.quantization_config
         if self.pre_quantized:
             validate_packed_modules(model, self._packed_names)
+            logger.info("tlq_hf: packed layers per kernel: %s", prepare_kernels(model))  # repack once, at load
             return model
         model.tlq_report = quantize_model(model, cfg)
+        logger.info("tlq_hf: packed layers per kernel: %s", prepare_kernels(model))
         attach_card_writer(model)  # save_pretrained / push_to_hub write the model card
         if cfg.save_format == "compressed-tensors":
             packed = {n for n, m in model.named_modules() if isinstance(m, TLQLinear)}

@@ -83,7 +83,7 @@ def _module_tensors(module: TLQLinear) -> dict[str, torch.Tensor]:
     fmt = ct_format(scheme)
     out: dict[str, torch.Tensor] = {"weight_scale": module.weight_scale}
     if fmt == "pack-quantized":
-        out["weight_packed"] = module.weight_packed
+        out["weight_packed"] = module.packed_weight()
         out["weight_shape"] = torch.tensor([module.out_features, module.in_features], dtype=torch.int64)
         if not scheme.sym:
             out["weight_zero_point"] = pack(module.weight_zero_point, scheme.bits, dim=0)

@@ -1,5 +1,6 @@
-"""Packed quantized modules."""
+"""Packed quantized modules and their low-bit kernels."""
 
-from .quant_linear import TLQLinear, dequant_cache
+from .kernels import KERNELS
+from .quant_linear import TLQLinear, dequant_cache, prepare_kernels
 
-__all__ = ["TLQLinear", "dequant_cache"]
+__all__ = ["KERNELS", "TLQLinear", "dequant_cache", "prepare_kernels"]

@@ -7,8 +7,12 @@ Buffers (all persistent, saved as ``<module>.<name>`` in the native ``tlq`` form
 - ``weight_zero_point``: int8 ``[out, n_groups]``, signed zero point (asymmetric schemes only);
 - ``bias``: model dtype ``[out]``, unchanged (if the layer had one).
 
-The forward dequantizes the weight in the scale's dtype (``(q - zero) * scale``, as compressed-tensors
-does on reload) and, for ``act_bits=8``, fake-quantizes the input per token first.
+The reference forward dequantizes the weight in the scale's dtype (``(q - zero) * scale``, as
+compressed-tensors does on reload) and, for ``act_bits=8``, fake-quantizes the input per token first.
+Where a low-bit kernel runs the layer (``kernels.py``), :func:`prepare_kernels` (called once at load, and
+after quantize-on-load calibration) repacks the weight into the kernel's layout; the kernel's copy then
+replaces ``weight_packed`` in memory, and ``weight_packed`` is regenerated exactly on save. Calibration
+and anything that back-propagates into the input use the reference path.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from torch import nn
 from ..packing import pack, packed_shape, unpack
 from ..primitives import QParams, dequantize_codes, fake_quantize_activation
 from ..qtypes import QuantScheme
+from .kernels import LinearKernel, select_kernel
 
-__all__ = ["TLQLinear", "dequant_cache"]
+__all__ = ["TLQLinear", "dequant_cache", "prepare_kernels"]
 
 
 class TLQLinear(nn.Module):
@@ -54,6 +59,9 @@ class TLQLinear(nn.Module):
             )
         self._cache: torch.Tensor | None = None  # dense weight, only inside ``dequant_cache``
         self._caching = False
+        self._kernel: LinearKernel | None = None  # set by ``prepare_kernel``; its state replaces weight_packed
+        self._kernel_state: object = None
+        self._kernel_checked = False
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         )
@@ -77,7 +85,43 @@ class TLQLinear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """The unpacked signed int8 codes ``[out, in]``."""
+        if self._kernel is not None:
+            return self._kernel.codes(self)
         return unpack(self.weight_packed, self.scheme.bits, (self.out_features, self.in_features))
+
+    def packed_weight(self) -> torch.Tensor:
+        """The ``weight_packed`` tensor as saved (regenerated from the kernel's copy when one replaced it)."""
+        if self._kernel is not None:
+            return pack(self.codes(), self.scheme.bits)
+        return self.weight_packed
+
+    @property
+    def kernel_name(self) -> str:
+        """The kernel running this layer's forward (``"dequantize"`` for the reference path)."""
+        return "dequantize" if self._kernel is None else self._kernel.name
+
+    def prepare_kernel(self) -> bool:
+        """Repack into the first registered kernel that runs this layer; ``True`` when one does."""
+        if not self._kernel_checked:
+            self._kernel_checked = True
+            kernel = select_kernel(self)
+            if kernel is not None:
+                self._kernel_state = kernel.prepare(self, self.codes())
+                self._kernel = kernel
+                self.register_buffer("weight_packed", None)  # the kernel's copy holds the same 4 bits/weight
+        return self._kernel is not None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._kernel is not None:
+            destination[prefix + "weight_packed"] = self.packed_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self._kernel is not None:  # back to the reference layout; the new weights are repacked on use
+            shape = packed_shape((self.out_features, self.in_features), self.scheme.bits)
+            self.register_buffer("weight_packed", torch.zeros(shape, dtype=torch.int32))
+            self._kernel, self._kernel_state, self._kernel_checked = None, None, False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def qparams(self) -> QParams:
         zero = self.weight_zero_point if not self.scheme.sym else torch.zeros_like(self.weight_scale, dtype=torch.int8)
@@ -91,6 +135,9 @@ class TLQLinear(nn.Module):
         if self.scheme.act_bits is not None:
             x = fake_quantize_activation(x, self.scheme.act_bits)
         if not self._caching:
+            if self._kernel is not None and not (torch.is_grad_enabled() and x.requires_grad):
+                y = self._kernel.forward(self, x)
+                return y if self.bias is None else y + self.bias.to(y.dtype)
             weight = self.dequantized_weight(dtype=x.dtype)
         else:
             if self._cache is None or self._cache.dtype != x.dtype:
@@ -117,3 +164,13 @@ def dequant_cache(module: nn.Module) -> Iterator[None]:
     finally:
         for m in packed:
             m._caching, m._cache = False, None
+
+
+def prepare_kernels(module: nn.Module) -> dict[str, int]:
+    """Repack every :class:`TLQLinear` under ``module`` for its kernel now (at load); counts per kernel."""
+    counts: dict[str, int] = {}
+    for m in module.modules():
+        if isinstance(m, TLQLinear):
+            m.prepare_kernel()
+            counts[m.kernel_name] = counts.get(m.kernel_name, 0) + 1
+    return counts
