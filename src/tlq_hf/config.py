@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -17,6 +20,8 @@ __all__ = [
     "METHODS",
     "SOLVERS",
     "CHOICES",
+    "RULES",
+    "Rule",
     "field_docs",
     "IMPORTANCE",
     "IMPORTANCE_LABELS",
@@ -46,6 +51,81 @@ CHOICES: dict[str, tuple] = {
     "importance_scope": IMPORTANCE_SCOPES,
     "save_format": SAVE_FORMATS,
 }
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one ``TLQConfig`` field accepts: a predicate (junk of any type is simply rejected) and the fix."""
+
+    check: Callable[[Any], bool]
+    fix: str
+
+    def accepts(self, value: Any) -> bool:
+        try:
+            return bool(self.check(value))
+        except (TypeError, ValueError, OverflowError):
+            return False
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _one_of(choices: tuple) -> Rule:
+    return Rule(lambda v: any(v is c or (type(v) is type(c) and v == c) for c in choices), f"one of {choices}")
+
+
+def _valid_regex(pattern: Any) -> bool:
+    try:
+        re.compile(pattern.removeprefix("re:"))
+    except re.error:
+        return False
+    return True
+
+
+def _clip_ok(v: Any) -> bool:
+    return isinstance(v, (tuple, list)) and len(v) == 2 and all(map(_is_real, v)) and 0 < v[0] <= 1 <= v[1]
+
+
+def _path_or_none(v: Any) -> bool:
+    return v is None or (isinstance(os.fspath(v), str) and bool(os.fspath(v)))
+
+
+#: Every validated field and what it accepts (``post_init`` checks them in this order).
+RULES: dict[str, Rule] = {
+    **{name: _one_of(choices) for name, choices in CHOICES.items()},
+    "group_size": Rule(
+        lambda v: _is_int(v) and (v == -1 or v > 0),
+        "a positive integer such as 128 (a divisor "
+        "of every quantized layer's in_features) or -1 for one scale per output channel",
+    ),
+    "sym": Rule(lambda v: isinstance(v, bool), "True or False"),
+    "ignore": Rule(
+        lambda v: (
+            v is None or (isinstance(v, (list, tuple)) and all(isinstance(p, str) and _valid_regex(p) for p in v))
+        ),
+        "None or a list of valid regex strings, e.g. ['re:.*visual.*']",
+    ),
+    "num_samples": Rule(lambda v: _is_int(v) and v > 0, "a positive integer, e.g. 128"),
+    "max_length": Rule(lambda v: v is None or (_is_int(v) and v > 1), "None or an integer > 1, e.g. 2048"),
+    "seed": Rule(lambda v: _is_int(v) and 0 <= v < 2**63, "a non-negative integer"),
+    "gamma": Rule(lambda v: _is_real(v) and v > 0, "a positive finite exponent (0.5 tempers, 1 keeps raw)"),
+    "importance_clip": Rule(_clip_ok, "(lo, hi) with 0 < lo <= 1 <= hi, both finite"),
+    "uniform_mix": Rule(lambda v: _is_real(v) and 0 <= v <= 1, "a value in [0, 1]"),
+    "importance_topk": Rule(lambda v: _is_int(v) and 1 <= v <= 64, "an integer in [1, 64], e.g. 4"),
+    "token_fraction": Rule(lambda v: _is_real(v) and 0 < v <= 1, "a value in (0, 1]"),
+    "exposed": Rule(lambda v: v is None or isinstance(v, bool), "True, False or None (the method's default)"),
+    "damp": Rule(lambda v: _is_real(v) and 0 <= v < 1, "a small fraction such as 0.01"),
+    "act_order": Rule(lambda v: isinstance(v, bool), "True or False"),
+    "smooth_alpha": Rule(lambda v: _is_real(v) and 0 <= v <= 1, "a value in [0, 1]"),
+    "offload_dir": Rule(_path_or_none, "None or a folder path"),
+    "checkpoint_dir": Rule(_path_or_none, "None or a folder path"),
+}
+
 
 _SERIALIZED = (
     "bits",
@@ -189,80 +269,31 @@ class TLQConfig(QuantizationConfigMixin):
         self.method, self.ignore, self.save_format = method, ignore, save_format
         self.dataset, self.processor = dataset, processor
         self.num_samples, self.max_length, self.seed = num_samples, max_length, seed
-        self.importance, self.gamma, self.importance_clip = importance, gamma, list(importance_clip)
+        self.importance, self.gamma, self.importance_clip = importance, gamma, importance_clip
         self.uniform_mix, self.token_fraction, self.exposed, self.solver = uniform_mix, token_fraction, exposed, solver
         self.importance_labels, self.importance_topk = importance_labels, importance_topk
         self.answer_tokens, self.importance_scope = answer_tokens, importance_scope
         self.damp, self.act_order, self.smooth_alpha = damp, act_order, smooth_alpha
+        self.offload_dir, self.checkpoint_dir = offload_dir, checkpoint_dir
+        self.post_init()
         self.offload_dir = os.fspath(offload_dir) if offload_dir is not None else None
         self.checkpoint_dir = os.fspath(checkpoint_dir) if checkpoint_dir is not None else None
-        self.post_init()
 
     def post_init(self) -> None:
-        """Validate every field; errors say how to fix the value."""
-        if self.bits not in SUPPORTED_WEIGHT_BITS:
-            raise ValueError(f"TLQConfig(bits={self.bits!r}): use one of {SUPPORTED_WEIGHT_BITS}.")
-        if self.act_bits not in SUPPORTED_ACT_BITS:
-            raise ValueError(
-                f"TLQConfig(act_bits={self.act_bits!r}): use None (weight-only) or 8 (dynamic per-token int8)."
-            )
-        if not isinstance(self.sym, bool):
-            raise ValueError(f"TLQConfig(sym={self.sym!r}): use True or False.")
-        self.scheme  # validates group_size  # noqa: B018
-        if self.method not in METHODS:
-            raise ValueError(f"TLQConfig(method={self.method!r}) is unknown; use one of {METHODS}.")
-        if self.solver is not None and self.solver not in SOLVERS:
-            raise ValueError(f"TLQConfig(solver={self.solver!r}): use one of {SOLVERS} (or None for the method's).")
-        if self.importance is not None and self.importance not in IMPORTANCE:
-            raise ValueError(f"TLQConfig(importance={self.importance!r}): use one of {IMPORTANCE}.")
-        if not (isinstance(self.num_samples, int) and self.num_samples > 0):
-            raise ValueError(f"TLQConfig(num_samples={self.num_samples!r}): use a positive integer, e.g. 128.")
-        if self.max_length is not None and not (isinstance(self.max_length, int) and self.max_length > 1):
-            raise ValueError(f"TLQConfig(max_length={self.max_length!r}): use None or an integer > 1.")
-        if not 0 < self.token_fraction <= 1:
-            raise ValueError(f"TLQConfig(token_fraction={self.token_fraction!r}): use a value in (0, 1].")
-        if not self.gamma > 0:
-            raise ValueError(f"TLQConfig(gamma={self.gamma!r}): use a positive exponent (0.5 tempers, 1 keeps raw).")
-        lo, hi = self.importance_clip if len(self.importance_clip) == 2 else (None, None)
-        if lo is None or not 0 < lo <= 1 <= hi:
-            raise ValueError(
-                f"TLQConfig(importance_clip={self.importance_clip!r}): use (lo, hi) with 0 < lo <= 1 <= hi."
-            )
-        if self.importance_labels not in IMPORTANCE_LABELS:
-            raise ValueError(
-                f"TLQConfig(importance_labels={self.importance_labels!r}): use one of {IMPORTANCE_LABELS}."
-            )
-        if not (isinstance(self.importance_topk, int) and not isinstance(self.importance_topk, bool)) or not (
-            1 <= self.importance_topk <= 64
-        ):
-            raise ValueError(f"TLQConfig(importance_topk={self.importance_topk!r}): use an integer in [1, 64], e.g. 4.")
-        if self.answer_tokens not in ANSWER_TOKENS:
-            raise ValueError(f"TLQConfig(answer_tokens={self.answer_tokens!r}): use one of {ANSWER_TOKENS}.")
-        if self.importance_scope not in IMPORTANCE_SCOPES:
-            raise ValueError(f"TLQConfig(importance_scope={self.importance_scope!r}): use one of {IMPORTANCE_SCOPES}.")
-        if not 0 <= self.uniform_mix <= 1:
-            raise ValueError(f"TLQConfig(uniform_mix={self.uniform_mix!r}): use a value in [0, 1].")
-        if not 0 <= self.damp < 1:
-            raise ValueError(f"TLQConfig(damp={self.damp!r}): use a small fraction such as 0.01.")
-        if not 0 <= self.smooth_alpha <= 1:
-            raise ValueError(f"TLQConfig(smooth_alpha={self.smooth_alpha!r}): use a value in [0, 1].")
-        if self.save_format not in SAVE_FORMATS:
-            raise ValueError(f"TLQConfig(save_format={self.save_format!r}): use one of {SAVE_FORMATS}.")
+        """Validate every field against :data:`RULES`; an error names the field, the value and the fix."""
+        for name, rule in RULES.items():
+            value = getattr(self, name)
+            if not rule.accepts(value):
+                raise ValueError(f"TLQConfig({name}={value!r}): use {rule.fix}.")
         if not self.sym and self.save_format == "compressed-tensors":
             raise ValueError(
                 "TLQConfig(sym=False) cannot be saved as compressed-tensors: transformers (4.57 and 5.x) fails to "
                 "reload asymmetric pack-quantized checkpoints (its loader expects an unpacked zero point, "
                 "the format packs it). Use sym=True, or save_format='tlq' for asymmetric weights."
             )
+        self.importance_clip = [float(v) for v in self.importance_clip]
         if self.ignore is not None:
-            if isinstance(self.ignore, str) or not all(isinstance(p, str) for p in self.ignore):
-                raise ValueError("TLQConfig(ignore=...) must be a list of regex strings, e.g. ['re:.*visual.*'].")
             self.ignore = list(self.ignore)
-            for pattern in self.ignore:
-                try:
-                    re.compile(pattern.removeprefix("re:"))
-                except re.error as err:
-                    raise ValueError(f"TLQConfig(ignore=...): {pattern!r} is not a valid regex ({err}).") from err
 
     def __deepcopy__(self, memo: dict) -> TLQConfig:
         """Copies the settings; the dataset and processor are shared, never copied (they can be large)."""
