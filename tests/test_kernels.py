@@ -41,6 +41,29 @@ def test_int4pack_matches_the_dequantized_reference(group: int, sym: bool) -> No
     assert torch.equal(layer.codes(), codes)  # codes recovered exactly from the kernel's layout
 
 
+@pytest.mark.parametrize("out, inn", [(128, 256), (80, 128), (2048, 512)], ids=["blocks", "tail-rows", "wide"])
+def test_codes_are_unpacked_exactly_and_the_slow_fallback_agrees(out: int, inn: int) -> None:
+    layer = _layer(out, inn, 64, True, torch.bfloat16)
+    codes = layer.codes().clone()
+    prepare_kernels(layer)
+    kernel = Int4PackCPU()
+    assert torch.equal(kernel.codes(layer), codes)  # the layout inverse (blocks of 64 rows, or whole)
+    assert torch.equal(kernel._codes_by_identity(layer), codes)  # what is used if the layout ever changes
+
+
+def test_unpacking_a_layout_it_does_not_recognise_falls_back(monkeypatch, caplog) -> None:
+    from tlq_hf.nn import kernels
+
+    layer = _layer(64, 128, 32, True, torch.bfloat16)
+    codes = layer.codes().clone()
+    prepare_kernels(layer)
+    wrong = kernels._inverse_layout(64, 128, 2).flip(-1)
+    monkeypatch.setattr(kernels, "_inverse_layout", lambda *a: wrong)
+    with caplog.at_level("WARNING", logger="tlq_hf"):
+        assert torch.equal(layer.codes(), codes)
+    assert "layout not recognised" in caplog.text
+
+
 def test_saving_after_repack_writes_the_original_packed_weight() -> None:
     layer = _layer(64, 128, 32, False, torch.bfloat16)
     before = {k: v.clone() for k, v in layer.state_dict().items()}

@@ -15,7 +15,9 @@ Kernels, picked by measurement on the machines we run (AMD EPYC, 2 threads; ``be
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -54,6 +56,8 @@ class Int4PackCPU:
     GROUPS = (32, 64, 128)
     DTYPES = (torch.bfloat16, torch.float16)
     INNER_K_TILES = 2
+    #: Rows packed as one independent block (torch packs 64 output rows at a time; verified on every unpack).
+    BLOCK_ROWS = 64
 
     def unsupported(self, module: TLQLinear) -> str | None:
         s = module.scheme
@@ -70,9 +74,9 @@ class Int4PackCPU:
                 f"int4pack-cpu is slower than the dense matmul with {module.weight_scale.dtype} activations "
                 "on CPU; load in bfloat16 for the low-bit kernel"
             )
-        if module.out_features % 8 or module.in_features % (2 * 16 * self.INNER_K_TILES):
+        if module.out_features % 16 or module.in_features % (2 * 16 * self.INNER_K_TILES):
             shape = f"{module.out_features}x{module.in_features}"
-            return f"int4pack-cpu needs out % 8 == 0 and in % 64 == 0; the layer is {shape}"
+            return f"int4pack-cpu needs out % 16 == 0 and in % 64 == 0; the layer is {shape}"
         return None
 
     def prepare(self, module: TLQLinear, codes: torch.Tensor) -> object:
@@ -91,18 +95,52 @@ class Int4PackCPU:
         return y.reshape(*shape[:-1], module.out_features).to(x.dtype)
 
     def codes(self, module: TLQLinear) -> torch.Tensor:
+        """Undo the packing: scatter the stored nibbles back through the layout's inverse, then prove the
+        result exact by repacking it (falls back to multiplying the identity through the kernel if not)."""
+        packed, scales_zeros = module._kernel_state
+        out, cols = module.out_features, module.in_features
+        rows = self.BLOCK_ROWS if out % self.BLOCK_ROWS == 0 else out
+        source = _inverse_layout(rows, cols, self.INNER_K_TILES)
+        unsigned = torch.empty(out // rows, rows * cols, dtype=torch.int32)
+        unsigned.scatter_(1, source.expand(out // rows, -1), _nibbles(packed.reshape(out // rows, -1)))
+        unsigned = unsigned.view(out, cols)
+        if torch.equal(torch._convert_weight_to_int4pack_for_cpu(unsigned, self.INNER_K_TILES), packed):
+            return (unsigned - 8).to(torch.int8)
+        logger.warning("tlq_hf: int4pack-cpu layout not recognised; recovering codes through the kernel (slow).")
+        return self._codes_by_identity(module)
+
+    def _codes_by_identity(self, module: TLQLinear) -> torch.Tensor:
         """Multiply the identity through the kernel with scale 1 and zero 0: the result is ``u - 8`` exactly."""
         packed, scales_zeros = module._kernel_state
         n_groups, out, _ = scales_zeros.shape
-        unit = torch.zeros(n_groups, out, 2, dtype=torch.float32)
+        unit = torch.zeros(n_groups, out, 2, dtype=torch.bfloat16)
         unit[..., 0] = 1.0
         rows = []
         for start in range(0, module.in_features, 1024):  # identity in slices: bounded memory
             idx = torch.arange(start, min(start + 1024, module.in_features))
-            eye = torch.zeros(len(idx), module.in_features, dtype=torch.float32)
+            eye = torch.zeros(len(idx), module.in_features, dtype=torch.bfloat16)
             eye[torch.arange(len(idx)), idx] = 1.0
             rows.append(torch._weight_int4pack_mm_for_cpu(eye, packed, module.scheme.group_size, unit))
-        return torch.cat(rows).t().round().to(torch.int8).contiguous()
+        return torch.cat(rows).t().float().round().to(torch.int8).contiguous()
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """``[..., bytes]`` uint8 -> ``[..., 2 * bytes]`` int32 (low nibble, then high nibble, of each byte)."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2).to(torch.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def _inverse_layout(rows: int, cols: int, inner_k_tiles: int) -> torch.Tensor:
+    """For each nibble of a packed ``[rows, cols]`` block, the flat index of the weight it holds. Found by
+    packing the base-16 digits of every element's own index (the packing places values, it never mixes them);
+    ``Int4PackCPU.codes`` repacks its result to prove the layout really is this one."""
+    flat = torch.arange(rows * cols, dtype=torch.int64)
+    source = torch.zeros(rows * cols, dtype=torch.int64)
+    for digit in range(max(1, math.ceil(math.log(rows * cols, 16)))):
+        values = ((flat >> (4 * digit)) & 15).to(torch.int32).view(rows, cols)
+        packed = torch._convert_weight_to_int4pack_for_cpu(values, inner_k_tiles)
+        source |= _nibbles(packed.reshape(-1)).to(torch.int64) << (4 * digit)
+    return source.unsqueeze(0)
 
 
 KERNELS: list[LinearKernel] = [Int4PackCPU()]
