@@ -145,6 +145,17 @@ _KILL_SCRIPT = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
 
         resume.LayerCheckpoint.commit = commit_then_die
+    if kill == "2":  # die half-way through writing layer 1's checkpoint file (a torn temporary file is left)
+        real_save = resume.save_file
+
+        def torn_save(tensors, path, metadata=None):
+            real_save(tensors, path, metadata=metadata)
+            if "layer-00001" in path:
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        resume.save_file = torn_save
     cfg = TLQConfig(bits=int(sys.argv[5]), group_size=128, dataset=sample_rows({rows}), num_samples={rows},
                     checkpoint_dir=ckpt)
     model = load_auto_class().from_pretrained(path, dtype=torch.float32, quantization_config=cfg)
@@ -153,10 +164,12 @@ _KILL_SCRIPT = textwrap.dedent(
 ).format(rows=ROWS)
 
 
-def _run_kill_script(tmp_path, path, ckpt, out, kill: bool, bits: int = 4):
+def _run_kill_script(tmp_path, path, ckpt, out, kill: bool | str, bits: int = 4):
+    """``kill``: True/"1" SIGKILL after layer 0's checkpoint, "2" in the middle of writing layer 1's."""
     script = tmp_path / "run.py"
     script.write_text(_KILL_SCRIPT)
-    cmd = [sys.executable, str(script), path, str(ckpt), str(out), "1" if kill else "0", str(bits)]
+    kill = {True: "1", False: "0"}.get(kill, kill)
+    cmd = [sys.executable, str(script), path, str(ckpt), str(out), kill, str(bits)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
@@ -173,6 +186,19 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_vlm_dirs, reference, tmp_
     # the same folder with another config is refused, not mixed
     other = _run_kill_script(tmp_path, path, ckpt, tmp_path / "other", kill=False, bits=3)
     assert other.returncode != 0 and "CheckpointMismatchError" in other.stderr
+
+
+def test_sigkill_while_writing_a_checkpoint_file_then_resume_equals_uninterrupted(tiny_vlm_dirs, reference, tmp_path):
+    path, ckpt = tiny_vlm_dirs[FAMILY], tmp_path / "ckpt"
+    killed = _run_kill_script(tmp_path, path, ckpt, tmp_path / "never", kill="2")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert list(ckpt.glob("layer-00001.safetensors.tmp-*"))  # the torn write is there, under its temporary name
+    assert not (ckpt / "layer-00001.safetensors").exists()
+    assert '"layers_done": 1' in (ckpt / "manifest.json").read_text()
+    resumed = _run_kill_script(tmp_path, path, ckpt, tmp_path / "out", kill=False)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "1 layer(s) finished" in resumed.stderr
+    _assert_same_checkpoint(reference, tmp_path / "out")
 
 
 def test_checkpoint_of_another_config_is_refused_in_process(tiny_vlm_dirs, tmp_path):

@@ -19,7 +19,8 @@ def quantize(model: nn.Module, config: TLQConfig) -> nn.Module:
     """Quantize an already-loaded full-precision transformers model in place and return it.
 
     Afterwards the model behaves exactly like one quantized through ``from_pretrained(...,
-    quantization_config=config)``: ``save_pretrained`` writes the configured format.
+    quantization_config=config)``: ``save_pretrained`` writes the configured format. If quantization fails or
+    is interrupted (``KeyboardInterrupt``), the model is put back as it was before the error is re-raised.
     """
     if getattr(model, "hf_quantizer", None) is not None:
         raise ValueError(
@@ -27,6 +28,9 @@ def quantize(model: nn.Module, config: TLQConfig) -> nn.Module:
             "quantize the full-precision model instead."
         )
     hf_quantizer = TLQHfQuantizer(config, pre_quantized=False)
+    hf_quantizer.undo_on_failure = True
+    before = {k: model.__dict__[k] for k in _MARKS if k in model.__dict__}
+    had_config = hasattr(model.config, "quantization_config")
     model.config.quantization_config = config
     model.hf_quantizer = hf_quantizer
     try:
@@ -34,8 +38,20 @@ def quantize(model: nn.Module, config: TLQConfig) -> nn.Module:
         model.is_quantized = True
     except AttributeError:  # transformers 5: is_quantized is a read-only property derived from hf_quantizer
         pass
-    hf_quantizer.postprocess_model(model)
+    try:
+        hf_quantizer.postprocess_model(model)
+    except BaseException:  # the modules are already put back; undo the marks too: a plain model again
+        for key in _MARKS:
+            model.__dict__.pop(key, None)
+        model.__dict__.update(before)
+        if not had_config:
+            del model.config.quantization_config
+        raise
     return model
+
+
+#: Instance attributes ``quantize`` sets on the model (removed again if quantization fails).
+_MARKS = ("hf_quantizer", "quantization_method", "is_quantized", "save_pretrained", "push_to_hub", "tlq_report")
 
 
 class TLQQuantizer(OptimumQuantizer):

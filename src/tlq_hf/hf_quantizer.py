@@ -69,6 +69,8 @@ class TLQHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: TLQConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self._packed_names: list[str] = []
+        #: Put the model back if calibration fails (``tlq_hf.quantize``: the caller keeps the model).
+        self.undo_on_failure = False
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("from_tf") or kwargs.get("from_flax"):
@@ -94,8 +96,9 @@ class TLQHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             validate_packed_modules(model, self._packed_names)
             logger.info("tlq_hf: packed layers per kernel: %s", prepare_kernels(model))  # repack once, at load
+            attach_card_writer(model)
             return model
-        model.tlq_report = quantize_model(model, cfg)
+        model.tlq_report = quantize_model(model, cfg, undo=self.undo_on_failure)
         logger.info("tlq_hf: packed layers per kernel: %s", prepare_kernels(model))
         attach_card_writer(model)  # save_pretrained / push_to_hub write the model card
         if cfg.save_format == "compressed-tensors":
@@ -124,13 +127,14 @@ class TLQHfQuantizer(HfQuantizer):
         return with_disk_layers_loaded(model, state), metadata
 
     def provenance(self, model) -> dict[str, Any]:
-        """How this model was quantized: tool, version, settings and the run's summary."""
+        """How this model was quantized: tool, version, settings and the run's summary (no timings: the same
+        model, data, config and seed give the same checkpoint bytes)."""
         report = getattr(model, "tlq_report", None)
         return {
             "tool": "tlq_hf",
             "version": __version__,
             "config": self.quantization_config.to_dict(),
-            "summary": report.summary() if report is not None else None,
+            "summary": report.summary(timing=False) if report is not None else None,
             "recipe": vars(report.recipe) if report is not None and report.recipe is not None else None,
             "calibration": {"samples": report.samples, "tokens": report.tokens} if report is not None else None,
         }

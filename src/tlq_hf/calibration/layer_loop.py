@@ -335,8 +335,10 @@ class LayerLoop:
         comm: Comm | None = None,
         spill_dir: str | None = None,
         fp_boundaries: list[ActivationStore] | None = None,
+        will_write: Callable[[list[torch.Tensor]], None] | None = None,
     ) -> None:
         self.model, self.stack, self.targets, self.captured = model, stack, targets, captured
+        self.will_write = will_write or (lambda tensors: None)  # told before smoothing writes in place
         self.scheme, self.cfg, self.weighting, self.swap = scheme, settings, weighting, swap
         self.samples = list(range(len(captured))) if samples is None else samples
         self.total_samples = total_samples or len(captured)
@@ -472,6 +474,8 @@ class LayerLoop:
             if self.comm.rank == owner:
                 s = self.smoother.scales(weights, affected[0], self.scheme, self.cfg).float()
             self.comm.broadcast_(s, owner)
+            touched = [names[producer], *(names[c] for c in consumers)]
+            self.will_write([t for m in touched for t in (m.weight, getattr(m, "bias", None)) if t is not None])
             _fold(names[producer], [names[c] for c in consumers], s)
             for group in {id(g): g for g in affected}.values():
                 group.rescale(s)

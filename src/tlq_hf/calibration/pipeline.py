@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import find_decoder_stack, select_quant_targets, swap_module
+from ..arch import find_decoder_stack, select_quant_targets
 from ..nn import TLQLinear
 from ..primitives import dequantize_codes
 from ..qtypes import QuantScheme
@@ -28,6 +28,7 @@ from .capture import capture_layer_inputs
 from .distributed import Comm, init_from_env
 from .importance import AnswerLoss, Tempering, TokenWeighting, gradient_importance
 from .io_clock import io_seconds
+from .journal import ModelEdits
 from .layer_loop import LayerLoop, LayerReport, LayerSettings
 from .offload import map_large_allocations, onloaded
 from .resume import LayerCheckpoint, fingerprint
@@ -97,7 +98,9 @@ class QuantizationReport:
     answer_tokens: int = 0  # of ``tokens``: answer tokens (the ones the importance loss is taken on)
     io_seconds: float = 0.0  # of ``seconds``: reading/writing spilled activations and loading offloaded layers
 
-    def summary(self) -> str:
+    def summary(self, timing: bool = True) -> str:
+        """One line: what was quantized, errors, data; with ``timing``, the seconds per phase (the only part of
+        the report that differs between two identical runs)."""
         parts = [f"{self.method} {self.scheme}"]
         if self.modules:
             errs = [m.rel_weight_error for m in self.modules]
@@ -111,10 +114,11 @@ class QuantizationReport:
             parts.append(f"{self.samples} samples / {self.tokens} tokens")
         if self.answer_loss is not None:
             parts.append(f"FP answer loss {self.answer_loss:.3f}")
-        phases = ", ".join(f"{k} {v:.1f}s" for k, v in self.phases.items())
-        if self.io_seconds:
-            phases += f"; of all: I/O {self.io_seconds:.1f}s"
-        parts.append(f"{self.seconds:.1f}s" + (f" ({phases})" if phases else ""))
+        if timing:
+            phases = ", ".join(f"{k} {v:.1f}s" for k, v in self.phases.items())
+            if self.io_seconds:
+                phases += f"; of all: I/O {self.io_seconds:.1f}s"
+            parts.append(f"{self.seconds:.1f}s" + (f" ({phases})" if phases else ""))
         return "; ".join(parts)
 
     def as_dict(self) -> dict:
@@ -131,7 +135,9 @@ class QuantizationReport:
         return "\n".join(lines)
 
 
-def _round_to_nearest(model: nn.Module, targets: dict[str, nn.Linear], scheme: QuantScheme) -> list[ModuleReport]:
+def _round_to_nearest(
+    model: nn.Module, targets: dict[str, nn.Linear], scheme: QuantScheme, edits: ModelEdits
+) -> list[ModuleReport]:
     """Round each target to nearest, onloading one parent module (a decoder layer, say) at a time."""
     by_parent: dict[str, list[str]] = {}
     for name in targets:
@@ -147,7 +153,7 @@ def _round_to_nearest(model: nn.Module, targets: dict[str, nn.Linear], scheme: Q
                 codes, qparams = rtn(weight, scheme, scale_dtype=on.store_dtype)
                 deq = dequantize_codes(codes, qparams, scheme, dtype=torch.float32)
                 err = float((deq - weight.float()).norm() / weight.float().norm().clamp_min(1e-12))
-                swap_module(model, name, TLQLinear.from_codes(codes, qparams, scheme, bias=linear.bias))
+                edits.swap(name, TLQLinear.from_codes(codes, qparams, scheme, bias=linear.bias))
                 reports.append(ModuleReport(name, err, time.perf_counter() - start))
                 bar.update(1)
     bar.close()
@@ -193,15 +199,30 @@ def _load_samples(model: nn.Module, config):
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, config) -> QuantizationReport:
-    """Quantize ``model`` in place as ``config`` (a :class:`~tlq_hf.TLQConfig`) says; return the report."""
+def quantize_model(model: nn.Module, config, undo: bool = False) -> QuantizationReport:
+    """Quantize ``model`` in place as ``config`` (a :class:`~tlq_hf.TLQConfig`) says; return the report.
+
+    Everything checkable up front (targets against the scheme, the decoder stack, every calibration row) is
+    checked before the first forward pass. ``undo``: if the run fails or is interrupted (``KeyboardInterrupt``),
+    put the model back as it was (:class:`~tlq_hf.calibration.journal.ModelEdits`) before re-raising.
+    """
     scheme, recipe = config.scheme, resolve_recipe(config)
     targets = select_quant_targets(model, config.ignore)
     _check_targets(targets, scheme)
+    edits = ModelEdits(model, undo)
+    try:
+        return _calibrate(model, config, scheme, recipe, targets, edits)
+    except BaseException:
+        if undo:
+            edits.rollback()
+        raise
+
+
+def _calibrate(model: nn.Module, config, scheme: QuantScheme, recipe: Recipe, targets: dict, edits: ModelEdits):
     start, io_start = time.perf_counter(), io_seconds()
     report = QuantizationReport(config.method, scheme.name, recipe=recipe)
     if recipe.solver == "rtn" and recipe.smoothing is None:
-        report.modules = _round_to_nearest(model, targets, scheme)
+        report.modules = _round_to_nearest(model, targets, scheme, edits)
         report.seconds = time.perf_counter() - start
         logger.info("tlq_hf: %s", report.summary())
         return report
@@ -209,15 +230,14 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
     stack = find_decoder_stack(model)
     in_stack = {n: m for n, m in targets.items() if n.startswith(stack.path + ".")}
     outside = {n: m for n, m in targets.items() if n not in in_stack}
-    if outside:  # e.g. a vision tower the user chose to quantize: no decoder-layer objective there
-        logger.info("tlq_hf: %d linears outside the decoder stack are rounded to nearest", len(outside))
-        report.modules = _round_to_nearest(model, outside, scheme)
-
     init_from_env()
     map_large_allocations()
     comm = Comm.current()
     t0 = time.perf_counter()
-    samples = _load_samples(model, config)
+    samples = _load_samples(model, config)  # every row encoded (or refused) before any weight changes
+    if outside:  # e.g. a vision tower the user chose to quantize: no decoder-layer objective there
+        logger.info("tlq_hf: %d linears outside the decoder stack are rounded to nearest", len(outside))
+        report.modules = _round_to_nearest(model, outside, scheme, edits)
     shard = comm.shard(len(samples))
     if not shard:
         raise ValueError(
@@ -288,7 +308,8 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
             scheme,
             settings,
             weighting,
-            swap=lambda name, new: swap_module(model, name, new),
+            swap=edits.swap,
+            will_write=edits.will_write,
             samples=shard,
             total_samples=len(samples),
             comm=comm,
@@ -296,7 +317,7 @@ def quantize_model(model: nn.Module, config) -> QuantizationReport:
             fp_boundaries=None if done or weighting is None else weighting.grad.boundaries,
         )
         if done:
-            state = checkpoint.restore(model, stack, scheme, done, spill)
+            state = checkpoint.restore(model, stack, scheme, done, spill, edits)
         else:
             state = loop.initial_state()
         on_done = None

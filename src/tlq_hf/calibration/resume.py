@@ -30,13 +30,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..arch import DecoderStack, swap_module
+from ..arch import DecoderStack
 from ..nn import TLQLinear
 from ..qtypes import QuantScheme
 from .activations import ActivationStore
 from .capture import CapturedSample
 from .distributed import Comm
 from .importance import GradientPass
+from .journal import ModelEdits
 from .layer_loop import LayerReport, LoopState
 from .offload import onloaded
 
@@ -169,9 +170,17 @@ class LayerCheckpoint:
             os.remove(old)
 
     def restore(
-        self, model: nn.Module, stack: DecoderStack, scheme: QuantScheme, done: int, spill_dir: str | None
+        self,
+        model: nn.Module,
+        stack: DecoderStack,
+        scheme: QuantScheme,
+        done: int,
+        spill_dir: str | None,
+        edits: ModelEdits | None = None,
     ) -> LoopState:
-        """Swap the finished layers' saved contents in and return the loop state after layer ``done - 1``."""
+        """Swap the finished layers' saved contents in and return the loop state after layer ``done - 1``
+        (through ``edits``, so that a failed run can undo it)."""
+        edits = edits or ModelEdits(model)
         for i in range(done):
             tensors, meta = _load(self._path(f"layer-{i:05d}.safetensors"))
             layer, prefix = stack.layers[i], stack.layer_prefix(i)
@@ -186,7 +195,8 @@ class LayerCheckpoint:
                         dtype=tensors[f"{rel}.weight_scale"].dtype,
                         device=on.device,
                     )
-                    swap_module(model, f"{prefix}.{rel}", new)
+                    edits.swap(f"{prefix}.{rel}", new)
+                edits.will_write(list(layer.state_dict(keep_vars=True).values()))
                 missing, unexpected = layer.load_state_dict(tensors, strict=False)
                 if missing or unexpected:
                     raise CheckpointMismatchError(

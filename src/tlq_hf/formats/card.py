@@ -25,6 +25,8 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch import nn
 
 from ..version import __version__
+from .atomic import atomic_folder
+from .canonical import canonicalize_safetensors
 
 __all__ = ["attach_card_writer", "base_model_id", "model_card", "push_to_hub", "write_model_card"]
 
@@ -138,7 +140,6 @@ def model_card(model: nn.Module, repo_id: str | None = None, tags: list[str] | N
         )
         if report.answer_loss is not None:
             lines.append(f"| full-precision answer loss | {report.answer_loss:.4f} |")
-        lines.append(f"| calibration time | {report.seconds:.1f} s |")
     table = _layers_table(report)
     if table:
         lines += ["", "## Calibration error per layer", "", *table]
@@ -249,8 +250,9 @@ def push_to_hub(
 
 
 def attach_card_writer(model: nn.Module) -> None:
-    """Make this model's ``save_pretrained`` also write the card, and its ``push_to_hub`` upload the card with
-    the weights (:func:`push_to_hub`). Instance attributes: the class and every other model are untouched."""
+    """Make this model's ``save_pretrained`` atomic (:func:`~tlq_hf.formats.atomic.atomic_folder`) and also write
+    the card, and its ``push_to_hub`` upload the card with the weights (:func:`push_to_hub`). Instance
+    attributes: the class and every other model are untouched."""
     save = model.save_pretrained  # the class's bound method
 
     @functools.wraps(save)
@@ -259,9 +261,12 @@ def attach_card_writer(model: nn.Module) -> None:
             raise ValueError(
                 "save_pretrained(push_to_hub=True) would replace tlq_hf's model card; use model.push_to_hub(repo_id)."
             )
-        out = save(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            write_model_card(model, save_directory)
+        if not kwargs.get("is_main_process", True):
+            return save(save_directory, *args, **kwargs)
+        with atomic_folder(save_directory) as folder:  # a save killed half-way leaves the old checkpoint
+            out = save(folder, *args, **kwargs)
+            canonicalize_safetensors(folder)  # same input, same bytes
+            write_model_card(model, folder)
         return out
 
     @functools.wraps(push_to_hub)

@@ -1,0 +1,175 @@
+"""Inference benchmark: loaded-model memory and decode tokens/s of W4 checkpoints vs the bf16 model.
+
+Not a test. One run, one machine, every variant in its own fresh process (sequentially), so the ratios
+compare like with like:
+
+- ``bf16``: the random-weight bf16 checkpoint (``benchmarks/scale.py`` writes it, tensor by tensor);
+- ``native``: tlq_hf's native W4A16-g128 checkpoint (RTN; the solver does not change speed), reloaded with
+  tlq_hf: the packed layers run the kernel ``tlq_hf.nn.kernels`` picks (int4pack on CPU for bf16);
+- ``compressed-tensors``: the default-format checkpoint of the same model, reloaded by transformers
+  (which decompresses it to dense weights on CPU).
+
+Memory is the growth of the process's resident set (VmRSS, anonymous + file-backed: a bf16 checkpoint is
+memory-mapped, so its pages count once read) from before ``from_pretrained`` to after decoding, with Python's
+and malloc's free memory released first; decode speed is ``(n - 1) / (t(n new tokens) - t(1 new token))``
+for greedy generation from a text prompt, best of 3. Writes ``benchmarks/results/inference.json`` and ``INFERENCE.md``.
+
+Usage::
+
+    python benchmarks/inference.py                      # llava-1b-v32k (Llama-3.2-1B text shapes, vocab 32000)
+    python benchmarks/inference.py --model llava-1b     # vocab 128256: the embedding is 1/5 of the weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import scale  # noqa: E402  (the random-weight checkpoint writer)
+
+scale.MODELS["llava-1b-v32k"] = dict(family="llava", text=scale.LLAMA_1B, vocab=32000, image=224)
+RESULTS = HERE / "results"
+
+
+def _rss_kb(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _settled_rss_kb() -> dict[str, int]:
+    """Resident set after freeing what Python and malloc hold on to (so transient load buffers do not count)."""
+    import gc
+
+    from tlq_hf.calibration.offload import release_host_memory
+
+    gc.collect()
+    release_host_memory()
+    return {k: _rss_kb(k) for k in ("VmRSS", "RssAnon", "RssFile")}
+
+
+def measure(folder: str, threads: int, new_tokens: int, prompt_tokens: int) -> dict:
+    """In this process: load ``folder`` in bf16, then time greedy decoding. Returns the record."""
+    import torch
+
+    import tlq_hf  # noqa: F401  (registers the quantizer for the native format)
+    from tlq_hf.arch import load_auto_class
+    from tlq_hf.nn import TLQLinear
+
+    torch.set_num_threads(threads)
+    before = _settled_rss_kb()
+    model = load_auto_class().from_pretrained(folder, dtype=torch.bfloat16)
+    loaded_mb = (_settled_rss_kb()["VmRSS"] - before["VmRSS"]) / 1024
+    kernels = sorted({m.kernel_name for m in model.modules() if isinstance(m, TLQLinear)})
+    dense = sum(
+        m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor)
+    )  # a compressed-tensors reload may keep its linears compressed (no dense ``weight``)
+    ids = torch.randint(100, 30000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        assert out.shape[1] == prompt_tokens + n
+        return time.perf_counter() - t
+
+    run(2)  # warm-up
+    decode = min((run(new_tokens) - run(1)) / (new_tokens - 1) for _ in range(3))
+    after = _settled_rss_kb()  # every weight page has been read by now (an mmap-ed checkpoint is resident too)
+    grown = {k: (after[k] - before[k]) / 1024 for k in after}
+    return dict(
+        resident_mb=grown["VmRSS"],
+        anon_mb=grown["RssAnon"],
+        file_mb=grown["RssFile"],
+        loaded_mb=loaded_mb,
+        decode_tok_s=1.0 / decode,
+        kernels=kernels,
+        dense_linear_params=dense,
+    )
+
+
+def _child(args: argparse.Namespace) -> None:
+    print(json.dumps(measure(args.child, args.threads, args.new_tokens, args.prompt_tokens)))
+
+
+def _quantize(src: Path, out: Path, fmt: str) -> None:
+    code = (
+        "import torch, tlq_hf\nfrom tlq_hf import TLQConfig\nfrom tlq_hf.arch import load_auto_class\n"
+        f"cfg = TLQConfig(bits=4, group_size=128, method='rtn', save_format={fmt!r})\n"
+        f"load_auto_class().from_pretrained({str(src)!r}, quantization_config=cfg, dtype=torch.bfloat16)"
+        f".save_pretrained({str(out)!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _in_child(folder: Path, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(folder), "--threads", str(args.threads)]
+    cmd += ["--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llava-1b-v32k", choices=sorted(scale.MODELS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return _child(args)
+
+    src = scale.build_model(args.model)
+    variants = {"bf16": src}
+    for fmt in ("tlq", "compressed-tensors"):
+        out = src.parent / f"{src.name}-w4g128-{fmt}"
+        if not (out / "DONE").exists():  # a save killed half-way is redone, never measured
+            _quantize(src, out, fmt)
+            (out / "DONE").touch()
+        variants["native" if fmt == "tlq" else fmt] = out
+    records = {name: _in_child(folder, args) for name, folder in variants.items()}
+    base = records["bf16"]
+    for r in records.values():
+        r["memory_vs_bf16"] = r["resident_mb"] / base["resident_mb"]
+        r["decode_vs_bf16"] = r["decode_tok_s"] / base["decode_tok_s"]
+    result = dict(
+        model=args.model,
+        threads=args.threads,
+        new_tokens=args.new_tokens,
+        prompt_tokens=args.prompt_tokens,
+        machine=platform.processor() or platform.machine(),
+        command="python benchmarks/inference.py " + " ".join(sys.argv[1:]),
+        variants=records,
+    )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "inference.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = [
+        f"# Inference: {args.model}, {args.threads} threads, decode {args.new_tokens} tokens",
+        "",
+        f"`{result['command']}`",
+        "",
+        "| variant | kernels | resident MB (anon + file) | memory vs bf16 | decode tok/s | decode vs bf16 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, r in records.items():
+        lines.append(
+            f"| {name} | {', '.join(r['kernels']) or 'dense'} | {r['resident_mb']:.0f} ({r['anon_mb']:.0f} + "
+            f"{r['file_mb']:.0f}) | {r['memory_vs_bf16']:.2f}x "
+            f"| {r['decode_tok_s']:.2f} | {r['decode_vs_bf16']:.2f}x |"
+        )
+    (RESULTS / "INFERENCE.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
