@@ -13,11 +13,13 @@ conversation, which tolerates templates whose generation prompt differs by white
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,7 @@ __all__ = [
     "CalibrationDataError",
     "load_rows",
     "build_calibration_set",
+    "check_processor",
     "rendered_text_kwargs",
     "sample_rows",
 ]
@@ -61,6 +64,8 @@ def load_rows(dataset: Any) -> Sequence[dict]:
             import datasets
         except ImportError as err:
             raise ImportError("A dataset given by name or folder needs `pip install datasets`.") from err
+        if os.path.isdir(dataset):
+            _check_confined(Path(dataset))
         loaded = datasets.load_dataset(os.fspath(dataset))
         if isinstance(loaded, datasets.DatasetDict):
             loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
@@ -73,6 +78,33 @@ def load_rows(dataset: Any) -> Sequence[dict]:
     )
 
 
+def _check_confined(folder: Path) -> None:
+    """Refuse a dataset folder whose metadata points at files outside it (``../``, absolute paths, links)."""
+    import csv
+    import json
+
+    root = folder.resolve()
+    for meta in sorted(folder.rglob("metadata.*")):
+        if meta.suffix == ".jsonl":
+            with open(meta) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        elif meta.suffix == ".csv":
+            with open(meta, newline="") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            continue
+        for k, row in enumerate(rows):
+            for key, value in row.items():
+                if not (key == "file_name" or key.endswith("_file_name")) or not isinstance(value, str):
+                    continue
+                target = (meta.parent / value).resolve()
+                if not target.is_relative_to(root):
+                    raise CalibrationDataError(
+                        f"{meta}, line {k + 1}: {key}={value!r} points outside the dataset folder {root}; "
+                        "dataset files must live inside the folder (copy the image there)."
+                    )
+
+
 def _images(row: dict, index: int) -> list[Image.Image]:
     value = row.get("images", row.get("image"))
     if value is None:
@@ -81,18 +113,43 @@ def _images(row: dict, index: int) -> list[Image.Image]:
     out = []
     for item in items:
         if isinstance(item, Image.Image):
-            out.append(item.convert("RGB"))
+            out.append(_to_rgb(item, index))
             continue
-        if isinstance(item, dict) and "path" in item:  # datasets' undecoded Image feature
-            item = item["path"]
+        if isinstance(item, dict):  # datasets' undecoded Image feature: {"bytes": ..., "path": ...}
+            item = item.get("bytes") or item.get("path")
+        shown = f"<{len(item)} bytes>" if isinstance(item, bytes | bytearray) else repr(item)
+        if isinstance(item, bytes | bytearray):
+            item = io.BytesIO(item)
         try:
             with Image.open(item) as img:
-                out.append(img.convert("RGB"))
-        except (OSError, TypeError, AttributeError) as err:
-            raise CalibrationDataError(f"calibration row {index}: cannot read image {item!r} ({err}).") from err
+                out.append(_to_rgb(img, index))
+        except (OSError, TypeError, AttributeError, ValueError, Image.DecompressionBombError) as err:
+            raise CalibrationDataError(f"calibration row {index}: cannot read image {shown} ({err}).") from err
     if not out:
         raise CalibrationDataError(f"calibration row {index}: the image list is empty.")
     return out
+
+
+#: Integer modes whose full range is not 0..255: scaled down by their range, not clipped (a 16-bit scan would
+#: otherwise turn white).
+_WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535}
+
+
+def _to_rgb(img: Image.Image, index: int) -> Image.Image:
+    """Any PIL mode (greyscale, palette, RGBA, CMYK, 16-bit, float) as 8-bit RGB; tiny images are refused."""
+    if min(img.size) < 2:
+        raise CalibrationDataError(
+            f"calibration row {index}: the image is {img.size[0]}x{img.size[1]} pixels; use images of at least a "
+            "few pixels per side (the processor resizes them to its own size)."
+        )
+    if img.mode in _WIDE_MODES or img.mode == "F":
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = (0.0, float(_WIDE_MODES[img.mode])) if img.mode in _WIDE_MODES else (arr.min(), arr.max())
+        arr = np.clip((arr - lo) / max(hi - lo, 1e-12), 0, 1) * 255
+        img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
+    return img.convert("RGB")
 
 
 def _text_of(content: Any) -> str:
@@ -153,8 +210,14 @@ def _encode(processor: Any, row: dict, index: int, max_length: int | None) -> Ca
     prompt_text = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     full_text = processor.apply_chat_template(full, tokenize=False)
     text_kwargs = rendered_text_kwargs(processor, [full_text, prompt_text])
-    enc = processor(text=[full_text], images=images, return_tensors="pt", **text_kwargs)
-    prompt_ids = processor(text=[prompt_text], images=images, return_tensors="pt", **text_kwargs)["input_ids"][0]
+    try:
+        enc = processor(text=[full_text], images=images, return_tensors="pt", **text_kwargs)
+        prompt_ids = processor(text=[prompt_text], images=images, return_tensors="pt", **text_kwargs)["input_ids"][0]
+    except (ValueError, TypeError, RuntimeError, IndexError) as err:
+        sizes = ", ".join(f"{im.size[0]}x{im.size[1]}" for im in images)
+        raise CalibrationDataError(
+            f"calibration row {index}: the processor cannot encode it (images {sizes}): {err}"
+        ) from err
     ids = enc["input_ids"][0]
     n = min(len(prompt_ids), len(ids))
     mismatch = (prompt_ids[:n] != ids[:n]).nonzero()
@@ -173,6 +236,33 @@ def _encode(processor: Any, row: dict, index: int, max_length: int | None) -> Ca
     if int((labels != -100).sum()) == 0:
         raise CalibrationDataError(f"calibration row {index}: no answer token left after tokenization.")
     return CalibrationSample(inputs=dict(enc), labels=labels.unsqueeze(0))
+
+
+def check_processor(config: Any, processor: Any, samples: Sequence[CalibrationSample] = ()) -> None:
+    """Refuse a processor that does not belong to the model ``config`` describes: it needs a tokenizer and an
+    image processor, its encoded ``samples`` must carry the model's image token, and no token id may be beyond
+    the model's embedding."""
+    fix = "pass the model's own processor: TLQConfig(processor=AutoProcessor.from_pretrained(<model path>))"
+    if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
+        raise CalibrationDataError(
+            f"the calibration processor ({type(processor).__name__}) has no tokenizer and image processor; {fix}."
+        )
+    image_id = next(
+        (v for k in ("image_token_id", "image_token_index") if isinstance(v := getattr(config, k, None), int)), None
+    )
+    vocab = getattr(config.get_text_config(decoder=True), "vocab_size", None)
+    for k, sample in enumerate(samples):
+        ids = sample.inputs["input_ids"]
+        if isinstance(vocab, int) and int(ids.max()) >= vocab:
+            raise CalibrationDataError(
+                f"calibration sample {k} has token id {int(ids.max())}, the model embeds {vocab} tokens: the "
+                f"processor belongs to another model; {fix}."
+            )
+        if image_id is not None and not bool((ids == image_id).any()):
+            raise CalibrationDataError(
+                f"calibration sample {k} has an image but not the model's image token (id {image_id}): the "
+                f"processor belongs to another model; {fix}."
+            )
 
 
 def build_calibration_set(

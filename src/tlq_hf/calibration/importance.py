@@ -511,11 +511,18 @@ def reference_importance(
     return raw
 
 
+def usable(raw: torch.Tensor) -> bool:
+    """Whether one sample's raw importance can be normalised (a positive, finite mean)."""
+    mean = raw.float().clamp_min(0).mean()
+    return bool(mean > 0 and torch.isfinite(mean))
+
+
 def temper(raw: torch.Tensor, t: Tempering) -> torch.Tensor:
-    """Normalise one sample's raw importance to mean 1, then temper, clip and mix (zero-free, finite)."""
+    """Normalise one sample's raw importance to mean 1, then temper, clip and mix (zero-free, finite); a sample
+    whose importance cannot be normalised (all zero, or not finite) gets uniform weights."""
     a = raw.float().clamp_min(0)
     mean = a.mean()
-    a = a / mean if mean > 0 and torch.isfinite(mean) else torch.ones_like(a)
+    a = a / mean if usable(raw) else torch.ones_like(a)
     a = a.pow(t.gamma).clamp(t.lo, t.hi)
     return (1 - t.mix) * a + t.mix
 
@@ -584,8 +591,17 @@ class TokenWeighting:
     scope: str = "module"
     layer_of: Callable[[str], int] | None = None
 
-    def _weights(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _weights(self, raw: list[torch.Tensor], where: str = "") -> list[torch.Tensor]:
         t = self.tempering
+        flat = [k for k, a in enumerate(raw) if not usable(a)]
+        if flat:
+            logger.info(
+                "tlq_hf: importance %s: %d of %d samples carry no usable gradient (all zero or not finite); their "
+                "tokens are weighted uniformly",
+                where,
+                len(flat),
+                len(raw),
+            )
         if self.kind == "modality":  # the per-modality ratio itself: normalised and clipped, not tempered
             weights = [
                 temper(a, Tempering(1.0, t.lo, t.hi, 0.0)) for a in modality_balance(raw, self.vision_masks, self.comm)
@@ -601,7 +617,7 @@ class TokenWeighting:
                 raise ValueError("TokenWeighting(scope='layer') needs layer_of to find a module's layer")
             return self.for_layer(self.layer_of(names[0]))
         per_module = [self.grad.raw[n] for n in names]
-        return self._weights([torch.stack(parts).sum(0) for parts in zip(*per_module)])
+        return self._weights([torch.stack(parts).sum(0) for parts in zip(*per_module)], f"at {names[0]}")
 
     def for_layer(self, index: int) -> list[torch.Tensor]:
         """Per-sample weights ``[T]`` at the output of decoder layer ``index`` (for error reports)."""

@@ -31,7 +31,14 @@ class ModelEdits:
         self._writes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def swap(self, name: str, new: nn.Module) -> None:
-        """Install ``new`` as submodule ``name`` (remembering the module it replaces)."""
+        """Install ``new`` as submodule ``name`` (remembering the module it replaces); a packed module with
+        non-finite scales is refused, naming the module."""
+        scale = getattr(new, "weight_scale", None)
+        if isinstance(scale, torch.Tensor) and scale.device.type != "meta" and not torch.isfinite(scale).all():
+            raise FloatingPointError(
+                f"{name}: quantization produced NaN/Inf scales: the layer's weights hold NaN/Inf (check the "
+                "checkpoint) or overflowed in their dtype (load the model in bfloat16 or float32)."
+            )
         if self.undo:
             self._swaps.append((name, self.model.get_submodule(name)))
         swap_module(self.model, name, new)

@@ -180,7 +180,7 @@ def _keep_boundaries(captured: list, n_layers: int, spill: str | None) -> bool:
 
 
 def _load_samples(model: nn.Module, config):
-    from ..data import build_calibration_set
+    from ..data import build_calibration_set, check_processor
 
     if config.dataset is None:
         raise ValueError(
@@ -195,7 +195,10 @@ def _load_samples(model: nn.Module, config):
         if not source:
             raise ValueError("No processor to encode the calibration data: pass TLQConfig(processor=...).")
         processor = AutoProcessor.from_pretrained(source)
-    return build_calibration_set(config.dataset, processor, config.num_samples, config.max_length, config.seed)
+    check_processor(model.config, processor)
+    samples = build_calibration_set(config.dataset, processor, config.num_samples, config.max_length, config.seed)
+    check_processor(model.config, processor, samples)
+    return samples
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..hostmem import drop_mapped_pages
 from ..packing import pack, packed_shape, unpack
 from ..primitives import QParams, dequantize_codes, fake_quantize_activation
 from ..qtypes import QuantScheme
@@ -171,6 +172,9 @@ def prepare_kernels(module: nn.Module) -> dict[str, int]:
     counts: dict[str, int] = {}
     for m in module.modules():
         if isinstance(m, TLQLinear):
-            m.prepare_kernel()
+            packed = m.weight_packed
+            if m.prepare_kernel() and packed is not None:
+                drop_mapped_pages([packed])  # a memory-mapped checkpoint's copy of the replaced weight
+            del packed
             counts[m.kernel_name] = counts.get(m.kernel_name, 0) + 1
     return counts

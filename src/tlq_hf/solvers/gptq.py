@@ -64,6 +64,11 @@ def gptq_factor(
         H = H.clone()
     del hessian
     H = H.contiguous()
+    if not torch.isfinite(H).all():
+        raise FloatingPointError(
+            "the calibration inputs of a layer hold NaN or Inf (an fp16 model whose activations overflow?): load "
+            "the model in bfloat16 or float32 for calibration."
+        )
     in_features = H.shape[0]
     diag = H.diagonal()
     dead = diag == 0
