@@ -441,7 +441,7 @@ def _evaluate_job(
         if job["kind"] == "llmc":
             # the peer's own evaluation (in its process, on the model oneshot returned) is authoritative; the
             # reload of its checkpoint here is checked separately, a failure or a mismatch is a finding
-            logprobs = torch.load(Path(job["out"]) / f"seed{seed}.pt")
+            logprobs = torch.load(Path(job["out"]) / f"seed{seed}.pt", weights_only=True)
             reload_error = _check_peer_reload(ckpt, ev, logprobs)
         else:
             logprobs = ev.logprobs(_load(ckpt))

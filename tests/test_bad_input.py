@@ -83,3 +83,44 @@ def test_quantizing_twice_is_refused(tiny_vlm_dirs):
 def test_calibrating_method_without_data_says_how_to_fix(tiny_vlm_dirs):
     with pytest.raises(ValueError, match=r"pass TLQConfig\(dataset=...\).*method='rtn'"):
         auto_class().from_pretrained(tiny_vlm_dirs["llava"], quantization_config=TLQConfig(method="tlq"))
+
+
+def test_truncated_native_checkpoint_is_refused_naming_the_file(native_checkpoint, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(native_checkpoint, broken)
+    path = broken / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorruptCheckpointError, match=r"model.safetensors is not a complete safetensors file"):
+        auto_class().from_pretrained(broken)
+
+
+def test_truncated_default_checkpoint_never_loads(tiny_vlm_dirs, tmp_path):
+    """The compressed-tensors checkpoint is read by transformers itself: a torn file is an error there too."""
+    model = auto_class().from_pretrained(tiny_vlm_dirs["llava"], quantization_config=TLQConfig(method="rtn"))
+    model.save_pretrained(tmp_path / "ct")
+    path = tmp_path / "ct" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size - 1000])
+    with pytest.raises(Exception, match=r"(?i)safetensors|deserializ|incomplete|buffer"):
+        auto_class().from_pretrained(tmp_path / "ct")
+
+
+def test_native_checkpoint_without_tlq_hf_is_loud_and_the_default_format_needs_nothing(native_checkpoint, tmp_path):
+    """Stock transformers cannot be made to refuse an unknown ``quant_method``: it warns and loads the rest. So the
+    native format's card and its load report say it loudly, and the default format reloads without tlq_hf."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, transformers\n"
+        "cls = getattr(transformers, 'AutoModelForImageTextToText', None) or transformers.AutoModelForVision2Seq\n"
+        f"cls.from_pretrained({str(native_checkpoint)!r})\n"
+        "assert 'tlq_hf' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert "Unknown quantization type, got tlq" in out or "unknown quantization type" in out.lower(), out[-2000:]
+    assert "weight_packed" in out and ("MISSING" in out or "newly initialized" in out), out[-2000:]
+    card = (native_checkpoint / "README.md").read_text()
+    assert "import tlq_hf" in card

@@ -46,7 +46,7 @@ def _reload_without_plugin(folder: str, batch, out: str, dtype: str = "float32",
         if {device_map!r}: kw["device_map"] = {device_map!r}
         model = cls.from_pretrained({folder!r}, **kw)
         assert "tlq_hf" not in sys.modules, "tlq_hf was imported"
-        batch = torch.load({out!r} + ".inputs.pt")
+        batch = torch.load({out!r} + ".inputs.pt", weights_only=True)
         with torch.no_grad():
             logits = model(**batch).logits.float()
         state = {{k: v.float() for k, v in model.state_dict().items() if any(p in k for p in {UNQUANTIZED_PARTS!r})}}
@@ -55,7 +55,7 @@ def _reload_without_plugin(folder: str, batch, out: str, dtype: str = "float32",
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out)
+    return torch.load(out, weights_only=True)
 
 
 #: vLLM's checkpoint-to-module renames for these families (its ``hf_to_vllm_mapper`` prefixes, first match wins:

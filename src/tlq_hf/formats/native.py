@@ -61,10 +61,16 @@ def _checkpoint_specs(files: list[str]) -> dict[str, tuple[tuple[int, ...], str]
 
     specs = {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                specs[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    specs[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        except Exception as err:  # safetensors raises its own error type for a torn header or a short file
+            raise CorruptCheckpointError(
+                f"{path} is not a complete safetensors file ({err}): the download or copy was cut short; fetch "
+                "it again (huggingface_hub re-downloads a file whose size does not match)."
+            ) from err
     return specs
 
 
