@@ -175,14 +175,33 @@ def quantize_main(argv: list[str] | None = None) -> int:
     return _quantize(args)
 
 
+def verify_main(argv: list[str] | None = None) -> int:
+    """``python -m tlq_hf verify DIR``: check a saved checkpoint (config scheme, tensors, scales) before sharing."""
+    from .formats.native import CorruptCheckpointError
+    from .formats.verify import UnsupportedSchemeError, verify_checkpoint
+
+    p = argparse.ArgumentParser(prog="python -m tlq_hf verify", description=verify_main.__doc__)
+    p.add_argument("folder", help="a checkpoint folder written by tlq_hf (compressed-tensors or native)")
+    args = p.parse_args(argv)
+    try:
+        found = verify_checkpoint(args.folder)
+    except (CorruptCheckpointError, UnsupportedSchemeError) as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 1
+    print(f"OK: {found.quant_method} {found.scheme}, {found.modules} quantized modules in {found.files} file(s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tlq_hf {demo,quantize} ...``."""
+    """``python -m tlq_hf {demo,quantize,verify} ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "quantize":
         return quantize_main(argv[1:])
+    if argv and argv[0] == "verify":
+        return verify_main(argv[1:])
     if argv and argv[0] == "demo":
         from .demo import demo_main
 
         return demo_main(argv[1:])
-    print("usage: python -m tlq_hf {demo,quantize} [options]   (see --help of each)", file=sys.stderr)
+    print("usage: python -m tlq_hf {demo,quantize,verify} [options]   (see --help of each)", file=sys.stderr)
     return 2

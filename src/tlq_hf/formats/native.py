@@ -55,7 +55,7 @@ def _expected(module: TLQLinear) -> dict[str, tuple[tuple[int, ...], torch.dtype
     return spec
 
 
-def _checkpoint_specs(files: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+def checkpoint_specs(files: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{key: (shape, safetensors dtype)}`` of every tensor in ``files``, from their headers only."""
     from safetensors import safe_open
 
@@ -94,7 +94,7 @@ def validate_checkpoint(files: list[str], model: nn.Module, names: list[str]) ->
     transformers would otherwise leave a missing buffer as uninitialised memory and, with
     ``ignore_mismatched_sizes=True``, re-initialise a mis-shaped one.
     """
-    specs = _checkpoint_specs(files)
+    specs = checkpoint_specs(files)
     disk_modules = {k.rpartition(".")[0] for k in specs if k.rpartition(".")[2] in NATIVE_BUFFERS}
     problems: list[str] = []
     for name in names:
