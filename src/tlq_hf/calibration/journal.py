@@ -51,10 +51,6 @@ class ModelEdits:
             if id(t) not in self._writes and t.device.type != "meta":
                 self._writes[id(t)] = (t, t.detach().clone())
 
-    @property
-    def count(self) -> int:
-        return len(self._swaps)
-
     @torch.no_grad()
     def rollback(self) -> None:
         """Put every written tensor and every swapped module back, last first."""
