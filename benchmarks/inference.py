@@ -48,7 +48,7 @@ def _settled_rss_kb() -> dict[str, int]:
     """Resident set after freeing what Python and malloc hold on to (so transient load buffers do not count)."""
     import gc
 
-    from tlq_hf.calibration.offload import release_host_memory
+    from tlq_hf.hostmem import release_host_memory
 
     gc.collect()
     release_host_memory()

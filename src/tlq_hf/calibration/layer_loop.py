@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import DecoderStack, smooth_mappings
+from ..hostmem import release_host_memory
 from ..nn import TLQLinear, dequant_cache
 from ..primitives import QParams, quantize_codes
 from ..qtypes import QuantScheme
@@ -51,7 +52,7 @@ from .activations import ActivationStore
 from .capture import CapturedSample, layer_forward, to_device
 from .distributed import Comm
 from .importance import TokenWeighting
-from .offload import Onloaded, onloaded, release_host_memory
+from .offload import Onloaded, onloaded
 from .stats import STATISTICS, StatCollector, StatGroup, shared_input_groups
 
 __all__ = [

@@ -17,7 +17,6 @@ device, where the packed form (about 0.27x the bf16 bytes) fits where the origin
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import itertools
 import os
@@ -33,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..hostmem import release_host_memory
 from .capture import module_device
 from .io_clock import timed_io
 
@@ -42,8 +42,6 @@ __all__ = [
     "onloaded",
     "row_reader",
     "compute_dtype_for",
-    "map_large_allocations",
-    "release_host_memory",
     "with_disk_layers_loaded",
 ]
 
@@ -80,39 +78,6 @@ class Onloaded:
             else:
                 kept.append(entry)
         self.saved[:] = kept
-
-
-def _libc_function(name: str):
-    try:
-        return getattr(ctypes.CDLL("libc.so.6"), name)
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_malloc_trim = _libc_function("malloc_trim")
-_mallopt = _libc_function("mallopt")
-_M_MMAP_THRESHOLD = -3
-
-
-def release_host_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps large freed blocks otherwise, so peak RSS would
-    grow with every layer onloaded and dropped)."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-
-
-def map_large_allocations(threshold: int = 1 << 20) -> None:
-    """From now on, glibc serves every allocation of ``threshold`` bytes or more from its own mapping, which
-    goes back to the OS when freed.
-
-    By default glibc raises this threshold (up to 32 MB) each time a mapped block is freed, after which
-    calibration's many tensors of a few to tens of MB (Hessian blocks, activations, per-sample products) come
-    from the heap and fragment it: on a LLaVA-1B layer loop about 330 MB of the peak anonymous memory was
-    freed-but-held heap, and the run was no faster. Process-wide and lasting (glibc cannot restore its
-    adaptive threshold); skipped when the user set ``MALLOC_MMAP_THRESHOLD_`` and on other C libraries.
-    """
-    if _mallopt is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        _mallopt(_M_MMAP_THRESHOLD, int(threshold))
 
 
 def _offload_hook(module: nn.Module):

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import find_decoder_stack, select_quant_targets
+from ..hostmem import map_large_allocations
 from ..nn import TLQLinear
 from ..primitives import dequantize_codes
 from ..qtypes import QuantScheme
@@ -30,7 +31,7 @@ from .importance import AnswerLoss, Tempering, TokenWeighting, gradient_importan
 from .io_clock import io_seconds
 from .journal import ModelEdits
 from .layer_loop import LayerLoop, LayerReport, LayerSettings
-from .offload import map_large_allocations, onloaded
+from .offload import onloaded
 from .resume import LayerCheckpoint, fingerprint
 
 __all__ = ["RECIPES", "Recipe", "ModuleReport", "QuantizationReport", "quantize_model", "resolve_recipe"]

@@ -10,13 +10,13 @@ checkpoint under ``.NAME.old-PID``, never a mix). Files in an existing target th
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from ..hostmem import libc_function
 
 __all__ = ["atomic_folder", "WEIGHT_FILES"]
 
@@ -29,15 +29,10 @@ _AT_FDCWD = -100
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap the names ``a`` and ``b`` atomically; ``False`` where the platform cannot."""
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name or not hasattr(os, "uname") or os.uname().sysname != "Linux":
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
+    renameat2 = libc_function("renameat2")
     if renameat2 is None:
         return False
-    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    return rc == 0
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def _carry_over(old: Path, new: Path) -> None:

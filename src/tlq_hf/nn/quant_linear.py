@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hostmem import drop_mapped_pages
+from ..hostmem import MappedPages
 from ..packing import pack, packed_shape, unpack
 from ..primitives import QParams, dequantize_codes, fake_quantize_activation
 from ..qtypes import QuantScheme
@@ -170,11 +170,12 @@ def dequant_cache(module: nn.Module) -> Iterator[None]:
 def prepare_kernels(module: nn.Module) -> dict[str, int]:
     """Repack every :class:`TLQLinear` under ``module`` for its kernel now (at load); counts per kernel."""
     counts: dict[str, int] = {}
+    pages = MappedPages()  # a memory-mapped checkpoint's copy of a replaced weight goes back to the OS
     for m in module.modules():
         if isinstance(m, TLQLinear):
             packed = m.weight_packed
             if m.prepare_kernel() and packed is not None:
-                drop_mapped_pages([packed])  # a memory-mapped checkpoint's copy of the replaced weight
+                pages.drop(packed)
             del packed
             counts[m.kernel_name] = counts.get(m.kernel_name, 0) + 1
     return counts
