@@ -7,7 +7,9 @@ compare like with like:
 - ``native``: tlq_hf's native W4A16-g128 checkpoint (RTN; the solver does not change speed), reloaded with
   tlq_hf: the packed layers run the kernel ``tlq_hf.nn.kernels`` picks (int4pack on CPU for bf16);
 - ``compressed-tensors``: the default-format checkpoint of the same model, reloaded by transformers
-  (which decompresses it to dense weights on CPU).
+  (which decompresses it to dense weights on CPU);
+- ``native-w8a8``: tlq_hf's native W8A8 (per-channel int8 weights, dynamic per-token int8 activations),
+  whose layers run ``torch._int_mm`` on CPU.
 
 Memory is the growth of the process's resident set (VmRSS, anonymous + file-backed: a bf16 checkpoint is
 memory-mapped, so its pages count once read) from before ``from_pretrained`` to after decoding, with Python's
@@ -101,10 +103,18 @@ def _child(args: argparse.Namespace) -> None:
     print(json.dumps(measure(args.child, args.threads, args.new_tokens, args.prompt_tokens)))
 
 
-def _quantize(src: Path, out: Path, fmt: str) -> None:
+#: variant -> (folder suffix, TLQConfig arguments); RTN: the solver does not change speed or memory.
+QUANTIZED = {
+    "native": ("w4g128-tlq", dict(bits=4, group_size=128, save_format="tlq")),
+    "compressed-tensors": ("w4g128-compressed-tensors", dict(bits=4, group_size=128)),
+    "native-w8a8": ("w8a8-tlq", dict(bits=8, group_size=-1, act_bits=8, save_format="tlq")),
+}
+
+
+def _quantize(src: Path, out: Path, kwargs: dict) -> None:
     code = (
         "import torch, tlq_hf\nfrom tlq_hf import TLQConfig\nfrom tlq_hf.arch import load_auto_class\n"
-        f"cfg = TLQConfig(bits=4, group_size=128, method='rtn', save_format={fmt!r})\n"
+        f"cfg = TLQConfig(method='rtn', **{kwargs!r})\n"
         f"load_auto_class().from_pretrained({str(src)!r}, quantization_config=cfg, dtype=torch.bfloat16)"
         f".save_pretrained({str(out)!r})\n"
     )
@@ -131,12 +141,12 @@ def main() -> None:
 
     src = scale.build_model(args.model)
     variants = {"bf16": src}
-    for fmt in ("tlq", "compressed-tensors"):
-        out = src.parent / f"{src.name}-w4g128-{fmt}"
+    for name, (suffix, kwargs) in QUANTIZED.items():
+        out = src.parent / f"{src.name}-{suffix}"
         if not (out / "DONE").exists():  # a save killed half-way is redone, never measured
-            _quantize(src, out, fmt)
+            _quantize(src, out, kwargs)
             (out / "DONE").touch()
-        variants["native" if fmt == "tlq" else fmt] = out
+        variants[name] = out
     records = {name: _in_child(folder, args) for name, folder in variants.items()}
     base = records["bf16"]
     for r in records.values():

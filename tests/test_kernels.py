@@ -118,3 +118,71 @@ def test_generate_with_the_kernel_matches_the_dequantized_reference(tiny_vlm_dir
     ref, names = generate()
     assert names == {"dequantize"}
     assert torch.equal(fast, ref)
+
+
+def _w8a8_layer(out: int, inn: int, dtype: torch.dtype, seed: int = 0) -> TLQLinear:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-128, 128, (out, inn), generator=g, dtype=torch.int8)
+    scale = (torch.rand(out, 1, generator=g) * 0.01 + 0.001).to(dtype)
+    bias = torch.randn(out, generator=g).to(dtype)
+    scheme = QuantScheme(bits=8, group_size=-1, sym=True, act_bits=8)
+    zero = torch.zeros_like(scale, dtype=torch.int8)
+    return TLQLinear.from_codes(codes, QParams(scale=scale, zero=zero), scheme, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int_mm_matches_the_dequantized_reference(dtype: torch.dtype) -> None:
+    layer = _w8a8_layer(96, 200, dtype)
+    x = torch.randn(3, 5, 200, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x[0, 0] = 0  # an all-zero token: the eps scale, as the reference
+    with torch.no_grad():
+        ref = layer(x).float()  # reference path: fake-quantized activations, dequantized weight
+    codes = layer.codes().clone()
+    assert prepare_kernels(layer) == {"int-mm-cpu": 1}
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.weight_packed is None and y.dtype == dtype and y.shape == (3, 5, 96)
+    rel = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel  # exact integer product, float scaling only
+    assert torch.equal(layer.codes(), codes)
+    state = layer.state_dict()
+    fresh = _w8a8_layer(96, 200, dtype)
+    assert torch.equal(state["weight_packed"], fresh.weight_packed)  # the checkpoint is unchanged
+
+
+def test_int_mm_refuses_what_it_cannot_run_exactly() -> None:
+    from tlq_hf.nn.kernels import IntMMCPU
+
+    kernel = IntMMCPU()
+    w4a8 = TLQLinear(128, 64, QuantScheme(bits=4, group_size=-1, sym=True, act_bits=8))
+    assert "W8A8" in kernel.unsupported(w4a8)
+    grouped = TLQLinear(128, 64, QuantScheme(bits=8, group_size=64, sym=True, act_bits=8))
+    assert "per-channel" in kernel.unsupported(grouped)
+    weight_only = TLQLinear(128, 64, QuantScheme(bits=8, group_size=-1, sym=True))
+    assert "W8A8" in kernel.unsupported(weight_only)
+
+
+def test_generate_with_int_mm_matches_the_reference(tiny_vlm_dirs, batch_for, tmp_path, monkeypatch):
+    """A W8A8 native checkpoint: greedy generate() through _int_mm equals the reference, token for token."""
+    from _helpers import auto_class
+
+    from tlq_hf import TLQConfig
+    from tlq_hf.nn import kernels
+
+    path, batch = tiny_vlm_dirs["qwen2_vl"], batch_for("qwen2_vl")
+    cfg = TLQConfig(bits=8, group_size=-1, act_bits=8, method="rtn", save_format="tlq")
+    auto_class().from_pretrained(path, quantization_config=cfg).save_pretrained(tmp_path / "q")
+
+    def generate() -> tuple[torch.Tensor, set[str]]:
+        model = auto_class().from_pretrained(tmp_path / "q")
+        names = {m.kernel_name for m in model.modules() if isinstance(m, TLQLinear)}
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=12, do_sample=False)
+        return out, names
+
+    fast, names = generate()
+    assert names == {"int-mm-cpu"}
+    monkeypatch.setattr(kernels, "KERNELS", [])
+    ref, names = generate()
+    assert names == {"dequantize"}
+    assert torch.equal(fast, ref)

@@ -22,6 +22,7 @@ __all__ = [
     "quantize_weight",
     "fake_quantize_weight",
     "fake_quantize_activation",
+    "quantize_activation",
 ]
 
 
@@ -103,8 +104,9 @@ def fake_quantize_weight(w: torch.Tensor, qparams: QParams, scheme: QuantScheme)
     return dequantize_codes(quantize_codes(w, qparams, scheme), qparams, scheme, dtype=torch.float32)
 
 
-def fake_quantize_activation(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Dynamic symmetric per-token fake quantization over the last dimension, in ``x``'s dtype.
+def quantize_activation(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token quantization over the last dimension: integer-valued codes (in ``x``'s
+    dtype) and the per-token scale, ``x ~ codes * scale``.
 
     Same operations, in the same order and dtype, as compressed-tensors' dynamic ``token`` strategy.
     """
@@ -112,5 +114,10 @@ def fake_quantize_activation(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     absmax = torch.maximum(x.amin(dim=-1, keepdim=True).clamp(max=0).abs(), x.amax(dim=-1, keepdim=True).clamp(min=0))
     scale = absmax / ((qmax - qmin) / 2)
     scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(x.dtype).eps), scale)
-    q = torch.round(torch.clamp(x / scale, qmin, qmax))
+    return torch.round(torch.clamp(x / scale, qmin, qmax)), scale
+
+
+def fake_quantize_activation(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """:func:`quantize_activation`, dequantized again: what a dynamic int8 activation computes with."""
+    q, scale = quantize_activation(x, bits)
     return q * scale

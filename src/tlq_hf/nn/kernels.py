@@ -11,6 +11,13 @@ Kernels, picked by measurement on the machines we run (AMD EPYC, 2 threads; ``be
   with fp32 activations the same kernel is 4.4x *slower* than fp32 dense, so fp32 models keep the
   reference path. The kernel's packed copy replaces the int32 ``weight_packed`` buffer (same 4 bits per
   weight); ``weight_packed`` is regenerated exactly from it when the model is saved.
+- :class:`IntMMCPU`: torch's ``_int_mm`` (int8 x int8 -> int32) for W8A8 with one weight scale per output
+  channel, on CPU, any float dtype. Activations are quantized per token exactly as the reference does; the
+  integer product is exact, so only the final scaling rounds. One 2048x8192 decode GEMV: 0.21 ms vs 1.49 ms
+  bf16 dense (7x) and 3.6 ms fp32 dense; 32 rows: 3.3 ms vs 3.8 ms bf16. The int8 codes ``[out, in]``
+  (1 byte/weight, as packed) replace ``weight_packed``.
+
+On CUDA no kernel is registered yet: packed layers there take the reference path (the reason is logged).
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from ..primitives import quantize_activation
+
 if TYPE_CHECKING:
     from .quant_linear import TLQLinear
 
-__all__ = ["LinearKernel", "Int4PackCPU", "KERNELS", "select_kernel"]
+__all__ = ["LinearKernel", "Int4PackCPU", "IntMMCPU", "KERNELS", "select_kernel"]
 
 logger = logging.getLogger("tlq_hf")
 _logged: set[str] = set()
@@ -43,7 +52,8 @@ class LinearKernel(Protocol):
         """Build the kernel's state from the module's signed int8 ``codes [out, in]`` and qparams."""
 
     def forward(self, module: TLQLinear, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` (no bias) with the module's weight, from the prepared state."""
+        """``x @ W.T`` (no bias) with the module's weight, from the prepared state; ``x`` is the layer's
+        input before any activation quantization (the kernel applies the scheme's)."""
 
     def codes(self, module: TLQLinear) -> torch.Tensor:
         """The signed int8 codes, recovered exactly from the prepared state (for saving)."""
@@ -143,7 +153,39 @@ def _inverse_layout(rows: int, cols: int, inner_k_tiles: int) -> torch.Tensor:
     return source.unsqueeze(0)
 
 
-KERNELS: list[LinearKernel] = [Int4PackCPU()]
+class IntMMCPU:
+    """torch's int8 matmul (``aten._int_mm``) for W8A8, per-channel weight scales, on CPU."""
+
+    name = "int-mm-cpu"
+
+    def unsupported(self, module: TLQLinear) -> str | None:
+        s = module.scheme
+        if not hasattr(torch, "_int_mm"):
+            return "this torch has no _int_mm"
+        if module.weight_scale.device.type != "cpu":
+            return f"int-mm-cpu runs on CPU; the layer is on {module.weight_scale.device.type}"
+        if s.bits != 8 or s.act_bits != 8:
+            return f"int-mm-cpu takes W8A8 (int8 weights and activations); the scheme is {s.name}"
+        if s.group_size != -1 or not s.sym:
+            return f"int-mm-cpu needs symmetric per-channel weights (group_size=-1); the scheme is {s.name}"
+        return None
+
+    def prepare(self, module: TLQLinear, codes: torch.Tensor) -> object:
+        return codes.to(torch.int8).contiguous(), module.weight_scale.float().reshape(1, -1)
+
+    def forward(self, module: TLQLinear, x: torch.Tensor) -> torch.Tensor:
+        codes, weight_scale = module._kernel_state
+        shape = x.shape
+        q, act_scale = quantize_activation(x.reshape(-1, shape[-1]), module.scheme.act_bits)
+        acc = torch._int_mm(q.to(torch.int8), codes.t())  # exact int32; the transposed view is the faster GEMV
+        y = acc.float().mul_(act_scale.float()).mul_(weight_scale)
+        return y.reshape(*shape[:-1], module.out_features).to(x.dtype)
+
+    def codes(self, module: TLQLinear) -> torch.Tensor:
+        return module._kernel_state[0]
+
+
+KERNELS: list[LinearKernel] = [Int4PackCPU(), IntMMCPU()]
 
 
 def select_kernel(module: TLQLinear) -> LinearKernel | None:

@@ -133,12 +133,12 @@ class TLQLinear(nn.Module):
         return dequantize_codes(self.codes(), self.qparams(), self.scheme, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._caching and self._kernel is not None and not (torch.is_grad_enabled() and x.requires_grad):
+            y = self._kernel.forward(self, x)  # the kernel quantizes activations itself
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         if self.scheme.act_bits is not None:
             x = fake_quantize_activation(x, self.scheme.act_bits)
         if not self._caching:
-            if self._kernel is not None and not (torch.is_grad_enabled() and x.requires_grad):
-                y = self._kernel.forward(self, x)
-                return y if self.bias is None else y + self.bias.to(y.dtype)
             weight = self.dequantized_weight(dtype=x.dtype)
         else:
             if self._cache is None or self._cache.dtype != x.dtype:
