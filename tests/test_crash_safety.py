@@ -15,9 +15,9 @@ from _helpers import auto_class, logits_of
 
 from tlq_hf import TLQConfig, quantize
 from tlq_hf.calibration import journal
-from tlq_hf.data import sample_rows
 from tlq_hf.formats import atomic
 from tlq_hf.nn import TLQLinear
+from tlq_hf.tiny_models import sample_rows
 
 FAMILY = "llava"
 

@@ -33,7 +33,6 @@ __all__ = [
     "build_calibration_set",
     "check_processor",
     "rendered_text_kwargs",
-    "sample_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -283,34 +282,3 @@ def build_calibration_set(
     if len(chosen) < num_samples:
         logger.warning("calibration: %d rows available, %d requested; using all of them", n, num_samples)
     return [_encode(processor, dict(rows[i]), i, max_length) for i in chosen]
-
-
-# Short question/answer pairs about the photos that ship in ``skimage.data`` (same order as
-# :func:`tlq_hf.tiny_models.sample_images`), for demos and tests that must run offline.
-_PHOTO_ANSWERS = (
-    "a person in a white suit",
-    "a cup of coffee",
-    "a cat",
-    "a rocket",
-    "a man with a camera",
-    "many old coins",
-    "the moon",
-    "a clock on the wall",
-    "many stars in the sky",
-    "cells under a microscope",
-    "a page of text",
-    "black text on white",
-)
-_QUESTIONS = ("what is in the picture", "describe the image in a few words", "what do you see")
-
-
-def sample_rows(n: int, size: int = 64, seed: int = 0) -> list[dict]:
-    """``n`` offline calibration rows: real ``skimage.data`` photos with a question and a short answer."""
-    from .tiny_models import sample_images
-
-    rng = random.Random(seed)
-    images = sample_images(n, size)
-    return [
-        {"image": img, "question": rng.choice(_QUESTIONS), "answer": _PHOTO_ANSWERS[i % len(_PHOTO_ANSWERS)]}
-        for i, img in enumerate(images)
-    ]

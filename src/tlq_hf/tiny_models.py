@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import os
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,7 @@ __all__ = [
     "load_auto_class",
     "make_inputs",
     "sample_images",
+    "sample_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -834,3 +836,32 @@ def make_inputs(
     return processor(
         text=texts, images=per_prompt, return_tensors="pt", padding=True, **rendered_text_kwargs(processor, texts)
     )
+
+
+# Short question/answer pairs about the photos that ship in ``skimage.data`` (same order as
+# :func:`sample_images`), for demos and tests that must run offline.
+_PHOTO_ANSWERS = (
+    "a person in a white suit",
+    "a cup of coffee",
+    "a cat",
+    "a rocket",
+    "a man with a camera",
+    "many old coins",
+    "the moon",
+    "a clock on the wall",
+    "many stars in the sky",
+    "cells under a microscope",
+    "a page of text",
+    "black text on white",
+)
+_QUESTIONS = ("what is in the picture", "describe the image in a few words", "what do you see")
+
+
+def sample_rows(n: int, size: int = 64, seed: int = 0) -> list[dict]:
+    """``n`` offline calibration rows: real ``skimage.data`` photos with a question and a short answer."""
+    rng = random.Random(seed)
+    images = sample_images(n, size)
+    return [
+        {"image": img, "question": rng.choice(_QUESTIONS), "answer": _PHOTO_ANSWERS[i % len(_PHOTO_ANSWERS)]}
+        for i, img in enumerate(images)
+    ]
