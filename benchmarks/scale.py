@@ -246,8 +246,7 @@ def _worker(job: dict) -> dict:
 
     from tlq_hf import TLQConfig
     from tlq_hf.arch import decoder_device_map
-    from tlq_hf.data import sample_rows
-    from tlq_hf.tiny_models import load_auto_class
+    from tlq_hf.tiny_models import load_auto_class, sample_rows
 
     anon = _AnonPeak(job.get("progress"))
     start = time.perf_counter()
@@ -304,8 +303,8 @@ def _worker_llmc(job: dict) -> dict:
     from transformers import AutoProcessor
 
     from tlq_hf.arch import find_decoder_stack
-    from tlq_hf.data import build_calibration_set, sample_rows
-    from tlq_hf.tiny_models import load_auto_class
+    from tlq_hf.data import build_calibration_set
+    from tlq_hf.tiny_models import load_auto_class, sample_rows
 
     anon = _AnonPeak()
     start = time.perf_counter()

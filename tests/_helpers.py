@@ -23,7 +23,7 @@ def write_dataset_folder(folder, n: int):
     """A local image dataset folder (images + metadata.jsonl with question/answer) that datasets can load."""
     import json
 
-    from tlq_hf.data import sample_rows
+    from tlq_hf.tiny_models import sample_rows
 
     folder.mkdir()
     with open(folder / "metadata.jsonl", "w") as f:

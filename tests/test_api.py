@@ -7,8 +7,8 @@ from _helpers import auto_class, logits_of
 from transformers import AutoProcessor
 
 from tlq_hf import TLQConfig, TLQQuantizer, quantize
-from tlq_hf.data import sample_rows
 from tlq_hf.nn import TLQLinear
+from tlq_hf.tiny_models import sample_rows
 
 
 def test_quantize_loaded_model_equals_quantize_on_load(tiny_vlm_dirs, batch_for, tmp_path):

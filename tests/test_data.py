@@ -237,7 +237,7 @@ def test_a_bad_row_fails_before_any_forward_pass_and_leaves_the_model(tiny_vlm_d
 
     from tlq_hf import TLQConfig, quantize
     from tlq_hf.arch import find_decoder_stack
-    from tlq_hf.data import sample_rows
+    from tlq_hf.tiny_models import sample_rows
 
     model = auto_class().from_pretrained(tiny_vlm_dirs["llava"])
     calls = []

@@ -20,8 +20,9 @@ from tlq_hf.calibration.importance import (
     select_tokens,
     temper,
 )
-from tlq_hf.data import build_calibration_set, sample_rows
+from tlq_hf.data import build_calibration_set
 from tlq_hf.nn import TLQLinear
+from tlq_hf.tiny_models import sample_rows
 
 
 def _setup(tiny_vlm_dirs, family, n=3):

@@ -9,11 +9,11 @@ from _helpers import auto_class, logits_of
 
 from tlq_hf import TLQConfig, quantize
 from tlq_hf.calibration.importance import Tempering, TokenWeighting, temper
-from tlq_hf.data import sample_rows
 from tlq_hf.nn import TLQLinear
 from tlq_hf.primitives import dequantize_codes
 from tlq_hf.qtypes import QuantScheme
 from tlq_hf.solvers import gptq, gptq_factor, rtn, weighted_hessian
+from tlq_hf.tiny_models import sample_rows
 
 SCHEME = QuantScheme(bits=3, group_size=32, sym=True)
 

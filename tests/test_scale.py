@@ -21,9 +21,10 @@ from tlq_hf.calibration.capture import capture_layer_inputs, layer_forward
 from tlq_hf.calibration.offload import onloaded
 from tlq_hf.calibration.resume import CheckpointMismatchError
 from tlq_hf.calibration.stats import STATISTICS, HessianStatistic, StatGroup, shared_input_groups
-from tlq_hf.data import build_calibration_set, sample_rows
+from tlq_hf.data import build_calibration_set
 from tlq_hf.qtypes import QuantScheme
 from tlq_hf.solvers import gptq, gptq_factor, gptq_quantize, weighted_hessian
+from tlq_hf.tiny_models import sample_rows
 
 FAMILY = "qwen2_vl"
 ROWS = 6
@@ -133,7 +134,7 @@ _KILL_SCRIPT = textwrap.dedent(
     import os, signal, sys, torch
     from tlq_hf import TLQConfig
     from tlq_hf.calibration import resume
-    from tlq_hf.data import sample_rows
+    from tlq_hf.tiny_models import sample_rows
     from tlq_hf.tiny_models import load_auto_class
 
     path, ckpt, out, kill = sys.argv[1:5]
@@ -215,7 +216,7 @@ _DIST_SCRIPT = textwrap.dedent(
     import sys, torch
     import torch.distributed as dist
     from tlq_hf import TLQConfig
-    from tlq_hf.data import sample_rows
+    from tlq_hf.tiny_models import sample_rows
     from tlq_hf.tiny_models import load_auto_class
 
     torch.set_num_threads(1)
