@@ -17,7 +17,7 @@ __all__ = ["main", "parse_max_memory", "quantize_main"]
 
 #: Config fields the command line does not offer (the processor is loaded from the model).
 _NOT_ON_CLI = ("processor",)
-#: Older spellings kept working: option -> (field, how the value maps).
+#: Older spellings kept working: extra option -> the config field it sets.
 _ALIASES = {"--format": "save_format"}
 
 

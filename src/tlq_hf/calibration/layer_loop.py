@@ -386,7 +386,9 @@ class LayerLoop:
             def forward(x: torch.Tensor, j: int) -> torch.Tensor:
                 return layer_forward(layer, x.to(on.device, on.compute_dtype), kwargs[j])
 
-            if cfg.exposed and not streamed:
+            paired = any(STATISTICS[kind].paired for kind in self.solver.needs)
+            fp_in_pass = cfg.exposed and not streamed and paired  # the paired pass runs the FP layer anyway
+            if cfg.exposed and not streamed and not fp_in_pass:
                 for j, x in enumerate(state.x_fp):
                     y_fp.append(forward(x, j).to(on.store_dtype))
             live = {n: layer.get_submodule(n[len(prefix) :]) for n in modules}
@@ -403,7 +405,10 @@ class LayerLoop:
                     for j, x in enumerate(state.x_in):
                         collector.begin(self.samples[j], [w[j] if w is not None else None for w in weights])
                         if collector.paired:  # the full-precision inputs of the same tokens, first
-                            collector.reference(lambda j=j: forward(state.x_fp[j], j))
+                            y_ref = collector.reference(lambda j=j: forward(state.x_fp[j], j))
+                            if fp_in_pass and k == 0:
+                                y_fp.append(y_ref.to(on.store_dtype))
+                            del y_ref
                         y = forward(x, j)
                         if k > 0:
                             continue

@@ -19,7 +19,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from torch import nn
 from ..primitives import fake_quantize_activation
 from .distributed import Comm
 
+T = TypeVar("T")
 __all__ = [
     "STATISTICS",
     "Statistic",
@@ -419,12 +420,12 @@ class StatCollector:
         self.handles = [first[k].register_forward_pre_hook(self._hook(k, idx)) for k, idx in readers.items()]
         self.recording = False
 
-    def reference(self, run: Callable[[], object]) -> None:
+    def reference(self, run: Callable[[], T]) -> T:
         """Run ``run()`` (the full-precision layer on this sample's full-precision input), keeping each shared
-        input as the reference of the next exposed forward; statistics are not updated."""
+        input as the reference of the next exposed forward; statistics are not updated. Returns ``run()``."""
         self.references, self.recording = {}, True
         try:
-            run()
+            return run()
         finally:
             self.recording = False
 
