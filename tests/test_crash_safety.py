@@ -150,6 +150,48 @@ def test_interrupted_calibration_puts_the_model_back(tiny_vlm_dirs, batch_for, m
     quantize(model, TLQConfig(method="rtn"))  # a plain model again: it can be quantized now
 
 
+def _load(path, placement: str, tmp_path):
+    if placement == "disk":  # every decoder layer streamed from the offload folder by accelerate hooks
+        from tlq_hf.arch import decoder_device_map
+
+        config = auto_class().from_pretrained(path).config
+        with torch.device("meta"):
+            device_map = decoder_device_map(auto_class().from_config(config))
+        kw = dict(dtype=torch.float32, device_map=device_map, offload_folder=str(tmp_path / "weights"))
+    else:  # bf16 on CPU: layers compute on float32 copies that are cast back when a layer is settled
+        kw = dict(dtype=torch.bfloat16)
+    return auto_class().from_pretrained(path, **kw)
+
+
+@pytest.mark.parametrize("placement", ["disk", "bf16"])
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_interrupted_calibration_puts_offloaded_and_upcast_models_back(
+    tiny_vlm_dirs, batch_for, monkeypatch, tmp_path, method, placement
+):
+    """Layers settled after onloading (re-homed to disk, or cast back from float32 copies) and re-pointed
+    accelerate hooks are put back too: the model computes exactly what it did."""
+    model = _load(tiny_vlm_dirs[FAMILY], placement, tmp_path)
+    batch = batch_for(FAMILY)
+    if placement == "bf16":
+        batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+    reference = logits_of(model, batch)
+    swap, calls = journal.ModelEdits.swap, []
+
+    def swap_then_interrupt(self, name, new):
+        calls.append(name)
+        if len(calls) == 9:  # in the middle of the second decoder layer
+            raise KeyboardInterrupt
+        swap(self, name, new)
+
+    monkeypatch.setattr(journal.ModelEdits, "swap", swap_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(model, TLQConfig(method=method, dataset=sample_rows(4), num_samples=4))
+    assert len(calls) == 9 and not any(isinstance(m, TLQLinear) for m in model.modules())
+    assert torch.equal(logits_of(model, batch), reference)
+    monkeypatch.setattr(journal.ModelEdits, "swap", swap)
+    quantize(model, TLQConfig(method="rtn"))  # and it can be quantized again
+
+
 def test_same_input_gives_the_same_checkpoint_bytes(tiny_vlm_dirs, tmp_path):
     """Two runs of the same model, data, config and seed write byte-identical folders (weights, configs, card)."""
     digests = []

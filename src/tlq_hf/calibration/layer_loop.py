@@ -52,6 +52,7 @@ from .activations import ActivationStore
 from .capture import CapturedSample, layer_forward, to_device
 from .distributed import Comm
 from .importance import TokenWeighting
+from .journal import ModelEdits
 from .offload import Onloaded, onloaded
 from .stats import STATISTICS, StatCollector, StatGroup, shared_input_groups
 
@@ -330,17 +331,16 @@ class LayerLoop:
         scheme: QuantScheme,
         settings: LayerSettings,
         weighting: TokenWeighting | None,
-        swap: Callable[[str, nn.Module], None],
+        edits: ModelEdits,
         samples: list[int] | None = None,
         total_samples: int | None = None,
         comm: Comm | None = None,
         spill_dir: str | None = None,
         fp_boundaries: list[ActivationStore] | None = None,
-        will_write: Callable[[list[torch.Tensor]], None] | None = None,
     ) -> None:
         self.model, self.stack, self.targets, self.captured = model, stack, targets, captured
-        self.will_write = will_write or (lambda tensors: None)  # told before smoothing writes in place
-        self.scheme, self.cfg, self.weighting, self.swap = scheme, settings, weighting, swap
+        self.edits = edits  # every swap, in-place write and re-homing goes through it (undo on failure)
+        self.scheme, self.cfg, self.weighting = scheme, settings, weighting
         self.samples = list(range(len(captured))) if samples is None else samples
         self.total_samples = total_samples or len(captured)
         self.comm, self.spill_dir = comm or Comm(), spill_dir
@@ -380,6 +380,7 @@ class LayerLoop:
         streamed = self.fp_boundaries is not None
         y_fp = self.fp_boundaries[i + 1] if streamed else ActivationStore(self.spill_dir, "x_fp")
         y_in = ActivationStore(self.spill_dir, "x_in") if cfg.exposed else y_fp
+        self.edits.will_rehome(layer)
         with torch.no_grad(), onloaded(layer, keep=True, scratch=True) as on:
             kwargs = [to_device(s.kwargs_for(i), on.device, on.compute_dtype) for s in self.captured]
 
@@ -481,7 +482,7 @@ class LayerLoop:
                 s = self.smoother.scales(weights, affected[0], self.scheme, self.cfg).float()
             self.comm.broadcast_(s, owner)
             touched = [names[producer], *(names[c] for c in consumers)]
-            self.will_write([t for m in touched for t in (m.weight, getattr(m, "bias", None)) if t is not None])
+            self.edits.will_write([t for m in touched for t in (m.weight, getattr(m, "bias", None)) if t is not None])
             _fold(names[producer], [names[c] for c in consumers], s)
             for group in {id(g): g for g in affected}.values():
                 group.rescale(s)
@@ -540,7 +541,7 @@ class LayerLoop:
     def _install(self, packed: dict[str, nn.Module], live: dict[str, nn.Module], on: Onloaded) -> None:
         """Swap the packed modules in and release the replaced linears' onloaded copies."""
         for name, module in packed.items():
-            self.swap(name, module)
+            self.edits.swap(name, module)
             on.release(live[name])
         packed.clear()
 

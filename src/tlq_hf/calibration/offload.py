@@ -38,6 +38,7 @@ from .io_clock import timed_io
 
 __all__ = [
     "Onloaded",
+    "all_hooks",
     "PackedLayerFile",
     "onloaded",
     "row_reader",
@@ -96,7 +97,7 @@ def _holds(weights: Mapping, name: str) -> bool:
     return any(key == name for key in weights)
 
 
-def _all_hooks(module: nn.Module) -> list:
+def all_hooks(module: nn.Module) -> list:
     hook = getattr(module, "_hf_hook", None)
     return list(getattr(hook, "hooks", [hook])) if hook is not None else []
 
@@ -202,7 +203,7 @@ def onloaded(layer: nn.Module, keep: bool = False, upcast: bool = True, scratch:
                     module._parameters[name] = nn.Parameter(new, requires_grad=tensor.requires_grad)
                 else:
                     module._buffers[name] = new
-            for h in _all_hooks(module):
+            for h in all_hooks(module):
                 if getattr(h, "offload", False):
                     h.offload = False
                     paused.append(h)
@@ -277,7 +278,7 @@ def _settle(layer: nn.Module, original_dtype: dict[tuple[int, str], torch.dtype]
         if id(module) not in present:
             (module._parameters if is_param else module._buffers)[name] = tensor
     for module in layer.modules():
-        for h in _all_hooks(module):
+        for h in all_hooks(module):
             h.offload = False  # a swapped-in packed module carries the old hook too
         for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
             dtype = original_dtype.get((id(module), name))
@@ -342,7 +343,7 @@ def _offload_to_disk(layer: nn.Module, folder: str) -> None:
     owners: list[tuple[str, nn.Module, object, list[str]]] = []
     tensors: dict[str, torch.Tensor] = {}
     for name, module in layer.named_modules():
-        hooks = [h for h in _all_hooks(module) if hasattr(h, "weights_map")]
+        hooks = [h for h in all_hooks(module) if hasattr(h, "weights_map")]
         if not hooks:
             continue
         local = [
@@ -372,7 +373,7 @@ def _offload_to_disk(layer: nn.Module, folder: str) -> None:
 
 def _packed_file_hook(module: nn.Module):
     """The accelerate hook of ``module`` that loads it from a :class:`PackedLayerFile`, if any."""
-    for hook in _all_hooks(module):
+    for hook in all_hooks(module):
         weights = getattr(hook, "weights_map", None)
         if isinstance(weights, PrefixedDataset) and isinstance(weights.dataset, PackedLayerFile):
             return hook

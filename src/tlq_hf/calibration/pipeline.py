@@ -146,6 +146,7 @@ def _round_to_nearest(
     reports = []
     bar = tqdm(total=len(targets), desc="tlq rtn", unit="linear", leave=False)
     for parent, names in by_parent.items():
+        edits.will_rehome(model.get_submodule(parent))
         with torch.no_grad(), onloaded(model.get_submodule(parent), keep=True) as on:
             for name in names:
                 start = time.perf_counter()
@@ -312,8 +313,7 @@ def _calibrate(model: nn.Module, config, scheme: QuantScheme, recipe: Recipe, ta
             scheme,
             settings,
             weighting,
-            swap=edits.swap,
-            will_write=edits.will_write,
+            edits=edits,
             samples=shard,
             total_samples=len(samples),
             comm=comm,

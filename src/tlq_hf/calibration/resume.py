@@ -184,6 +184,7 @@ class LayerCheckpoint:
         for i in range(done):
             tensors, meta = _load(self._path(f"layer-{i:05d}.safetensors"))
             layer, prefix = stack.layers[i], stack.layer_prefix(i)
+            edits.will_rehome(layer)
             with torch.no_grad(), onloaded(layer, keep=True) as on:
                 for rel in json.loads(meta["packed"]):
                     old = layer.get_submodule(rel)
