@@ -120,6 +120,21 @@ def test_without_an_atomic_exchange_the_two_renames_also_replace(tmp_path, monke
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
+def _interrupt_ninth_swap(monkeypatch) -> list[str]:
+    """Make the ninth module swap (in the middle of the second decoder layer) raise KeyboardInterrupt; the
+    names of the swaps tried are appended to the returned list."""
+    swap, calls = journal.ModelEdits.swap, []
+
+    def swap_then_interrupt(self, name, new):
+        calls.append(name)
+        if len(calls) == 9:
+            raise KeyboardInterrupt
+        swap(self, name, new)
+
+    monkeypatch.setattr(journal.ModelEdits, "swap", swap_then_interrupt)
+    return calls
+
+
 @pytest.mark.parametrize("method", ["tlq", "awq"])  # awq: smoothing writes into norms and linears in place
 def test_interrupted_calibration_puts_the_model_back(tiny_vlm_dirs, batch_for, monkeypatch, method):
     model = auto_class().from_pretrained(tiny_vlm_dirs[FAMILY], dtype=torch.float32)
@@ -127,15 +142,7 @@ def test_interrupted_calibration_puts_the_model_back(tiny_vlm_dirs, batch_for, m
     modules = dict(model.named_modules())
     batch = batch_for(FAMILY)
     reference = logits_of(model, batch)
-    swap, calls = journal.ModelEdits.swap, []
-
-    def swap_then_interrupt(self, name, new):
-        calls.append(name)
-        if len(calls) == 9:  # in the middle of the second decoder layer
-            raise KeyboardInterrupt
-        swap(self, name, new)
-
-    monkeypatch.setattr(journal.ModelEdits, "swap", swap_then_interrupt)
+    swap, calls = journal.ModelEdits.swap, _interrupt_ninth_swap(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         quantize(model, TLQConfig(method=method, dataset=sample_rows(4), num_samples=4))
     assert len(calls) == 9
@@ -175,15 +182,7 @@ def test_interrupted_calibration_puts_offloaded_and_upcast_models_back(
     if placement == "bf16":
         batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
     reference = logits_of(model, batch)
-    swap, calls = journal.ModelEdits.swap, []
-
-    def swap_then_interrupt(self, name, new):
-        calls.append(name)
-        if len(calls) == 9:  # in the middle of the second decoder layer
-            raise KeyboardInterrupt
-        swap(self, name, new)
-
-    monkeypatch.setattr(journal.ModelEdits, "swap", swap_then_interrupt)
+    swap, calls = journal.ModelEdits.swap, _interrupt_ninth_swap(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         quantize(model, TLQConfig(method=method, dataset=sample_rows(4), num_samples=4))
     assert len(calls) == 9 and not any(isinstance(m, TLQLinear) for m in model.modules())
