@@ -19,6 +19,7 @@ from tlq_hf.calibration.importance import (
     reference_importance,
     select_tokens,
     temper,
+    temper_all,
 )
 from tlq_hf.data import build_calibration_set
 from tlq_hf.nn import TLQLinear
@@ -167,6 +168,22 @@ def test_tempered_importance_is_zero_free_and_finite():
     assert torch.equal(temper(torch.zeros(4), Tempering()), torch.ones(4))
     mixed = temper(raw, Tempering(gamma=1.0, lo=0.05, hi=20.0, mix=0.5))
     assert (mixed >= 0.5).all()
+
+
+def test_tempering_all_samples_at_once_equals_one_at_a_time():
+    gen = torch.Generator().manual_seed(0)
+    raw = [torch.rand(n, generator=gen) ** 4 * 10 for n in (3, 7, 1, 5)]
+    raw += [torch.zeros(4), torch.tensor([1.0, float("nan"), 2.0]), torch.tensor([-1.0, 2.0, 0.0])]
+    t = Tempering(gamma=0.7, lo=0.05, hi=20.0, mix=0.1)
+    together = temper_all(raw, t)
+    for r, a in zip(raw, together):
+        a_mean = r.float().clamp_min(0).mean()
+        if a_mean > 0 and torch.isfinite(a_mean):
+            expected = (1 - t.mix) * (r.float().clamp_min(0) / a_mean).pow(t.gamma).clamp(t.lo, t.hi) + t.mix
+        else:  # no usable gradient: uniform
+            expected = torch.ones_like(r)
+        assert a.shape == r.shape and torch.allclose(a, expected, rtol=1e-6), r
+    assert temper_all([], t) == []
 
 
 def test_select_tokens_keeps_the_most_important_fraction():

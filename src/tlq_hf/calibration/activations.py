@@ -38,7 +38,7 @@ class ActivationStore:
     """A list of per-sample tensors, kept on the CPU or (with ``spill_dir``) one file each on disk."""
 
     def __init__(self, spill_dir: str | os.PathLike | None = None, name: str = "acts") -> None:
-        self._items: list[torch.Tensor | str] = []
+        self._items: list[torch.Tensor | str | None] = []
         self._dir = None
         if spill_dir is not None:
             self._dir = os.path.join(os.fspath(spill_dir), f"{name}-{next(_ids)}")
@@ -56,17 +56,25 @@ class ActivationStore:
         return self._dir is not None
 
     def append(self, tensor: torch.Tensor) -> None:
+        self.put(len(self._items), tensor)
+
+    def put(self, index: int, tensor: torch.Tensor) -> None:
+        """Store ``tensor`` as item ``index``; items may be written in any order (reading a hole is an error)."""
         tensor = tensor.detach()
+        if index >= len(self._items):
+            self._items.extend([None] * (index + 1 - len(self._items)))
         if self._dir is None:
-            self._items.append(tensor.cpu())
+            self._items[index] = tensor.cpu()
             return
-        path = os.path.join(self._dir, f"{len(self._items)}.safetensors")
+        path = os.path.join(self._dir, f"{index}.safetensors")
         with timed_io():
             save_file({"t": tensor.cpu().contiguous()}, path)
-        self._items.append(path)
+        self._items[index] = path
 
     def __getitem__(self, index: int) -> torch.Tensor:
         item = self._items[index]
+        if item is None:
+            raise IndexError(f"activation store item {index} was never written")
         if isinstance(item, str):
             with timed_io():
                 return load_file(item)["t"]

@@ -1,10 +1,11 @@
 """Calibration across processes: which samples a rank owns, reducing statistics, who solves what.
 
 Under ``torchrun`` / ``accelerate launch`` every rank loads the same model and data. Samples are sharded
-by stride (rank ``r`` of ``W`` gets samples ``r, r+W, ...``), each rank runs forward / backward / statistics
-on its shard, statistics are reduced, each statistic group is solved once by its owner rank and the result
-is broadcast, so every rank ends with the same quantized model. A single process is the world of size 1
-and every collective is a no-op. gloo collectives run on CPU tensors, NCCL ones on the rank's GPU.
+in whole batches of the plan :mod:`.batching` makes over all samples (so a sample's batch does not depend
+on the number of ranks), each rank runs forward / backward / statistics on its shard, statistics are
+reduced, each statistic group is solved once by its owner rank and the result is broadcast, so every rank
+ends with the same quantized model. A single process is the world of size 1 and every collective is a no-op.
+gloo collectives run on CPU tensors, NCCL ones on the rank's GPU.
 """
 
 from __future__ import annotations
@@ -47,10 +48,6 @@ class Comm:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    def shard(self, n: int) -> list[int]:
-        """Global indices of the samples this rank calibrates on."""
-        return list(range(self.rank, n, self.world))
 
     def owner(self, index: int) -> int:
         """The rank that solves work item ``index``."""

@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 
 from ..arch import DecoderStack, find_final_norm
 from .activations import ActivationStore
+from .batching import layer_units
 from .capture import CapturedSample, layer_forward, to_device
 from .distributed import Comm
-from .offload import Onloaded, compute_dtype_for, onloaded, row_reader
+from .offload import compute_dtype_for, onloaded, row_reader
 
 __all__ = [
     "IMPORTANCE_KINDS",
@@ -48,6 +49,7 @@ __all__ = [
     "reference_importance",
     "logit_softcap",
     "temper",
+    "temper_all",
     "modality_balance",
     "select_tokens",
     "TokenWeighting",
@@ -304,8 +306,12 @@ def gradient_importance(
     comm: Comm | None = None,
     keep_boundaries: bool = False,
     loss_spec: AnswerLoss | None = None,
+    batches: list[list[int]] | None = None,
 ) -> GradientPass:
     """Block-wise backward of the answer loss; per-module, per-token raw importance.
+
+    ``batches`` (positions in ``captured``; default: every sample alone) are run through each layer together
+    where their lengths and call kwargs stack (:mod:`.batching`).
 
     ``loss_spec`` (default: gold labels, every answer token) picks the loss and labels; with ``k`` draws per
     sample (predictive labels) each layer's forward is run once and back-propagated ``k`` times, and a
@@ -324,17 +330,20 @@ def gradient_importance(
     norm, head = find_final_norm(model, stack), model.get_output_embeddings()
     softcap = logit_softcap(model)
     n_layers = len(stack.layers)
+    lengths = [s.hidden.shape[1] for s in captured]
     boundaries = [ActivationStore.of([s.hidden for s in captured], spill_dir, "x0")]
     with torch.no_grad():
         for i, layer in enumerate(tqdm(stack.layers, desc="tlq importance fwd", unit="layer", leave=False)):
             out = ActivationStore(spill_dir, f"x{i + 1}")
             with onloaded(layer) as on:
-                for h, s in zip(boundaries[i], captured):
-                    y = layer_forward(layer, h.to(on.device, on.compute_dtype), _kwargs(s, i, on))
-                    out.append(y.to(on.store_dtype))
+                for unit in _units(captured, i, lengths, batches):
+                    h = _gather(boundaries[i], unit.samples).to(on.device, on.compute_dtype)
+                    y = layer_forward(layer, h, to_device(unit.kwargs, on.device, on.compute_dtype))
+                    for j, row in zip(unit.samples, y.split(1)):
+                        out.put(j, row.to(on.store_dtype))
             boundaries.append(out)
-    raw: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
-    layer_raw: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    raw: dict[str, list[torch.Tensor | None]] = {n: [None] * len(captured) for n in targets}
+    layer_raw: list[list[torch.Tensor | None]] = [[None] * len(captured) for _ in range(n_layers)]
     grads = ActivationStore(spill_dir, "g")
     total = 0.0
     with _NoParamGrad(model), torch.enable_grad():
@@ -356,28 +365,31 @@ def gradient_importance(
             layer = stack.layers[i]
             grabber = _OutputGrabber(_layer_targets(stack, targets, i))
             new_grads = ActivationStore(spill_dir, "g")
-            draws = iter(grads)
             try:
                 with onloaded(layer) as on:
-                    for h, s in zip(boundaries[i], captured):
-                        h = h.to(on.device, on.compute_dtype).detach().requires_grad_(True)
-                        out = layer_forward(layer, h, _kwargs(s, i, on))
+                    for unit in _units(captured, i, lengths, batches):
+                        h = _gather(boundaries[i], unit.samples).to(on.device, on.compute_dtype)
+                        h = h.detach().requires_grad_(True)
+                        out = layer_forward(layer, h, to_device(unit.kwargs, on.device, on.compute_dtype))
                         sums: dict[str, torch.Tensor] = {}
                         at_output = None
                         for d in range(spec.draws):
-                            g = next(draws)
-                            part = reduce(g[0]).cpu()
+                            slots = [j * spec.draws + d for j in unit.samples]  # grads are sample-major
+                            g = _gather(grads, slots)
+                            part = reduce(g).cpu()
                             at_output = part if at_output is None else at_output + part
                             out.backward(g.to(on.device, out.dtype), retain_graph=d + 1 < spec.draws)
                             for name, output in grabber.outputs.items():
-                                part = reduce(output.grad[0]).cpu()
+                                part = reduce(output.grad).cpu()
                                 sums[name] = part if name not in sums else sums[name] + part
                                 output.grad = None
-                            new_grads.append(h.grad.float())
+                            for slot, row in zip(slots, h.grad.split(1)):
+                                new_grads.put(slot, row.float())
                             h.grad = None
-                        layer_raw[i].append(at_output)
-                        for name, value in sums.items():
-                            raw[name].append(value)
+                        for b, j in enumerate(unit.samples):
+                            layer_raw[i][j] = at_output[b]
+                            for name, value in sums.items():
+                                raw[name][j] = value[b]
                         grabber.outputs.clear()
             finally:
                 grabber.remove()
@@ -390,7 +402,29 @@ def gradient_importance(
     loss = total / max(count, 1)
     logger.info("tlq importance: answer loss %.4f over %d samples", loss, int(count))
     kept = boundaries if keep_boundaries else None
-    return GradientPass(raw, layer_raw, loss, time.perf_counter() - start, kept)
+    return GradientPass(_filled(raw), [_filled({0: r})[0] for r in layer_raw], loss, time.perf_counter() - start, kept)
+
+
+def _units(captured: list[CapturedSample], index: int, lengths: list[int], batches: list[list[int]] | None):
+    return layer_units([s.kwargs_for(index) for s in captured], lengths, batches)
+
+
+def _gather(store: ActivationStore, slots: list[int]) -> torch.Tensor:
+    """Items ``slots`` of ``store`` stacked along the batch axis (one item as it is)."""
+    return store[slots[0]] if len(slots) == 1 else torch.cat([store[k] for k in slots])
+
+
+def _filled(per_sample: dict) -> dict:
+    """Every list of per-sample values complete; a module no sample reached (never called) has none."""
+    out = {}
+    for key, values in per_sample.items():
+        if all(v is None for v in values):
+            out[key] = []
+        elif any(v is None for v in values):
+            raise RuntimeError(f"importance of {key!r} was computed for some samples only")
+        else:
+            out[key] = values
+    return out
 
 
 def _chunked_head_gradients(
@@ -467,10 +501,6 @@ def _module_head_gradients(
     return float(gold_loss.detach() @ scale)
 
 
-def _kwargs(sample: CapturedSample, index: int, on: Onloaded) -> dict:
-    return to_device(sample.kwargs_for(index), on.device, on.compute_dtype)
-
-
 def reference_importance(
     model: nn.Module,
     stack: DecoderStack,
@@ -513,18 +543,36 @@ def reference_importance(
 
 def usable(raw: torch.Tensor) -> bool:
     """Whether one sample's raw importance can be normalised (a positive, finite mean)."""
-    mean = raw.float().clamp_min(0).mean()
-    return bool(mean > 0 and torch.isfinite(mean))
+    return bool(_usable_means([raw])[0][0])
+
+
+def _usable_means(raw: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample of ``raw``: whether it can be normalised, its mean (float64, negatives as 0), and all
+    samples' values concatenated (float32, negatives as 0)."""
+    sizes = torch.tensor([r.numel() for r in raw])
+    flat = torch.cat([r.reshape(-1).float() for r in raw]).clamp_min(0)
+    segment = torch.repeat_interleave(torch.arange(len(raw)), sizes)
+    means = torch.zeros(len(raw), dtype=torch.float64).index_add_(0, segment, flat.double()) / sizes.clamp_min(1)
+    return (means > 0) & torch.isfinite(means), means, flat
+
+
+def temper_all(raw: list[torch.Tensor], t: Tempering) -> list[torch.Tensor]:
+    """:func:`temper` of every sample of ``raw``, computed on all of them at once."""
+    if not raw:
+        return []
+    ok, means, flat = _usable_means(raw)
+    sizes = [r.numel() for r in raw]
+    scale = torch.repeat_interleave(torch.where(ok, means, torch.ones_like(means)), torch.tensor(sizes))
+    keep = torch.repeat_interleave(ok, torch.tensor(sizes))
+    a = torch.where(keep, flat / scale.float(), torch.ones_like(flat))
+    a = (1 - t.mix) * a.pow(t.gamma).clamp(t.lo, t.hi) + t.mix
+    return [part.reshape(r.shape) for part, r in zip(a.split(sizes), raw)]
 
 
 def temper(raw: torch.Tensor, t: Tempering) -> torch.Tensor:
     """Normalise one sample's raw importance to mean 1, then temper, clip and mix (zero-free, finite); a sample
     whose importance cannot be normalised (all zero, or not finite) gets uniform weights."""
-    a = raw.float().clamp_min(0)
-    mean = a.mean()
-    a = a / mean if usable(raw) else torch.ones_like(a)
-    a = a.pow(t.gamma).clamp(t.lo, t.hi)
-    return (1 - t.mix) * a + t.mix
+    return temper_all([raw], t)[0]
 
 
 def modality_balance(
@@ -593,21 +641,19 @@ class TokenWeighting:
 
     def _weights(self, raw: list[torch.Tensor], where: str = "") -> list[torch.Tensor]:
         t = self.tempering
-        flat = [k for k, a in enumerate(raw) if not usable(a)]
+        flat = int((~_usable_means(raw)[0]).sum()) if raw else 0
         if flat:
             logger.info(
                 "tlq_hf: importance %s: %d of %d samples carry no usable gradient (all zero or not finite); their "
                 "tokens are weighted uniformly",
                 where,
-                len(flat),
+                flat,
                 len(raw),
             )
         if self.kind == "modality":  # the per-modality ratio itself: normalised and clipped, not tempered
-            weights = [
-                temper(a, Tempering(1.0, t.lo, t.hi, 0.0)) for a in modality_balance(raw, self.vision_masks, self.comm)
-            ]
+            weights = temper_all(modality_balance(raw, self.vision_masks, self.comm), Tempering(1.0, t.lo, t.hi, 0.0))
         else:
-            weights = [temper(a, t) for a in raw]
+            weights = temper_all(raw, t)
         return select_tokens(weights, self.token_fraction, self.comm, self.samples)
 
     def for_modules(self, names: list[str]) -> list[torch.Tensor]:
@@ -617,7 +663,8 @@ class TokenWeighting:
                 raise ValueError("TokenWeighting(scope='layer') needs layer_of to find a module's layer")
             return self.for_layer(self.layer_of(names[0]))
         per_module = [self.grad.raw[n] for n in names]
-        return self._weights([torch.stack(parts).sum(0) for parts in zip(*per_module)], f"at {names[0]}")
+        raw = per_module[0] if len(names) == 1 else [torch.stack(parts).sum(0) for parts in zip(*per_module)]
+        return self._weights(raw, f"at {names[0]}")
 
     def for_layer(self, index: int) -> list[torch.Tensor]:
         """Per-sample weights ``[T]`` at the output of decoder layer ``index`` (for error reports)."""

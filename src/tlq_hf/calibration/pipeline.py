@@ -25,6 +25,7 @@ from ..primitives import dequantize_codes
 from ..qtypes import QuantScheme
 from ..solvers import rtn
 from .activations import spill_root
+from .batching import assign_batches, plan_batches
 from .capture import capture_layer_inputs
 from .distributed import Comm, init_from_env
 from .importance import AnswerLoss, Tempering, TokenWeighting, gradient_importance
@@ -243,11 +244,9 @@ def _calibrate(model: nn.Module, config, scheme: QuantScheme, recipe: Recipe, ta
     if outside:  # e.g. a vision tower the user chose to quantize: no decoder-layer objective there
         logger.info("tlq_hf: %d linears outside the decoder stack are rounded to nearest", len(outside))
         report.modules = _round_to_nearest(model, outside, scheme, edits)
-    shard = comm.shard(len(samples))
-    if not shard:
-        raise ValueError(
-            f"{len(samples)} calibration samples cannot be shared by {comm.world} processes: use more rows."
-        )
+    # batches of equal-length samples for the gradient pass, planned over all samples; ranks take whole batches
+    plan = plan_batches([s.num_tokens for s in samples], model.get_input_embeddings().embedding_dim)
+    shard, batches = assign_batches(plan, comm.world, comm.rank)
     logger.info("tlq_hf: capture: decoder inputs of %d samples", len(shard))
     captured = capture_layer_inputs(model, stack, [samples[i] for i in shard])
     report.samples = len(samples)
@@ -276,7 +275,7 @@ def _calibrate(model: nn.Module, config, scheme: QuantScheme, recipe: Recipe, ta
                 keep = _keep_boundaries(captured, len(stack.layers), spill)
                 spec = AnswerLoss(config.importance_labels, config.importance_topk, config.answer_tokens)
                 grad = gradient_importance(
-                    model, stack, captured, in_stack, recipe.importance, spill, comm, keep, loss_spec=spec
+                    model, stack, captured, in_stack, recipe.importance, spill, comm, keep, spec, batches
                 )
                 if checkpoint is not None:
                     checkpoint.save_importance(grad)
