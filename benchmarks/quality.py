@@ -522,6 +522,8 @@ def run(args) -> tuple[list[dict], ItemMetrics]:
     pass is re-run (its records replace the old ones); ``--peers-only`` keeps every tlq_hf record and the
     per-item metrics of the last table (``ITEMS_PATH``) and re-runs the llm-compressor jobs."""
     items = ItemMetrics() if not (args.timing_only or args.peers_only) else ItemMetrics.load(ITEMS_PATH)
+    if args.merge:
+        items.drop(lambda method: False)
     threads = 1 if args.jobs > 1 else args.threads  # per table worker
     torch.set_num_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="tlq-quality-"))
@@ -529,6 +531,15 @@ def run(args) -> tuple[list[dict], ItemMetrics]:
     refs: dict[str, torch.Tensor] = {}
     records = _fp_records(args, evaluators, refs)
     table_jobs = _jobs(args)
+    if args.merge:  # keep every old record of a (model, scheme) not re-run, and the old time-alone pass
+        rerun = {(m, s) for m in args.models for s in args.schemes}
+        records += [
+            r
+            for r in _old_records()
+            if (r["method"] == "fp" and r["model"] not in args.models)
+            or (r["method"] != "fp" and r.get("phase") != "timing" and (r["model"], r["scheme"]) not in rerun)
+            or (r.get("phase") == "timing" and (args.no_timing or args.quick))
+        ]
     if args.timing_only or args.peers_only:  # keep the old records that are not re-run
         old = _old_records()
         if args.timing_only:
@@ -736,12 +747,20 @@ def write_results(records: list[dict], ratios: list[dict], args, wall: float) ->
     (results / "quality.json").write_text(json.dumps({"records": records, "ratios": ratios}, indent=1))
     meta_path = results / "quality_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    key = "timing_only" if args.timing_only else "peers_only" if args.peers_only else "table"
-    meta[key] = {"command": f"python benchmarks/quality.py {' '.join(args.argv)}", "wall_min": round(wall / 60, 1)}
+    key = "timing_only" if args.timing_only else "peers_only" if args.peers_only else "merge" if args.merge else "table"
+    run_meta = {"command": f"python benchmarks/quality.py {' '.join(args.argv)}", "wall_min": round(wall / 60, 1)}
+    if key == "merge":
+        meta.setdefault("merges", []).append(run_meta | {"schemes": list(args.rerun_schemes)})
+    else:
+        meta[key] = run_meta
     if key == "table":
         meta = {"table": meta["table"]}
-    table = meta.get("table", meta[key])
+    table = meta.get("table", run_meta)
     timing_note = ""
+    for merge in meta.get("merges", []):
+        timing_note += (
+            f" The {', '.join(merge['schemes'])} rows were re-run with `{merge['command']}` ({merge['wall_min']} min)."
+        )
     for rerun, what in (("timing_only", "The time-alone pass was"), ("peers_only", "The llm-compressor jobs were")):
         if rerun in meta:
             again = meta[rerun]
@@ -891,6 +910,11 @@ def main() -> None:
     p.add_argument("--timing-models", nargs="*", help="models of the time-alone pass (default: --models)")
     p.add_argument("--timing-only", action="store_true", help="re-run only the time-alone pass (keeps the table)")
     p.add_argument("--peers-only", action="store_true", help="re-run only the llm-compressor jobs (with --peers)")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="re-run only --models x --schemes and keep every other record and ratio of quality.json",
+    )
     args = p.parse_args()
     args.argv = sys.argv[1:]
     missing = [m for m in args.models if m not in MODELS]
@@ -904,7 +928,18 @@ def main() -> None:
         args.models, args.schemes, args.seeds = args.models[:1], ["W3A16-g128"], args.seeds[:1]
     start = time.perf_counter()
     records, items = run(args)
-    write_results(records, items.ratios(args.models, args.schemes), args, time.perf_counter() - start)
+    ratios = items.ratios(args.models, args.schemes)
+    if args.merge or args.timing_only:  # the old ratios of every (model, scheme) not re-run here
+        fresh = {(r["model"], r["scheme"]) for r in ratios}
+        old = json.loads((HERE / "results" / "quality.json").read_text()).get("ratios", [])
+        ratios = [r for r in old if (r["model"], r["scheme"]) not in fresh] + ratios
+    args.rerun_schemes = list(args.schemes)
+    if args.merge:  # the written table covers every model and scheme it holds
+        args.models = [m for m in MODELS if any(r["model"] == m for r in records)]
+        args.schemes = [s for s in SCHEMES if any(r["scheme"] == s for r in records)]
+        order = {(m, s): k for k, (m, s) in enumerate((m, s) for m in args.models for s in args.schemes)}
+        ratios.sort(key=lambda r: order.get((r["model"], r["scheme"]), len(order)))
+    write_results(records, ratios, args, time.perf_counter() - start)
     print(f"wrote {HERE / 'results' / 'RESULTS.md'} in {(time.perf_counter() - start) / 60:.1f} min")
 
 
