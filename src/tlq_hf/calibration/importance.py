@@ -402,7 +402,9 @@ def gradient_importance(
     loss = total / max(count, 1)
     logger.info("tlq importance: answer loss %.4f over %d samples", loss, int(count))
     kept = boundaries if keep_boundaries else None
-    return GradientPass(_filled(raw), [_filled({0: r})[0] for r in layer_raw], loss, time.perf_counter() - start, kept)
+    raw = {name: _complete(values, name) for name, values in raw.items()}
+    layer_raw = [_complete(values, f"layer {i}") for i, values in enumerate(layer_raw)]
+    return GradientPass(raw, layer_raw, loss, time.perf_counter() - start, kept)
 
 
 def _units(captured: list[CapturedSample], index: int, lengths: list[int], batches: list[list[int]] | None):
@@ -414,17 +416,13 @@ def _gather(store: ActivationStore, slots: list[int]) -> torch.Tensor:
     return store[slots[0]] if len(slots) == 1 else torch.cat([store[k] for k in slots])
 
 
-def _filled(per_sample: dict) -> dict:
-    """Every list of per-sample values complete; a module no sample reached (never called) has none."""
-    out = {}
-    for key, values in per_sample.items():
-        if all(v is None for v in values):
-            out[key] = []
-        elif any(v is None for v in values):
-            raise RuntimeError(f"importance of {key!r} was computed for some samples only")
-        else:
-            out[key] = values
-    return out
+def _complete(values: list[torch.Tensor | None], what: str) -> list[torch.Tensor]:
+    """``values`` (one per sample) when every sample has one; ``[]`` when none has (a module never called)."""
+    if all(v is None for v in values):
+        return []
+    if any(v is None for v in values):
+        raise RuntimeError(f"importance of {what} was computed for some samples only")
+    return values
 
 
 def _chunked_head_gradients(
