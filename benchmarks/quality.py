@@ -522,8 +522,6 @@ def run(args) -> tuple[list[dict], ItemMetrics]:
     pass is re-run (its records replace the old ones); ``--peers-only`` keeps every tlq_hf record and the
     per-item metrics of the last table (``ITEMS_PATH``) and re-runs the llm-compressor jobs."""
     items = ItemMetrics() if not (args.timing_only or args.peers_only) else ItemMetrics.load(ITEMS_PATH)
-    if args.merge:
-        items.drop(lambda method: False)
     threads = 1 if args.jobs > 1 else args.threads  # per table worker
     torch.set_num_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="tlq-quality-"))

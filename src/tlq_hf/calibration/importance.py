@@ -560,9 +560,9 @@ def temper_all(raw: list[torch.Tensor], t: Tempering) -> list[torch.Tensor]:
         return []
     ok, means, flat = _usable_means(raw)
     sizes = [r.numel() for r in raw]
-    scale = torch.repeat_interleave(torch.where(ok, means, torch.ones_like(means)), torch.tensor(sizes))
-    keep = torch.repeat_interleave(ok, torch.tensor(sizes))
-    a = torch.where(keep, flat / scale.float(), torch.ones_like(flat))
+    counts = torch.tensor(sizes)
+    scale = torch.repeat_interleave(torch.where(ok, means, torch.ones_like(means)), counts)
+    a = torch.where(torch.repeat_interleave(ok, counts), flat / scale.float(), torch.ones_like(flat))
     a = (1 - t.mix) * a.pow(t.gamma).clamp(t.lo, t.hi) + t.mix
     return [part.reshape(r.shape) for part, r in zip(a.split(sizes), raw)]
 
@@ -639,13 +639,13 @@ class TokenWeighting:
 
     def _weights(self, raw: list[torch.Tensor], where: str = "") -> list[torch.Tensor]:
         t = self.tempering
-        flat = int((~_usable_means(raw)[0]).sum()) if raw else 0
-        if flat:
+        unusable = int((~_usable_means(raw)[0]).sum()) if raw else 0
+        if unusable:
             logger.info(
                 "tlq_hf: importance %s: %d of %d samples carry no usable gradient (all zero or not finite); their "
                 "tokens are weighted uniformly",
                 where,
-                flat,
+                unusable,
                 len(raw),
             )
         if self.kind == "modality":  # the per-modality ratio itself: normalised and clipped, not tempered
