@@ -29,6 +29,7 @@ __all__ = [
     "NoDecoderStackError",
     "find_decoder_stack",
     "select_quant_targets",
+    "kept_by_role",
     "ignore_regexes",
     "matches_any",
 ]
@@ -133,16 +134,53 @@ def matches_any(name: str, patterns: Iterable[str]) -> bool:
     return any(_pattern(p).match(name) for p in patterns)
 
 
+def _overrides_forward(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+
+
+def kept_by_role(model: nn.Module) -> dict[str, str]:
+    """Linear modules that stay in full precision because of what they do, by name, with the reason.
+
+    * a class that overrides ``nn.Linear.forward`` (Llama 4's router returns a tuple): a packed swap would
+      change what it computes;
+    * a router: a linear next to an experts module (same parent) with one output per expert;
+    * a scalar gate: a linear next to an experts module with one output (``shared_expert_gate``).
+
+    Routers and gates are tiny, decide which experts run, and every serving engine keeps them in full
+    precision. Found by role (shape and position), not by name.
+    """
+    kept: dict[str, str] = {}
+    for parent_name, parent in model.named_modules():
+        counts = {
+            int(m.num_experts)
+            for m in parent.children()
+            if isinstance(getattr(m, "num_experts", None), int) and not isinstance(m, nn.Linear)
+        }
+        for child, m in parent.named_children():
+            name = f"{parent_name}.{child}" if parent_name else child
+            if _overrides_forward(m):
+                kept[name] = f"{type(m).__name__} overrides nn.Linear.forward"
+            elif isinstance(m, nn.Linear) and counts and m.out_features in counts:
+                kept[name] = "router (one output per expert)"
+            elif isinstance(m, nn.Linear) and counts and m.out_features == 1:
+                kept[name] = "scalar gate (one output)"
+    return kept
+
+
 def select_quant_targets(model: nn.Module, ignore: list[str] | None) -> dict[str, nn.Linear]:
     """Linear modules to quantize, by in-memory name.
 
     ``ignore=None``: exactly the ``nn.Linear`` modules inside the decoder stack. Otherwise every
-    ``nn.Linear`` of the model whose name matches none of ``ignore``.
+    ``nn.Linear`` of the model whose name matches none of ``ignore``. Either way, modules kept by role
+    (:func:`kept_by_role`: routers, scalar gates, linears with their own forward) are left out.
     """
+    kept = kept_by_role(model)
     if ignore is None:
         stack = find_decoder_stack(model)
-        return {f"{stack.path}.{n}": m for n, m in stack.layers.named_modules() if isinstance(m, nn.Linear)}
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not matches_any(n, ignore)}
+        found = {f"{stack.path}.{n}": m for n, m in stack.layers.named_modules() if isinstance(m, nn.Linear)}
+    else:
+        found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not matches_any(n, ignore)}
+    return {n: m for n, m in found.items() if n not in kept}
 
 
 def ignore_regexes(all_linears: Iterable[str], quantized: Iterable[str]) -> list[str]:

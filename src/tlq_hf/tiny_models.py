@@ -271,6 +271,29 @@ def _qwen2_5_vl_config(text: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: Qwen3-VL-MoE: 4 experts, top-2, expert width 128 (a multiple of the 128-column groups' input widths).
+_MOE_TEXT = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "decoder_sparse_step": 1}
+
+
+def _qwen3_vl_moe_config(text: dict[str, Any]) -> dict[str, Any]:
+    text = {**_MOE_TEXT, "head_dim": text["hidden_size"] // text["num_attention_heads"], **text}
+    return {
+        "text_config": _qwen_text_config(text),
+        "vision_config": {
+            "depth": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 4,
+            "out_hidden_size": text["hidden_size"],
+            "patch_size": _QWEN_PATCH,
+            "spatial_merge_size": _QWEN_MERGE,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0],
+        },
+    }
+
+
 def _vit_config(model_type: str) -> dict[str, Any]:
     return {
         "model_type": model_type,
@@ -451,6 +474,17 @@ _FAMILY_SPECS: dict[str, _FamilySpec] = {
         token_id_fields=_QWEN_TOKEN_FIELDS,
         chat_template=_QWEN_CHAT_TEMPLATE,
         model_config=_qwen2_5_vl_config,
+    ),
+    "qwen3_vl_moe": _FamilySpec(
+        model_class="Qwen3VLMoeForConditionalGeneration",
+        processor_class="Qwen3VLProcessor",
+        image_processor=("Qwen2VLImageProcessor", _QWEN_PIXELS),
+        video_processor=("Qwen3VLVideoProcessor", _QWEN_PIXELS),
+        special_tokens=_QWEN_SPECIAL,
+        roles=_QWEN_ROLES,
+        token_id_fields=_QWEN_TOKEN_FIELDS,
+        chat_template=_QWEN_CHAT_TEMPLATE,
+        model_config=_qwen3_vl_moe_config,
     ),
     "llava": _FamilySpec(
         model_class="LlavaForConditionalGeneration",

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import DecoderStack, find_final_norm
+from ..experts import expert_owner
 from .activations import ActivationStore
 from .batching import layer_units
 from .capture import CapturedSample, layer_forward, to_device
@@ -296,6 +297,15 @@ def _layer_targets(stack: DecoderStack, targets: dict[str, nn.Module], index: in
     return {n: m for n, m in targets.items() if n.startswith(prefix)}
 
 
+def _grab_points(model: nn.Module, targets: dict[str, nn.Module]) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Where each target's output gradient is read: its own output, or for an expert's linear the output of
+    its experts module (a token's importance is the same whichever expert it reaches; an expert's own output
+    holds only its routed rows). Returns the modules to hook and ``target -> hooked name``."""
+    source = {name: expert_owner(name, model) or name for name in targets}
+    points = {s: (targets[s] if s in targets else model.get_submodule(s)) for s in set(source.values())}
+    return points, source
+
+
 def gradient_importance(
     model: nn.Module,
     stack: DecoderStack,
@@ -363,7 +373,8 @@ def gradient_importance(
             boundaries[-1].close()
         for i in tqdm(range(n_layers - 1, -1, -1), desc="tlq importance bwd", unit="layer", leave=False):
             layer = stack.layers[i]
-            grabber = _OutputGrabber(_layer_targets(stack, targets, i))
+            points, source = _grab_points(model, _layer_targets(stack, targets, i))
+            grabber = _OutputGrabber(points)
             new_grads = ActivationStore(spill_dir, "g")
             try:
                 with onloaded(layer) as on:
@@ -381,6 +392,7 @@ def gradient_importance(
                             out.backward(g.to(on.device, out.dtype), retain_graph=d + 1 < spec.draws)
                             for name, output in grabber.outputs.items():
                                 part = reduce(output.grad).cpu()
+                                part = part.view(len(unit.samples), -1)  # experts see the tokens flattened
                                 sums[name] = part if name not in sums else sums[name] + part
                                 output.grad = None
                             for slot, row in zip(slots, h.grad.split(1)):
@@ -388,8 +400,8 @@ def gradient_importance(
                             h.grad = None
                         for b, j in enumerate(unit.samples):
                             layer_raw[i][j] = at_output[b]
-                            for name, value in sums.items():
-                                raw[name][j] = value[b]
+                            for name, src in source.items():
+                                raw[name][j] = sums[src][b]
                         grabber.outputs.clear()
             finally:
                 grabber.remove()
@@ -513,7 +525,8 @@ def reference_importance(
     norm, head = find_final_norm(model, stack), model.get_output_embeddings()
     softcap = logit_softcap(model)
     raw: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
-    grabber = _OutputGrabber(targets)
+    points, source = _grab_points(model, targets)
+    grabber = _OutputGrabber(points)
     try:
         with _NoParamGrad(model), torch.enable_grad():
             for s in captured:
@@ -524,15 +537,15 @@ def reference_importance(
                 logits = _softcapped(head(norm(h))[0, pos], softcap).float()
                 scale = torch.full((len(pos),), 1.0 / max(len(pos), 1))
                 draws = _draws_from_logits(logits, gold, scale, spec)
-                sums = {name: 0 for name in targets}
+                sums = {name: 0 for name in points}
                 for d, (labels, weights) in enumerate(draws):
                     loss = (F.cross_entropy(logits, labels, reduction="none") * weights).sum()
                     loss.backward(retain_graph=d + 1 < len(draws))
-                    for name in targets:
-                        sums[name] = sums[name] + reduce(grabber.outputs[name].grad[0]).cpu()
+                    for name in points:
+                        sums[name] = sums[name] + reduce(grabber.outputs[name].grad).reshape(-1).cpu()
                         grabber.outputs[name].grad = None
                 for name in targets:
-                    raw[name].append(sums[name])
+                    raw[name].append(sums[source[name]])
                 grabber.outputs.clear()
     finally:
         grabber.remove()

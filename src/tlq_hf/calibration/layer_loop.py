@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import DecoderStack, smooth_mappings
+from ..experts import every_token_to_every_expert, expert_index
 from ..hostmem import release_host_memory
 from ..nn import TLQLinear, dequant_cache
 from ..primitives import QParams, quantize_codes
@@ -85,6 +86,10 @@ class LayerSettings:
     max_tokens: int = 4096  # rows kept per group (over all samples) for the input-keeping solvers
     # bytes one layer's statistics may take before they are collected in several passes (see statistic_passes)
     statistics_budget: int = 256 << 20
+    # MoE experts: an expert's projections whose input saw fewer tokens are rounded to nearest instead
+    expert_min_tokens: int = 32
+    # MoE experts: statistics from every token for every expert (the forward keeps the router's choice)
+    expert_all_tokens: bool = False
 
 
 @dataclass
@@ -93,6 +98,10 @@ class LayerReport:
     error_before: float
     error_after: float
     seconds: float
+    # MoE layers: experts module -> tokens that reached each expert's first projection (statistics pass)
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # projections solved without data (too few tokens: rounded to nearest)
+    fallbacks: list[str] = field(default_factory=list)
 
 
 Solution = tuple[torch.Tensor, QParams]
@@ -393,11 +402,14 @@ class LayerLoop:
                 for j, x in enumerate(state.x_fp):
                     y_fp.append(forward(x, j).to(on.store_dtype))
             live = {n: layer.get_submodule(n[len(prefix) :]) for n in modules}
+            experts = {n: e for n in live if (e := expert_index(n, self.model)) is not None}
             groups = self._groups(live, lambda: forward(state.x_in[0], 0))
             passes = [list(range(len(groups)))]
             if self.smoother is None:  # a fold may touch modules of another pass: smoothing needs one pass
                 passes = statistic_passes(groups, self._footprint(live, len(state.x_in)), cfg.statistics_budget)
             deferred: dict[str, nn.Module] = {}
+            fallbacks: list[str] = []
+            expert_tokens: dict[str, dict[int, int]] = {}
             for k, indices in enumerate(passes):
                 part = [groups[g] for g in indices]
                 collector = StatCollector(part, live, self.scheme.act_bits)
@@ -410,7 +422,8 @@ class LayerLoop:
                             if fp_in_pass and k == 0:
                                 y_fp.append(y_ref.to(on.store_dtype))
                             del y_ref
-                        y = forward(x, j)
+                        with every_token_to_every_expert(cfg.expert_all_tokens):  # statistics only
+                            y = forward(x, j)
                         if k > 0:
                             continue
                         if cfg.exposed:
@@ -421,13 +434,20 @@ class LayerLoop:
                     collector.close()
                 del weights, collector
                 for g in part:
-                    g.reduce(self.comm)
+                    g.reduce(self.comm, cfg.expert_min_tokens if g.members[0] in experts else 0)
                 if self.smoother is not None:
                     self._smooth(layer, part, prefix, on.compute_dtype, lambda: forward(state.x_in[0], 0))
                 last = k == len(passes) - 1
                 if last:  # no pass needs the full-precision modules any more
                     self._install(deferred, live, on)
                 deferred.update(self._solve(live, part, on, install=last))
+                for g in part:
+                    if g.fallback:
+                        fallbacks += g.members
+                    if g.members[0] in experts and not g.members[0].endswith(".down_proj"):  # the expert's input
+                        owner, e = experts[g.members[0]]
+                        per_expert = expert_tokens.setdefault(owner, {})
+                        per_expert.setdefault(e, g.tokens)
             del groups, live
             with dequant_cache(layer):
                 for j, x in enumerate(state.x_in):
@@ -436,7 +456,18 @@ class LayerLoop:
                     if cfg.exposed:
                         y_in.append(y.to(on.store_dtype))
         report = LayerReport(i, before.value(self.comm), after.value(self.comm), time.perf_counter() - start)
+        sizes = {o: len(self.model.get_submodule(o)) for o in expert_tokens}
+        report.expert_tokens = {o: [t.get(e, 0) for e in range(sizes[o])] for o, t in expert_tokens.items()}
+        report.fallbacks = sorted(fallbacks)
         logger.info("tlq layer %d: weighted rel. error %.3e -> %.3e", i, report.error_before, report.error_after)
+        if report.fallbacks:
+            logger.info(
+                "tlq layer %d: %d projections saw fewer than %d tokens and were rounded to nearest: %s",
+                i,
+                len(report.fallbacks),
+                cfg.expert_min_tokens,
+                ", ".join(report.fallbacks),
+            )
         state.close()
         state.layer, state.x_fp, state.x_in = i + 1, y_fp, y_in
         state.reports.append(report)
@@ -447,7 +478,9 @@ class LayerLoop:
         needs = set(self.solver.needs) | set(self.smoother.needs if self.smoother else ())
         rows = max(1, -(-self.cfg.max_tokens // self.total_samples))
         groups = []
-        for members in shared_input_groups(modules, run_one):
+        with every_token_to_every_expert():  # every expert called once: its projections' shared inputs seen
+            shared = shared_input_groups(modules, run_one)
+        for members in shared:
             split = [members] if self.weighting is None else [[m] for m in members]
             for part in split:
                 stats = {k: STATISTICS[k](rows_per_sample=rows) for k in sorted(needs)}
@@ -521,8 +554,9 @@ class LayerLoop:
         kept: dict[str, nn.Module] = {}
         for group, owner in zip(groups, owners):
             linears = [live[n] for n in group.members]
+            solve = _solve_rtn if group.fallback else self.solver.solve
             if self.comm.rank == owner:
-                solutions = self.solver.solve([m.weight.detach() for m in linears], group, self.scheme, self.cfg, dtype)
+                solutions = solve([m.weight.detach() for m in linears], group, self.scheme, self.cfg, dtype)
             else:
                 solutions = [self._empty_solution(m, dtype) for m in linears]
             group.stats.clear()

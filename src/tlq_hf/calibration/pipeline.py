@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import find_decoder_stack, select_quant_targets
+from ..experts import unfuse_experts
 from ..hostmem import map_large_allocations
 from ..nn import TLQLinear
 from ..primitives import dequantize_codes
@@ -213,10 +214,11 @@ def quantize_model(model: nn.Module, config, undo: bool = False) -> Quantization
     put the model back as it was (:class:`~tlq_hf.calibration.journal.ModelEdits`) before re-raising.
     """
     scheme, recipe = config.scheme, resolve_recipe(config)
-    targets = select_quant_targets(model, config.ignore)
-    _check_targets(targets, scheme)
     edits = ModelEdits(model, undo)
     try:
+        unfuse_experts(model, "", edits.swap)  # fused MoE experts as per-expert linears (same function)
+        targets = select_quant_targets(model, config.ignore)
+        _check_targets(targets, scheme)
         return _calibrate(model, config, scheme, recipe, targets, edits)
     except BaseException:
         if undo:

@@ -24,6 +24,7 @@ from typing import ClassVar, TypeVar
 import torch
 from torch import nn
 
+from ..experts import every_token_to_every_expert, routed_tokens
 from ..primitives import fake_quantize_activation
 from .distributed import Comm
 
@@ -264,7 +265,7 @@ class AbsMaxStatistic(Statistic):
         self.absmax: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, a: torch.Tensor, sample: int, reference: torch.Tensor | None = None) -> None:
-        amax = x.abs().amax(0)
+        amax = x.abs().amax(0) if x.shape[0] else x.new_zeros(x.shape[1])
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
 
     def footprint(self, in_features: int, samples: int) -> int:
@@ -348,14 +349,36 @@ class StatGroup:
     members: list[str]
     stats: dict[str, Statistic] = field(default_factory=dict)
     input_of: str | None = None
+    tokens: int = 0  # token rows that reached the group's input (over all ranks after :meth:`reduce`)
+    width: int = 0  # input channels (known once a row arrived)
+    fallback: bool = False  # too few tokens (see :meth:`reduce`): solved without data
 
     def rescale(self, s: torch.Tensor) -> None:
         for stat in self.stats.values():
             stat.rescale(s)
 
-    def reduce(self, comm: Comm) -> None:
+    def reduce(self, comm: Comm, min_tokens: int = 0) -> bool:
+        """Combine the ranks' statistics; returns whether the group has at least ``min_tokens`` tokens (if not,
+        the statistics are dropped unreduced: the group falls back to a data-free solve). A rank that saw no
+        token of a group that others did (an expert its samples never reached) joins with empty statistics."""
+        local = self.tokens
+        (tokens,) = comm.sum(float(local))
+        self.tokens = int(tokens)
+        if comm.world > 1:
+            width = torch.tensor([float(self.width)])
+            comm.all_reduce_(width, op="max")
+            self.width = int(width)
+        if self.tokens < max(min_tokens, 1):
+            self.stats.clear()
+            self.fallback = True
+            return False
+        if local == 0:  # empty updates give every statistic its zero state
+            empty = torch.zeros(0, self.width)
+            for stat in self.stats.values():
+                stat.update(empty, torch.zeros(0), -1, empty if stat.paired else None)
         for stat in self.stats.values():
             stat.reduce(comm)
+        return True
 
 
 def shared_input_groups(modules: dict[str, nn.Module], run_one: Callable[[], object]) -> list[list[str]]:
@@ -425,7 +448,8 @@ class StatCollector:
         input as the reference of the next exposed forward; statistics are not updated. Returns ``run()``."""
         self.references, self.recording = {}, True
         try:
-            return run()
+            with every_token_to_every_expert():  # an expert's reference rows for every token: the exposed
+                return run()  # forward's routing may differ; its rows are picked from these
         finally:
             self.recording = False
 
@@ -444,10 +468,18 @@ class StatCollector:
             reference = self.references.pop(key, None)
             if self.paired and reference is None:
                 raise RuntimeError("a paired statistic needs StatCollector.reference() before each exposed forward")
+            routed = routed_tokens()  # inside an expert: the positions of the rows it receives
+            if routed is not None and reference is not None and reference.shape[0] != x.shape[0]:
+                reference = reference[routed.to(reference.device)]
             for index in indices:
                 a = self.weights[index]
                 a = torch.ones(x.shape[0], device=x.device) if a is None else a.to(x.device).float()
-                for stat in self.groups[index].stats.values():
+                if routed is not None and a.shape[0] != x.shape[0]:
+                    a = a[routed.to(a.device)]
+                group = self.groups[index]
+                group.tokens += x.shape[0]
+                group.width = x.shape[1]
+                for stat in group.stats.values():
                     stat.update(x, a, self.sample, reference)
 
         return hook

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..arch import select_quant_targets, swap_module
+from ..experts import unfuse_experts
 from ..nn import TLQLinear
 from ..packing import packed_shape
 from ..qtypes import QuantScheme
@@ -33,7 +34,9 @@ class CorruptCheckpointError(ValueError):
 def swap_in_packed_modules(
     model: nn.Module, scheme: QuantScheme, ignore: list[str] | None, dtype: torch.dtype
 ) -> list[str]:
-    """Replace target ``nn.Linear`` modules by empty :class:`TLQLinear`; return their names."""
+    """Replace target ``nn.Linear`` modules by empty :class:`TLQLinear` (fused MoE experts first become
+    per-expert linears, as when the checkpoint was quantized); return their names."""
+    unfuse_experts(model, "", lambda name, module: swap_module(model, name, module), copy_weights=False)
     targets = select_quant_targets(model, ignore)
     for name, linear in targets.items():
         device = linear.weight.device
