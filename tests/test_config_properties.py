@@ -39,6 +39,8 @@ VALID = {
     "damp": st.floats(0, 0.5),
     "act_order": st.booleans(),
     "smooth_alpha": st.floats(0, 1),
+    "expert_min_tokens": st.integers(0, 10**6),
+    "expert_all_tokens": st.booleans(),
 }
 FIELDS = {name: st.one_of(VALID[name], JUNK) for name in _SERIALIZED}
 

@@ -1,7 +1,8 @@
 """tlq_hf: TLQ quantization of vision-language models as a Hugging Face Transformers quantizer.
 
 ``import tlq_hf`` registers quant_method ``"tlq"`` (:class:`TLQConfig`, :class:`TLQHfQuantizer`) with
-transformers, so ``from_pretrained(..., quantization_config=TLQConfig(...))`` quantizes on load.
+transformers, so ``from_pretrained(..., quantization_config=TLQConfig(...))`` quantizes on load, and adds the
+per-expert key merges that a few MoE model types lack (:mod:`tlq_hf.formats.expert_keys`).
 """
 
 from transformers.quantizers.auto import (
@@ -13,6 +14,7 @@ from transformers.quantizers.auto import (
 
 from .api import TLQQuantizer, quantize
 from .config import TLQConfig
+from .formats.expert_keys import register_expert_merges
 from .hf_quantizer import TLQHfQuantizer
 from .qtypes import QuantScheme
 from .version import __version__
@@ -26,6 +28,7 @@ def _register() -> None:
         register_quantization_config("tlq")(TLQConfig)
     if "tlq" not in AUTO_QUANTIZER_MAPPING:
         register_quantizer("tlq")(TLQHfQuantizer)
+    register_expert_merges()  # MoE types whose fused-expert mapping cannot read per-expert keys
 
 
 _register()

@@ -158,8 +158,12 @@ def kept_by_role(model: nn.Module) -> dict[str, str]:
         }
         for child, m in parent.named_children():
             name = f"{parent_name}.{child}" if parent_name else child
+            weight = getattr(m, "weight", None)
             if _overrides_forward(m):
                 kept[name] = f"{type(m).__name__} overrides nn.Linear.forward"
+            elif not isinstance(m, nn.Linear) and isinstance(weight, torch.Tensor) and weight.ndim == 2:
+                if counts and weight.shape[0] in counts:  # e.g. a top-k router module holding [E, H]
+                    kept[name] = "router (one output per expert)"
             elif isinstance(m, nn.Linear) and counts and m.out_features in counts:
                 kept[name] = "router (one output per expert)"
             elif isinstance(m, nn.Linear) and counts and m.out_features == 1:

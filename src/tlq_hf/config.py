@@ -122,6 +122,8 @@ RULES: dict[str, Rule] = {
     "damp": Rule(lambda v: _is_real(v) and 0 <= v < 1, "a small fraction such as 0.01"),
     "act_order": Rule(lambda v: isinstance(v, bool), "True or False"),
     "smooth_alpha": Rule(lambda v: _is_real(v) and 0 <= v <= 1, "a value in [0, 1]"),
+    "expert_min_tokens": Rule(lambda v: _is_int(v) and v >= 0, "a non-negative integer, e.g. 32"),
+    "expert_all_tokens": Rule(lambda v: isinstance(v, bool), "True or False"),
     "offload_dir": Rule(_path_or_none, "None or a folder path"),
     "checkpoint_dir": Rule(_path_or_none, "None or a folder path"),
 }
@@ -152,6 +154,8 @@ _SERIALIZED = (
     "damp",
     "act_order",
     "smooth_alpha",
+    "expert_min_tokens",
+    "expert_all_tokens",
 )
 
 
@@ -218,6 +222,12 @@ class TLQConfig(QuantizationConfigMixin):
             columns by decreasing Hessian diagonal with static groups, as llm-compressor's default; no
             ``g_idx`` needed in the checkpoint).
         smooth_alpha: SmoothQuant migration strength.
+        expert_min_tokens: MoE experts: an expert projection whose input received fewer calibration tokens
+            than this is rounded to nearest (RTN) instead of solved on too little data; the report lists
+            tokens per expert and every projection that fell back.
+        expert_all_tokens: MoE experts: collect every expert's statistics from every token (the forward keeps
+            the router's choice), as llm-compressor's ``calibrate_all_experts``; ``False`` (default): each
+            expert is calibrated on the tokens its router sends it.
         offload_dir: folder for calibration activations (layer boundaries, gradients, targets), one file
             per sample, so host memory holds one layer's worth; ``None`` keeps them in host memory.
             Never serialised.
@@ -253,6 +263,8 @@ class TLQConfig(QuantizationConfigMixin):
         damp: float = 0.01,
         act_order: bool = True,
         smooth_alpha: float = 0.5,
+        expert_min_tokens: int = 32,
+        expert_all_tokens: bool = False,
         offload_dir: str | os.PathLike | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         **kwargs: Any,
@@ -274,6 +286,7 @@ class TLQConfig(QuantizationConfigMixin):
         self.importance_labels, self.importance_topk = importance_labels, importance_topk
         self.answer_tokens, self.importance_scope = answer_tokens, importance_scope
         self.damp, self.act_order, self.smooth_alpha = damp, act_order, smooth_alpha
+        self.expert_min_tokens, self.expert_all_tokens = expert_min_tokens, expert_all_tokens
         self.offload_dir, self.checkpoint_dir = offload_dir, checkpoint_dir
         self.post_init()
         self.offload_dir = os.fspath(offload_dir) if offload_dir is not None else None

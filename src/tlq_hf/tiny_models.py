@@ -450,6 +450,9 @@ class _FamilySpec:
     # tokenizer attributes naming further special tokens (Gemma 3's ``boi_token``, ``image_token``, ...)
     named_tokens: dict[str, str] = field(default_factory=dict)
     words: tuple[str, ...] = ()  # words the chat template needs beyond the shared vocabulary
+    # oldest transformers major line the family is built on (Qwen3-VL-MoE: its 4.57 experts predate the
+    # experts interface, which tlq_hf's MoE support reads)
+    min_major: int = 4
 
 
 _FAMILY_SPECS: dict[str, _FamilySpec] = {
@@ -485,6 +488,7 @@ _FAMILY_SPECS: dict[str, _FamilySpec] = {
         token_id_fields=_QWEN_TOKEN_FIELDS,
         chat_template=_QWEN_CHAT_TEMPLATE,
         model_config=_qwen3_vl_moe_config,
+        min_major=5,
     ),
     "llava": _FamilySpec(
         model_class="LlavaForConditionalGeneration",
@@ -554,7 +558,11 @@ _FAMILY_SPECS: dict[str, _FamilySpec] = {
 }
 
 #: Names accepted by :func:`build_tiny_vlm`.
-FAMILIES: tuple[str, ...] = tuple(_FAMILY_SPECS)
+FAMILIES: tuple[str, ...] = tuple(
+    f
+    for f, spec in _FAMILY_SPECS.items()
+    if hasattr(transformers, spec.model_class) and int(transformers.__version__.split(".")[0]) >= spec.min_major
+)
 
 # --------------------------------------------------------------------------- #
 # Builders

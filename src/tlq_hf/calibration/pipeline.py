@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import find_decoder_stack, select_quant_targets
+from ..coverage import Coverage, decoder_coverage
 from ..experts import unfuse_experts
 from ..hostmem import map_large_allocations
 from ..nn import TLQLinear
@@ -100,6 +101,7 @@ class QuantizationReport:
     vision_tokens: int = 0  # of ``tokens``: image tokens
     answer_tokens: int = 0  # of ``tokens``: answer tokens (the ones the importance loss is taken on)
     io_seconds: float = 0.0  # of ``seconds``: reading/writing spilled activations and loading offloaded layers
+    coverage: Coverage | None = None  # decoder weights quantized / kept in full precision, and why
 
     def summary(self, timing: bool = True) -> str:
         """One line: what was quantized, errors, data; with ``timing``, the seconds per phase (the only part of
@@ -113,6 +115,11 @@ class QuantizationReport:
                 f"{len(self.layers)} layers, weighted output rel. error (last layer) "
                 f"{self.layers[-1].error_before:.2e} -> {self.layers[-1].error_after:.2e}"
             )
+        if self.coverage is not None:
+            parts.append(self.coverage.summary())
+        fallbacks = sum(len(r.fallbacks) for r in self.layers)
+        if fallbacks:
+            parts.append(f"{fallbacks} expert projections rounded to nearest (too few tokens)")
         if self.samples:
             parts.append(f"{self.samples} samples / {self.tokens} tokens")
         if self.answer_loss is not None:
@@ -219,7 +226,13 @@ def quantize_model(model: nn.Module, config, undo: bool = False) -> Quantization
         unfuse_experts(model, "", edits.swap)  # fused MoE experts as per-expert linears (same function)
         targets = select_quant_targets(model, config.ignore)
         _check_targets(targets, scheme)
-        return _calibrate(model, config, scheme, recipe, targets, edits)
+        coverage = decoder_coverage(model, targets, config.ignore)  # nothing left float without a rule
+        report = _calibrate(model, config, scheme, recipe, targets, edits)
+        report.coverage = coverage
+        logger.info("tlq_hf: %s", coverage.summary())
+        for name, reason in coverage.kept_modules.items():
+            logger.debug("tlq_hf: kept in full precision: %s (%s)", name, reason)
+        return report
     except BaseException:
         if undo:
             edits.rollback()
@@ -305,6 +318,8 @@ def _calibrate(model: nn.Module, config, scheme: QuantScheme, recipe: Recipe, ta
             damp=config.damp,
             act_order=config.act_order,
             smooth_alpha=config.smooth_alpha,
+            expert_min_tokens=config.expert_min_tokens,
+            expert_all_tokens=config.expert_all_tokens,
         )
         loop = LayerLoop(
             model,

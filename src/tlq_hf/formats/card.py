@@ -71,6 +71,40 @@ def _layers_table(report: Any, limit: int = 16) -> list[str]:
     return lines
 
 
+def _experts_rows(model: nn.Module, report: Any) -> list[str]:
+    """MoE: how experts were written and calibrated, and what reloading them needs."""
+    from ..experts import UnfusedExperts
+    from .expert_keys import merges_needed
+
+    experts = [m for m in model.modules() if isinstance(m, UnfusedExperts)]
+    if not experts:
+        return []
+    tokens = sorted(t for r in getattr(report, "layers", []) or [] for ts in r.expert_tokens.values() for t in ts)
+    fallbacks = sum(len(r.fallbacks) for r in getattr(report, "layers", []) or [])
+    rows = [
+        f"| experts | {len(experts)} MoE layers x {len(experts[0])} experts, written per expert "
+        "(`mlp.experts.N.gate_proj` / `up_proj` / `down_proj`, the names vLLM's MoE loaders read); routers and "
+        "gates in full precision |"
+    ]
+    if tokens:
+        rows.append(
+            f"| calibration tokens per expert | min {tokens[0]}, median {tokens[len(tokens) // 2]}, max {tokens[-1]}; "
+            f"{fallbacks} projections rounded to nearest for too few tokens |"
+        )
+    try:
+        from transformers.conversion_mapping import _build_checkpoint_conversion_mapping
+
+        original = _build_checkpoint_conversion_mapping().get(getattr(model.config, "model_type", ""))
+    except ImportError:
+        original = None
+    if original is not None and merges_needed(original):
+        rows.append(
+            "| reloading | `import tlq_hf` before `from_pretrained`: this transformers' conversion for "
+            f"`{model.config.model_type}` reads only fused expert keys; tlq_hf registers the per-expert merge |"
+        )
+    return rows
+
+
 def model_card(model: nn.Module, repo_id: str | None = None, tags: list[str] | None = None) -> ModelCard:
     """The card of a model tlq_hf quantized (``model.hf_quantizer.quantization_config`` and ``model.tlq_report``)."""
     config = model.hf_quantizer.quantization_config
@@ -113,6 +147,8 @@ def model_card(model: nn.Module, repo_id: str | None = None, tags: list[str] | N
             else f"(ignore {config.ignore})"
         )
         + " |",
+        *([f"| decoder coverage | {report.coverage.summary()} |"] if getattr(report, "coverage", None) else []),
+        *_experts_rows(model, report),
         f"| format | {config.save_format} |",
         f"| method | `{config.method}`"
         + (

@@ -1,0 +1,268 @@
+"""Mixture-of-experts decoders: experts quantized by every method, routers kept, nothing float silently, and
+checkpoints that reload to the in-memory logits (Qwen3-VL-MoE, Qwen3.5-MoE, Llama 4, DeepSeek-V3)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+import transformers
+from _helpers import auto_class, logits_of
+from safetensors import safe_open
+from torch import nn
+
+from tlq_hf import TLQConfig, quantize
+from tlq_hf.arch import kept_by_role, swap_module
+from tlq_hf.coverage import UnquantizedWeightError
+from tlq_hf.experts import UnfusedExperts, unfuse_experts
+from tlq_hf.nn import TLQLinear
+from tlq_hf.tiny_models import sample_rows
+
+pytestmark = pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5, reason="MoE support reads transformers 5's experts interface"
+)
+
+_TEXT = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512, head_dim=64)
+
+
+def _build(kind: str) -> nn.Module:
+    """A tiny random MoE model of transformers' own class (4 experts), weights N(0, 0.05)."""
+    if kind == "qwen3_5_moe":
+        cfg = transformers.Qwen3_5MoeConfig(
+            text_config=dict(
+                _TEXT,
+                hidden_size=256,
+                moe_intermediate_size=128,
+                shared_expert_intermediate_size=128,
+                num_experts=4,
+                num_experts_per_tok=2,
+                layer_types=["linear_attention", "full_attention"],
+                linear_num_key_heads=2,
+                linear_num_value_heads=4,
+                linear_key_head_dim=64,
+                linear_value_head_dim=64,
+            ),
+            vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256),
+        )
+        model = transformers.Qwen3_5MoeForConditionalGeneration(cfg)
+    elif kind == "llama4":
+        cfg = transformers.Llama4Config(
+            text_config=dict(
+                _TEXT,
+                hidden_size=256,
+                intermediate_size=128,
+                intermediate_size_mlp=256,
+                num_local_experts=4,
+                num_experts_per_tok=1,
+                interleave_moe_layer_step=1,
+            ),
+            vision_config=dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                vision_output_dim=64,
+                projector_input_dim=64,
+                projector_output_dim=64,
+            ),
+        )
+        model = transformers.Llama4ForConditionalGeneration(cfg)
+    elif kind == "deepseek_v3":  # Kimi-K2.5's text decoder: DeepSeek-V3 MoE with MLA attention
+        cfg = transformers.DeepseekV3Config(
+            hidden_size=256,
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=512,
+            q_lora_rank=128,
+            kv_lora_rank=128,
+            qk_rope_head_dim=32,
+            qk_nope_head_dim=64,
+            v_head_dim=64,
+            n_group=1,
+            topk_group=1,
+        )
+        model = transformers.DeepseekV3ForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for p in model.parameters():
+            if p.ndim >= 2:
+                nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
+KINDS = ("qwen3_5_moe", "llama4", "deepseek_v3")
+
+
+def _loader(kind: str):
+    return transformers.AutoModelForCausalLM if kind == "deepseek_v3" else auto_class()
+
+
+IDS = torch.randint(0, 500, (1, 24), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def _logits(model: nn.Module) -> torch.Tensor:
+    return model(input_ids=IDS).logits.float()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unfused_experts_compute_what_the_fused_ones_do(kind):
+    model = _build(kind)
+    before = _logits(model)
+    names = unfuse_experts(model, "", lambda n, m: swap_module(model, n, m))
+    assert names and all(isinstance(model.get_submodule(n), UnfusedExperts) for n in names)
+    torch.testing.assert_close(_logits(model), before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rtn_quantizes_experts_keeps_routers_and_reloads(kind, tmp_path):
+    """Quantize on load, save (compressed-tensors), reload with transformers to the same logits; every expert
+    projection written under its per-expert name and quantized, routers and gates not."""
+    _build(kind).save_pretrained(tmp_path / "fp")
+    model = _loader(kind).from_pretrained(tmp_path / "fp", quantization_config=TLQConfig(group_size=64, method="rtn"))
+    experts = [n for n, m in model.named_modules() if isinstance(m, UnfusedExperts)]
+    assert experts
+    for name in experts:
+        for e in range(len(model.get_submodule(name))):
+            assert isinstance(model.get_submodule(f"{name}.{e}.down_proj"), TLQLinear)
+            assert isinstance(model.get_submodule(f"{name}.{e}.up_proj"), TLQLinear)
+    kept = kept_by_role(model)
+    assert kept and all(not isinstance(model.get_submodule(n), TLQLinear) for n in kept)
+    expected = _logits(model)  # the first forward after quantization works (Llama 4's router returns a tuple)
+    coverage = model.tlq_report.coverage
+    assert coverage.quantized > 0.9 * coverage.total and "router (one output per expert)" in coverage.kept
+    model.save_pretrained(tmp_path / "q")
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    packed = {k for k in keys if re.search(r"experts\.\d+\.(gate|up|down)_proj\.weight_packed$", k)}
+    assert len(packed) == 3 * 4 * len(experts)
+    assert not any(re.search(r"experts\.(gate_up_proj|down_proj)$", k) for k in keys)
+    reloaded = _loader(kind).from_pretrained(tmp_path / "q")
+    torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_qwen3_5_moe_scalar_gate_is_kept_and_named_in_the_ignore_list(tmp_path):
+    model = _build("qwen3_5_moe")
+    quantize(model, TLQConfig(group_size=64, method="rtn"))
+    gates = [n for n, r in kept_by_role(model).items() if r.startswith("scalar gate")]
+    assert gates and all(n.endswith("shared_expert_gate") for n in gates)
+    model.save_pretrained(tmp_path)
+    ignore = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["ignore"]
+    assert all(any(re.match(p[3:], g) for p in ignore) for g in gates)
+
+
+@pytest.fixture(scope="module")
+def moe_vlm(tiny_vlm_dirs):
+    return tiny_vlm_dirs["qwen3_vl_moe"]
+
+
+@pytest.mark.parametrize("method", ["gptq", "tlq", "gptaq", "awq", "mbq"])
+def test_every_method_calibrates_experts_on_their_routed_tokens(moe_vlm, method, batch_for):
+    cfg = TLQConfig(method=method, dataset=sample_rows(6), num_samples=6)
+    model = auto_class().from_pretrained(moe_vlm, quantization_config=cfg)
+    report = model.tlq_report
+    n_packed = sum(isinstance(m, TLQLinear) for n, m in model.named_modules() if ".experts." in n)
+    assert n_packed == 2 * 4 * 3
+    for layer in report.layers:
+        (tokens,) = layer.expert_tokens.values()
+        assert sum(tokens) == report.tokens * 2  # top-2: every token reaches two experts
+        assert not layer.fallbacks
+    assert torch.isfinite(logits_of(model, batch_for("qwen3_vl_moe"))).all()
+
+
+def test_experts_with_too_few_tokens_fall_back_to_rtn_and_are_listed(moe_vlm):
+    cfg = TLQConfig(method="gptq", dataset=sample_rows(4), num_samples=4, expert_min_tokens=10**6)
+    report = auto_class().from_pretrained(moe_vlm, quantization_config=cfg).tlq_report
+    fallbacks = [f for layer in report.layers for f in layer.fallbacks]
+    assert len(fallbacks) == 2 * 4 * 3 and all(".experts." in f for f in fallbacks)
+    assert "rounded to nearest" in report.summary()
+
+
+def test_all_tokens_option_feeds_every_expert_every_token(moe_vlm):
+    cfg = TLQConfig(method="gptq", dataset=sample_rows(4), num_samples=4, expert_all_tokens=True)
+    report = auto_class().from_pretrained(moe_vlm, quantization_config=cfg).tlq_report
+    for layer in report.layers:
+        (tokens,) = layer.expert_tokens.values()
+        assert tokens == [report.tokens] * 4
+
+
+def test_a_token_weighs_the_same_in_whichever_expert_it_reaches(moe_vlm):
+    """TLQ's raw importance of every expert projection is the gradient at the experts module's output."""
+    from tlq_hf.arch import find_decoder_stack, select_quant_targets
+    from tlq_hf.calibration.capture import capture_layer_inputs
+    from tlq_hf.calibration.importance import gradient_importance
+    from tlq_hf.data import build_calibration_set
+
+    model = auto_class().from_pretrained(moe_vlm, dtype=torch.float32)
+    unfuse_experts(model, "", lambda n, m: swap_module(model, n, m))
+    stack = find_decoder_stack(model)
+    targets = select_quant_targets(model, None)
+    processor = transformers.AutoProcessor.from_pretrained(moe_vlm)
+    samples = build_calibration_set(sample_rows(3), processor, 3, 2048, 0)
+    grad = gradient_importance(model, stack, capture_layer_inputs(model, stack, samples), targets)
+    prefix = f"{stack.path}.0.mlp.experts"
+    for j in range(3):
+        ref = grad.raw[f"{prefix}.0.gate_proj"][j]
+        assert ref.shape == (samples[j].num_tokens,) and float(ref.sum()) > 0
+        for e in range(4):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                assert torch.equal(grad.raw[f"{prefix}.{e}.{proj}"][j], ref)
+        assert not torch.equal(grad.raw[f"{stack.path}.0.self_attn.o_proj"][j], ref)
+
+
+def test_qwen3_vl_moe_checkpoint_reloads_with_the_registered_merge(moe_vlm, tmp_path, batch_for):
+    cfg = TLQConfig(method="gptq", dataset=sample_rows(4), num_samples=4)
+    model = auto_class().from_pretrained(moe_vlm, quantization_config=cfg)
+    batch = batch_for("qwen3_vl_moe")
+    expected = logits_of(model, batch)
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "import tlq_hf" in card and "tokens per expert" in card and "decoder coverage" in card
+    reloaded = auto_class().from_pretrained(tmp_path)
+    torch.testing.assert_close(logits_of(reloaded, batch), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_native_format_keeps_experts_packed(moe_vlm, tmp_path, batch_for):
+    cfg = TLQConfig(method="rtn", save_format="tlq")
+    model = auto_class().from_pretrained(moe_vlm, quantization_config=cfg)
+    batch = batch_for("qwen3_vl_moe")
+    expected = logits_of(model, batch)
+    model.save_pretrained(tmp_path)
+    reloaded = auto_class().from_pretrained(tmp_path)
+    assert isinstance(reloaded.get_submodule("model.language_model.layers.1.mlp.experts.3.down_proj"), TLQLinear)
+    torch.testing.assert_close(logits_of(reloaded, batch), expected, rtol=1e-5, atol=1e-5)
+
+
+class _OddExperts(nn.Module):
+    """Fused experts of no convention tlq_hf knows."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(4, 8, 8))
+        self.inner = experts
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def test_a_decoder_weight_no_rule_covers_is_refused_by_name_before_any_change():
+    model = _build("deepseek_v3")
+    experts = model.model.layers[1].mlp.experts
+    model.model.layers[1].mlp.experts = _OddExperts(experts)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UnquantizedWeightError, match=r"layers\.1\.mlp\.experts\.w .*ignore="):
+        quantize(model, TLQConfig(method="rtn", group_size=64))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
