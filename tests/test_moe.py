@@ -142,7 +142,7 @@ def test_rtn_quantizes_experts_keeps_routers_and_reloads(kind, tmp_path):
     assert kept and all(not isinstance(model.get_submodule(n), TLQLinear) for n in kept)
     expected = _logits(model)  # the first forward after quantization works (Llama 4's router returns a tuple)
     coverage = model.tlq_report.coverage
-    assert coverage.quantized > 0.9 * coverage.total and "router (one output per expert)" in coverage.kept
+    assert coverage.quantized > 0.9 * coverage.total and any("router" in r or "forward" in r for r in coverage.kept)
     model.save_pretrained(tmp_path / "q")
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
