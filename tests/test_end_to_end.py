@@ -90,17 +90,6 @@ def _quantized(path, **cfg) -> nn.Module:
     return auto_class().from_pretrained(path, quantization_config=TLQConfig(**cfg), dtype=dtype)
 
 
-def _needs_expert_merge(model) -> bool:
-    try:
-        from transformers.conversion_mapping import _build_checkpoint_conversion_mapping
-    except ImportError:
-        return False
-    from tlq_hf.formats.expert_keys import merges_needed
-
-    mapping = _build_checkpoint_conversion_mapping().get(model.config.model_type)
-    return mapping is not None and merges_needed(mapping)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantize_save_reload_compressed_tensors(family, tiny_vlm_dirs, batch_for, tmp_path):
     path, batch = tiny_vlm_dirs[family], batch_for(family)
@@ -137,8 +126,6 @@ def test_quantize_save_reload_compressed_tensors(family, tiny_vlm_dirs, batch_fo
     print(f"{family} decoder weight bytes on disk / bf16: {ratio:.3f}")
     assert ratio <= 0.32
 
-    if _needs_expert_merge(q):  # reloads with tlq_hf imported (tests/test_moe.py), not without: see README
-        pytest.skip(f"{family}: this transformers' conversion reads only fused expert keys")
     reloaded = _reload_without_plugin(str(tmp_path / "ct"), batch, str(tmp_path / "ct_logits.pt"))
     rel = float((reloaded["logits"] - out).norm() / out.norm())
     print(f"{family} compressed-tensors reload (no plugin) vs in-memory: rel diff {rel:.2e}")

@@ -92,6 +92,13 @@ class ExpertsLayout:
     def up_name(self) -> str:
         return "gate_up_proj" if self.has_gate else "up_proj"
 
+    def split(self, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate and up parts of one expert's fused ``gate_up`` rows (weight ``[2I, H]`` or bias ``[2I]``)."""
+        if self.concatenated:
+            half = fused.shape[0] // 2
+            return fused[:half], fused[half:]
+        return fused[0::2], fused[1::2]
+
 
 class ExpertsConvention(ABC):
     """One way transformers models store and call fused experts."""
@@ -99,10 +106,12 @@ class ExpertsConvention(ABC):
     name: str
 
     @abstractmethod
-    def matches(self, module: nn.Module) -> bool: ...
+    def matches(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a fused experts module of this convention."""
 
     @abstractmethod
-    def layout(self, module: nn.Module) -> ExpertsLayout: ...
+    def layout(self, module: nn.Module) -> ExpertsLayout:
+        """How ``module`` (one that :meth:`matches`) stores its weights."""
 
     @abstractmethod
     def forward(self, experts: UnfusedExperts, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
@@ -244,31 +253,25 @@ class UnfusedExperts(nn.Module):
         object.__setattr__(self, "_shell", shell)
         if getattr(fused, "has_post_expert_norm", False):
             self.post_expert_norm = fused.post_expert_norm
-        self.num_experts = layout.num_experts
+        self.num_experts = layout.num_experts  # the attribute routers are recognised by (arch.kept_by_role)
 
     @torch.no_grad()
     def _copy_from(self, fused: nn.Module, up_w: torch.Tensor, down_w: torch.Tensor) -> None:
         layout = self.layout
-        inter = down_w.shape[2]
+        up_b = getattr(fused, f"{layout.up_name}_bias", None) if layout.has_bias else None
         for e in range(layout.num_experts):
             mlp = self.expert(e)
-            w = up_w[e]
-            if layout.has_gate:
-                gate, upw = (w[:inter], w[inter:]) if layout.concatenated else (w[0::2], w[1::2])
-                mlp.gate_proj.weight.copy_(gate)
-                mlp.up_proj.weight.copy_(upw)
-            else:
-                mlp.up_proj.weight.copy_(w)
-            mlp.down_proj.weight.copy_(down_w[e])
-            if layout.has_bias:
-                b = getattr(fused, f"{layout.up_name}_bias")[e]
+            pairs = [("weight", up_w[e], down_w[e])]
+            if up_b is not None:
+                pairs.append(("bias", up_b[e], fused.down_proj_bias[e]))
+            for attr, up_part, down_part in pairs:
                 if layout.has_gate:
-                    gb, ub = (b[:inter], b[inter:]) if layout.concatenated else (b[0::2], b[1::2])
-                    mlp.gate_proj.bias.copy_(gb)
-                    mlp.up_proj.bias.copy_(ub)
+                    gate, up = layout.split(up_part)
+                    getattr(mlp.gate_proj, attr).copy_(gate)
                 else:
-                    mlp.up_proj.bias.copy_(b)
-                mlp.down_proj.bias.copy_(fused.down_proj_bias[e])
+                    up = up_part
+                getattr(mlp.up_proj, attr).copy_(up)
+                getattr(mlp.down_proj, attr).copy_(down_part)
 
     def __len__(self) -> int:
         return self.layout.num_experts

@@ -479,18 +479,6 @@ _FAMILY_SPECS: dict[str, _FamilySpec] = {
         chat_template=_QWEN_CHAT_TEMPLATE,
         model_config=_qwen2_5_vl_config,
     ),
-    "qwen3_vl_moe": _FamilySpec(
-        model_class="Qwen3VLMoeForConditionalGeneration",
-        processor_class="Qwen3VLProcessor",
-        image_processor=("Qwen2VLImageProcessor", _QWEN_PIXELS),
-        video_processor=("Qwen3VLVideoProcessor", _QWEN_PIXELS),
-        special_tokens=_QWEN_SPECIAL,
-        roles=_QWEN_ROLES,
-        token_id_fields=_QWEN_TOKEN_FIELDS,
-        chat_template=_QWEN_CHAT_TEMPLATE,
-        model_config=_qwen3_vl_moe_config,
-        min_major=5,
-    ),
     "llava": _FamilySpec(
         model_class="LlavaForConditionalGeneration",
         processor_class="LlavaProcessor",
@@ -559,6 +547,15 @@ _FAMILY_SPECS: dict[str, _FamilySpec] = {
 }
 
 #: Names accepted by :func:`build_tiny_vlm`.
+_FAMILY_SPECS["qwen3_vl_moe"] = dataclasses.replace(
+    _FAMILY_SPECS["qwen2_5_vl"],  # the Qwen tokenizer, pixels and chat template
+    model_class="Qwen3VLMoeForConditionalGeneration",
+    processor_class="Qwen3VLProcessor",
+    video_processor=("Qwen3VLVideoProcessor", _QWEN_PIXELS),
+    model_config=_qwen3_vl_moe_config,
+    min_major=5,
+)
+
 _BUILDABLE = tuple(
     f
     for f, spec in _FAMILY_SPECS.items()

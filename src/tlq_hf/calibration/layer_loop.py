@@ -456,8 +456,9 @@ class LayerLoop:
                     if cfg.exposed:
                         y_in.append(y.to(on.store_dtype))
         report = LayerReport(i, before.value(self.comm), after.value(self.comm), time.perf_counter() - start)
-        sizes = {o: len(self.model.get_submodule(o)) for o in expert_tokens}
-        report.expert_tokens = {o: [t.get(e, 0) for e in range(sizes[o])] for o, t in expert_tokens.items()}
+        report.expert_tokens = {
+            o: [t.get(e, 0) for e in range(len(self.model.get_submodule(o)))] for o, t in expert_tokens.items()
+        }
         report.fallbacks = sorted(fallbacks)
         logger.info("tlq layer %d: weighted rel. error %.3e -> %.3e", i, report.error_before, report.error_after)
         if report.fallbacks:

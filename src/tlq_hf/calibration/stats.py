@@ -357,9 +357,9 @@ class StatGroup:
         for stat in self.stats.values():
             stat.rescale(s)
 
-    def reduce(self, comm: Comm, min_tokens: int = 0) -> bool:
-        """Combine the ranks' statistics; returns whether the group has at least ``min_tokens`` tokens (if not,
-        the statistics are dropped unreduced: the group falls back to a data-free solve). A rank that saw no
+    def reduce(self, comm: Comm, min_tokens: int = 0) -> None:
+        """Combine the ranks' statistics. With fewer than ``min_tokens`` tokens (at least one) over all ranks the
+        statistics are dropped and :attr:`fallback` set: the group is solved without data. A rank that saw no
         token of a group that others did (an expert its samples never reached) joins with empty statistics."""
         local = self.tokens
         (tokens,) = comm.sum(float(local))
@@ -371,14 +371,13 @@ class StatGroup:
         if self.tokens < max(min_tokens, 1):
             self.stats.clear()
             self.fallback = True
-            return False
+            return
         if local == 0:  # empty updates give every statistic its zero state
             empty = torch.zeros(0, self.width)
             for stat in self.stats.values():
                 stat.update(empty, torch.zeros(0), -1, empty if stat.paired else None)
         for stat in self.stats.values():
             stat.reduce(comm)
-        return True
 
 
 def shared_input_groups(modules: dict[str, nn.Module], run_one: Callable[[], object]) -> list[list[str]]:
@@ -468,14 +467,16 @@ class StatCollector:
             reference = self.references.pop(key, None)
             if self.paired and reference is None:
                 raise RuntimeError("a paired statistic needs StatCollector.reference() before each exposed forward")
-            routed = routed_tokens()  # inside an expert: the positions of the rows it receives
-            if routed is not None and reference is not None and reference.shape[0] != x.shape[0]:
+            routed = routed_tokens()  # inside an expert: the positions of the rows it receives among all tokens
+            if routed is not None and reference is not None:  # references hold every token (see reference())
                 reference = reference[routed.to(reference.device)]
             for index in indices:
                 a = self.weights[index]
-                a = torch.ones(x.shape[0], device=x.device) if a is None else a.to(x.device).float()
-                if routed is not None and a.shape[0] != x.shape[0]:
-                    a = a[routed.to(a.device)]
+                if a is None:
+                    a = torch.ones(x.shape[0], device=x.device)
+                else:
+                    a = a.to(x.device).float()
+                    a = a[routed.to(a.device)] if routed is not None else a
                 group = self.groups[index]
                 group.tokens += x.shape[0]
                 group.width = x.shape[1]

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["register_expert_merges", "merges_needed"]
+__all__ = ["MERGED_TYPES", "register_expert_merges", "merges_needed"]
 
 logger = logging.getLogger(__name__)
+
+#: Model types :func:`register_expert_merges` gave the per-expert merges (their checkpoints need ``import tlq_hf``).
+MERGED_TYPES: set[str] = set()
 
 _FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
@@ -67,6 +70,7 @@ def register_expert_merges() -> list[str]:
         if current is not None and merges_needed(current):
             cm.register_checkpoint_conversion_mapping(model_type, _converters() + current, overwrite=True)
             changed.append(model_type)
+    MERGED_TYPES.update(changed)
     if changed:
         logger.debug("tlq_hf: per-expert key merges registered for %s", changed)
     return changed
