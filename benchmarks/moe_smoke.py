@@ -1,0 +1,130 @@
+"""MoE support on tiny random-weight models of transformers' own classes: unfused == fused, quantize on load,
+save, reload, and every method on the tiny Qwen3-VL-MoE VLM.
+
+    python benchmarks/moe_smoke.py
+
+Writes benchmarks/results/moe_smoke.json (commit, versions, CPU, timestamps, command). Random weights: these are
+plumbing figures (logit agreement, coverage, time, peak RSS), not quality claims.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tiny MoE builders of the tests
+
+from test_moe import IDS, KINDS, _build, _loader  # noqa: E402
+
+from tlq_hf import TLQConfig  # noqa: E402
+from tlq_hf.arch import swap_module  # noqa: E402
+from tlq_hf.experts import unfuse_experts  # noqa: E402
+from tlq_hf.tiny_models import build_tiny_vlm, load_auto_class, make_inputs, sample_images, sample_rows  # noqa: E402
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+@torch.no_grad()
+def _logits(model, batch) -> torch.Tensor:
+    return model(**batch).logits
+
+
+def text_models(root: Path) -> list[dict]:
+    rows = []
+    for kind in KINDS:
+        model = _build(kind)
+        batch = {"input_ids": IDS}
+        fused = _logits(model, batch)
+        unfuse_experts(model, "", lambda n, m, model=model: swap_module(model, n, m))
+        unfused = _logits(model, batch)
+        _build(kind).save_pretrained(root / kind)
+        start = time.perf_counter()
+        q = _loader(kind).from_pretrained(root / kind, quantization_config=TLQConfig(group_size=64, method="rtn"))
+        seconds = time.perf_counter() - start
+        expected = _logits(q, batch)
+        q.save_pretrained(root / f"{kind}-q")
+        reloaded = _logits(_loader(kind).from_pretrained(root / f"{kind}-q"), batch)
+        cov = q.tlq_report.coverage
+        rows.append(
+            {
+                "model": kind,
+                "unfused_vs_fused_max_abs": _max_diff(unfused, fused),
+                "rtn_w4g64_quantize_on_load_s": round(seconds, 2),
+                "decoder_quantized_fraction": cov.quantized / cov.total,
+                "kept": cov.kept,
+                "reload_vs_in_memory_max_abs": _max_diff(reloaded, expected),
+                "logit_scale_max_abs": float(expected.abs().max()),
+            }
+        )
+    return rows
+
+
+def vlm_methods(root: Path) -> list[dict]:
+    path = build_tiny_vlm("qwen3_vl_moe", root / "qwen3_vl_moe")
+    auto = load_auto_class()
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    batch = dict(make_inputs(processor, sample_images(2), ["what is in the picture", "describe the image"]))
+    rows = []
+    for method in ("rtn", "gptq", "gptaq", "awq", "mbq", "tlq"):
+        cfg = TLQConfig(method=method, dataset=sample_rows(16), num_samples=16)
+        start = time.perf_counter()
+        model = auto.from_pretrained(path, quantization_config=cfg)
+        seconds = time.perf_counter() - start
+        report = model.tlq_report
+        row = {
+            "method": method,
+            "quantize_on_load_s": round(seconds, 2),
+            "summary": report.summary(timing=False),
+            "tokens_per_expert": [list(r.expert_tokens.values())[0] for r in report.layers],
+            "fallbacks": sum(len(r.fallbacks) for r in report.layers),
+            "layer_error_after": [r.error_after for r in report.layers],
+        }
+        model.save_pretrained(root / f"vl-{method}")
+        reloaded = auto.from_pretrained(root / f"vl-{method}")
+        row["reload_vs_in_memory_max_abs"] = _max_diff(_logits(reloaded, batch), _logits(model, batch))
+        rows.append(row)
+    return rows
+
+
+def _cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def main() -> None:
+    started = datetime.now(timezone.utc).isoformat()
+    root = Path(tempfile.mkdtemp())
+    record = {
+        "command": "python benchmarks/moe_smoke.py",
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version},
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "started": started,
+        "text_models": text_models(root),
+        "qwen3_vl_moe_methods": vlm_methods(root),
+    }
+    record["finished"] = datetime.now(timezone.utc).isoformat()
+    record["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = HERE / "results" / "moe_smoke.json"
+    out.write_text(json.dumps(record, indent=1))
+    print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
