@@ -234,6 +234,22 @@ def test_qwen3_vl_moe_checkpoint_reloads_with_the_registered_merge(moe_vlm, tmp_
     torch.testing.assert_close(logits_of(reloaded, batch), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_the_registered_merge_leaves_unquantized_saves_in_the_original_fused_layout(moe_vlm, tmp_path, batch_for):
+    """With tlq_hf imported, a full-precision Qwen3-VL-MoE still saves fused experts under their full names (the
+    merge is load-only) and reloads, from a loaded model and twice over, to the same logits."""
+    model = auto_class().from_pretrained(moe_vlm)
+    batch = batch_for("qwen3_vl_moe")
+    expected = logits_of(model, batch)
+    for round_trip in ("a", "b"):
+        model.save_pretrained(tmp_path / round_trip)
+        keys = [k for f in (tmp_path / round_trip).glob("*.safetensors") for k in safe_open(f, "pt").keys()]
+        experts = sorted(k for k in keys if ".experts." in k)
+        fused = r"model\.language_model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)"
+        assert experts and all(re.fullmatch(fused, k) for k in experts)
+        model = auto_class().from_pretrained(tmp_path / round_trip)
+        torch.testing.assert_close(logits_of(model, batch), expected, rtol=0, atol=0)
+
+
 def test_native_format_keeps_experts_packed(moe_vlm, tmp_path, batch_for):
     cfg = TLQConfig(method="rtn", save_format="tlq")
     model = auto_class().from_pretrained(moe_vlm, quantization_config=cfg)

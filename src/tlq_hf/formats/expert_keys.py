@@ -25,15 +25,23 @@ _FUSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 def _converters():
-    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
+
+    class LoadOnlyConverter(WeightConverter):
+        """A merge used when loading only: saving reverses the model type's own converters (fused keys, as its
+        original checkpoints have them). Reversed, this one would claim the fused keys too and transformers'
+        save would file them under the wrong converter (prefixes lost, experts unloadable)."""
+
+        def reverse_transform(self) -> WeightRenaming:
+            return WeightRenaming(source_patterns=r"^\b$", target_patterns="")  # matches no key
 
     return [
-        WeightConverter(
+        LoadOnlyConverter(
             source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
             target_patterns="mlp.experts.gate_up_proj",
             operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
         ),
-        WeightConverter(
+        LoadOnlyConverter(
             source_patterns="mlp.experts.*.down_proj.weight",
             target_patterns="mlp.experts.down_proj",
             operations=[MergeModulelist(dim=0)],
