@@ -282,3 +282,76 @@ def test_a_decoder_weight_no_rule_covers_is_refused_by_name_before_any_change():
         quantize(model, TLQConfig(method="rtn", group_size=64))
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+#: vLLM's ``hf_to_vllm_mapper`` prefixes (vLLM 0.34: qwen3_vl.py, inherited by qwen3_vl_moe.py and qwen3_5.py; Llama 4
+#: and DeepSeek-V3 have none: their checkpoint names are vLLM's), and the shards vLLM fuses into one layer
+#: (``packed_modules_mapping`` of qwen3_vl_moe.py, qwen3_5.py, mllama4.py, deepseek_v2.py).
+VLLM_PREFIXES = {
+    "qwen3_vl_moe": {
+        "model.visual.": "visual.",
+        "lm_head.": "language_model.lm_head.",
+        "model.language_model.": "language_model.model.",
+    },
+    "llama4": {},
+    "deepseek_v3": {},
+}
+VLLM_PREFIXES["qwen3_5_moe"] = VLLM_PREFIXES["qwen3_vl_moe"]
+VLLM_FUSED = {
+    "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+    "gate_up_proj": ["gate_proj", "up_proj"],
+    "in_proj_qkvz": ["in_proj_qkv", "in_proj_z"],
+    "in_proj_ba": ["in_proj_b", "in_proj_a"],
+    "fused_qkv_a_proj": ["q_a_proj", "kv_a_proj_with_mqa"],
+}
+
+
+def _vllm_name(name: str, kind: str) -> str:
+    for old, new in VLLM_PREFIXES[kind].items():
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "qwen3_vl_moe"])
+def test_moe_checkpoint_names_are_the_ones_vllm_loads(kind, tmp_path, moe_vlm):
+    """vLLM's compressed-tensors loader, read for MoE: per-expert keys ``<layer>.experts.{e}.{gate,up,down}_proj.``
+    (its ``make_expert_params_mapping``; DeepSeek-V3 reads no fused experts), a FusedMoE layer's scheme decided by
+    ``<layer>.experts.0.{gate,up,down}_proj`` against ``ignore`` (``re:`` entries by ``re.match``, not remapped),
+    and routers that vLLM builds as quantizable linears (Qwen3-VL-MoE's ``mlp.gate``) named in ``ignore``."""
+    from test_vllm_names import vllm_ignores
+
+    if kind == "qwen3_vl_moe":
+        source, loader = moe_vlm, auto_class()
+    else:
+        _build(kind).save_pretrained(tmp_path / "fp")
+        source, loader = tmp_path / "fp", _loader(kind)
+    model = loader.from_pretrained(source, quantization_config=TLQConfig(group_size=64, method="rtn"))
+    model.save_pretrained(tmp_path / "q")
+    ignore = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["ignore"]
+    shapes: dict[str, list[int]] = {}
+    for file in (tmp_path / "q").glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
+    packed = {_vllm_name(k.rsplit(".", 1)[0], kind) for k in shapes if k.endswith(".weight_packed")}
+    matrices = {  # every 2-D weight on disk (linears and routers), under vLLM's name: packed or not
+        _vllm_name(k[: -len(".weight")], kind): False
+        for k, s in shapes.items()
+        if k.endswith(".weight") and len(s) == 2 and "embed" not in k
+    }
+    matrices.update(dict.fromkeys(packed, True))
+    wrong = {n: q for n, q in matrices.items() if vllm_ignores(n, ignore) == q}
+    assert not wrong, f"ignore {ignore} disagrees with the packed state of {sorted(wrong)[:4]}"
+    assert any(n.endswith(("mlp.gate", "feed_forward.router")) and not q for n, q in matrices.items())
+
+    experts = {m.group(1) for n in packed for m in [re.match(r"(.*\.experts)\.\d+\.(gate|up|down)_proj$", n)] if m}
+    assert experts and not any(re.search(r"experts\.(gate_up_proj|down_proj)$", k) for k in shapes)
+    n_experts = len(next(m for n, m in model.named_modules() if isinstance(m, UnfusedExperts)))
+    for layer in experts:  # vLLM's FusedMoE: one scheme, read off expert 0's three projections, every expert present
+        assert not any(vllm_ignores(f"{layer}.0.{p}", ignore) for p in ("gate_proj", "up_proj", "down_proj"))
+        assert {f"{layer}.{e}.{p}" for e in range(n_experts) for p in ("gate_proj", "up_proj", "down_proj")} <= packed
+    for fused, shards in VLLM_FUSED.items():  # a fused vLLM layer needs every shard to agree
+        for name in [n for n in matrices if n.endswith("." + shards[0])]:
+            head = name[: -len(shards[0])]
+            states = {matrices[head + s] for s in shards if head + s in matrices}
+            assert len(states) == 1, f"{head}{fused}: shards {shards} disagree"

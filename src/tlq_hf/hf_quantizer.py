@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers.quantizers.base import HfQuantizer
 
-from .arch import ignore_regexes
+from .arch import ignore_regexes, kept_by_role
 from .calibration import quantize_model
 from .calibration.offload import with_disk_layers_loaded
 from .config import TLQConfig
@@ -104,6 +104,8 @@ class TLQHfQuantizer(HfQuantizer):
         if cfg.save_format == "compressed-tensors":
             packed = {n for n, m in model.named_modules() if isinstance(m, TLQLinear)}
             linears = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, TLQLinear))}
+            # routers kept by role, Linear or not: vLLM builds some as quantizable linears (Qwen3-VL-MoE's mlp.gate)
+            linears |= set(kept_by_role(model))
             model.config.quantization_config = ct_config(cfg.scheme, ignore_regexes(linears, packed))
         return model
 
