@@ -74,7 +74,7 @@ def _layers_table(report: Any, limit: int = 16) -> list[str]:
 def _experts_rows(model: nn.Module, report: Any) -> list[str]:
     """MoE: how experts were written and calibrated, and what reloading them needs."""
     from ..experts import UnfusedExperts
-    from .expert_keys import MERGED_TYPES
+    from .expert_keys import plain_reload_merges
 
     experts = [m for m in model.modules() if isinstance(m, UnfusedExperts)]
     if not experts:
@@ -91,7 +91,7 @@ def _experts_rows(model: nn.Module, report: Any) -> list[str]:
             f"| calibration tokens per expert | min {tokens[0]}, median {tokens[len(tokens) // 2]}, max {tokens[-1]}; "
             f"{fallbacks} projections rounded to nearest for too few tokens |"
         )
-    if getattr(model.config, "model_type", None) in MERGED_TYPES:
+    if not plain_reload_merges(model):
         rows.append(
             "| reloading | `import tlq_hf` before `from_pretrained`: this transformers' conversion for "
             f"`{model.config.model_type}` reads only fused expert keys; tlq_hf registers the per-expert merge |"
