@@ -1,6 +1,6 @@
 """Every image-text-to-text architecture of the installed transformers, shrunk from its config class's own
 defaults, quantized on load, saved and reloaded without tlq_hf (``tests/test_arch_sweep.py``,
-``benchmarks/arch_sweep.py``).
+``benchmarks/support_table.py``).
 
 Shrinking is generic, never per model: each (sub-)config's depth goes to 2 text layers / 1 vision layer, the
 text decoder's widths to :data:`TEXT`, expert counts to 4 (top-2), lists indexed by layer are cut to the new
@@ -54,7 +54,7 @@ VOCAB = 4096
 _DEPTH_KEYS = ("num_hidden_layers", "num_layers", "depth", "n_layers", "n_layer", "layers", "encoder_layers")
 _DEPTH_KEYS += ("decoder_layers", "num_decoder_layers")
 _EXPERT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
-_TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "top_k")
+_TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk")
 _TEXT_KEYS = ("text_config", "language_config", "llm_config", "text_model_config")
 
 
@@ -275,7 +275,7 @@ def _raised_by_tlq_hf(err: BaseException) -> bool:
 
 
 def quantize_and_save(model_type: str, workdir: Any) -> tuple[SweepRow, Any]:
-    """Build, save in full precision, quantize on load (RTN W4 g32), save compressed-tensors under
+    """Build, save in full precision, quantize on load (RTN W4 per channel), save compressed-tensors under
     ``workdir/q``; returns the row (``supported`` pending the reload check) and the in-memory logits."""
     from pathlib import Path
 
@@ -298,9 +298,14 @@ def quantize_and_save(model_type: str, workdir: Any) -> tuple[SweepRow, Any]:
     del model
     cls = getattr(transformers, name)
     try:
-        quantized = cls.from_pretrained(workdir / "fp", quantization_config=TLQConfig(method="rtn", group_size=32))
+        quantized = cls.from_pretrained(workdir / "fp", quantization_config=TLQConfig(method="rtn", group_size=-1))
     except Exception as err:  # noqa: BLE001
         row.status, row.reason = ("unsupported" if _raised_by_tlq_hf(err) else "broken"), first_line(err)
+        if row.status == "broken":
+            try:  # does transformers reload its own shrunk checkpoint?
+                cls.from_pretrained(workdir / "fp")
+            except Exception as plain:  # noqa: BLE001
+                row.status, row.reason = "not buildable", f"saved config does not reload: {first_line(plain)}"
         return row, None
     try:
         coverage = quantized.tlq_report.coverage
@@ -325,14 +330,23 @@ if PLUGIN:
     import tlq_hf  # registers the per-expert merges transformers lacks for some MoE types
 transformers.logging.set_verbosity_error()
 ids = torch.arange(20, 36).unsqueeze(0)
+dense = transformers.CompressedTensorsConfig(run_compressed=False)  # decompressed on load: plain weights
+# float32 as saved (transformers 4.57 would otherwise build the compressed-tensors scales in float16)
+f32 = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
 out = {}
 for folder, name in zip(sys.argv[1::2], sys.argv[2::2]):
+    cls = getattr(transformers, name)
     try:
-        model = getattr(transformers, name).from_pretrained(folder).eval()
+        try:
+            model, mode = cls.from_pretrained(folder, **f32).eval(), "compressed"
+        except AttributeError:  # a model whose own init reads every linear's .weight (T5-style)
+            model, mode = cls.from_pretrained(folder, quantization_config=dense, **f32).eval(), "run_compressed=False"
         try:
             with torch.no_grad():
-                out[folder] = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+                got = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
         except Exception:  # needs image inputs: the fingerprint of every weight matrix, as arch_sweep.fingerprint
+            if mode == "compressed":
+                model = cls.from_pretrained(folder, quantization_config=dense, **f32).eval()
             fp = {}
             for n, m in model.named_modules():
                 if isinstance(m, torch.nn.Linear):
@@ -341,11 +355,12 @@ for folder, name in zip(sys.argv[1::2], sys.argv[2::2]):
                     w = m._parameters.get(p)
                     if w is not None and w.ndim == 3:
                         fp[n + "." + p] = w.float()
-            out[folder] = {k: torch.stack([w.sum(), w.abs().sum()]).detach() for k, w in fp.items()}
+            got = {k: torch.stack([w.sum(), w.abs().sum()]).detach() for k, w in fp.items()}
+        out[folder] = (mode, got)
         assert PLUGIN or "tlq_hf" not in sys.modules
     except Exception as err:
         out[folder] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:160]
-torch.save(out, sys.argv[0] if False else OUT)
+torch.save(out, OUT)
 """
 
 
@@ -363,12 +378,29 @@ def reload_in_fresh_interpreter(folders: dict[str, str], out: Any, plugin: bool 
     return torch.load(out)
 
 
+def _difference(got: Any, expected: Any) -> tuple[str, float | str]:
+    """``(load mode, max difference)`` of a reload result against the in-memory logits or fingerprint, or
+    ``(mode, error text)``."""
+    if isinstance(got, str):
+        return "", got
+    mode, got = got
+    if isinstance(expected, dict):  # fingerprints: the same matrices, relative differences
+        if set(got) != set(expected):
+            return mode, f"reloaded matrices differ: {sorted(set(got) ^ set(expected))[:3]}"
+        keys = sorted(got)
+        got, expected = torch.stack([got[k] for k in keys]), torch.stack([expected[k] for k in keys])
+        got, expected = got / expected.abs().clamp_min(1.0), expected / expected.abs().clamp_min(1.0)
+    return mode, float((got - expected).abs().max())
+
+
 def sweep(workdir: Any, model_types: list[str] | None = None, progress: Any = None) -> list[SweepRow]:
-    """The whole sweep: every architecture quantized and saved here, then all reloaded in one interpreter."""
+    """The whole sweep: every architecture quantized and saved here, then all reloaded in one interpreter
+    without tlq_hf, and those whose card says reloading needs ``import tlq_hf`` again in one with it (the
+    plain reload must then fail or differ: the card's claim is checked both ways)."""
     from pathlib import Path
 
     workdir = Path(workdir)
-    rows, expected, folders, plugin = [], {}, {}, {}
+    rows, expected, folders = [], {}, {}
     for model_type in model_types or list(_NAMES):
         start = time.perf_counter()
         row, logits = quantize_and_save(model_type, workdir / model_type)
@@ -378,25 +410,26 @@ def sweep(workdir: Any, model_types: list[str] | None = None, progress: Any = No
             progress(row)
         if logits is not None:
             folder = str(workdir / model_type / "q")
-            expected[folder] = (row, logits)
-            (folders if row.reload == "transformers" else plugin)[folder] = row.model_class
-    reloaded = reload_in_fresh_interpreter(folders, workdir / "reloaded.pt") if folders else {}
-    if plugin:
-        reloaded.update(reload_in_fresh_interpreter(plugin, workdir / "reloaded-plugin.pt", plugin=True))
+            expected[folder], folders[folder] = (row, logits), row.model_class
+    plain = reload_in_fresh_interpreter(folders, workdir / "reloaded.pt") if folders else {}
+    flagged = {f: c for f, c in folders.items() if expected[f][0].reload != "transformers"}
+    plugin = reload_in_fresh_interpreter(flagged, workdir / "reloaded-plugin.pt", plugin=True) if flagged else {}
     for folder, (row, logits) in expected.items():
-        got = reloaded[folder]
-        if isinstance(got, str):
-            row.status, row.reason = "broken", f"reload without tlq_hf: {got}"
-        else:
-            if isinstance(logits, dict):  # fingerprints: the same matrices, relative differences
-                if set(got) != set(logits):
-                    row.status, row.reason = "broken", f"reloaded matrices differ: {sorted(set(got) ^ set(logits))[:3]}"
-                    continue
-                got, logits = torch.stack([got[k] for k in sorted(got)]), torch.stack([logits[k] for k in sorted(got)])
-                got, logits = got / logits.abs().clamp_min(1.0), logits / logits.abs().clamp_min(1.0)
-            row.max_logit_diff = float((got - logits).abs().max())
-            if not row.max_logit_diff <= ATOL:
-                row.status, row.reason = "broken", f"reloaded model differs from in-memory by {row.max_logit_diff:.3g}"
+        mode, diff = _difference(plain[folder], logits)
+        plain_ok = isinstance(diff, float) and diff <= ATOL
+        if folder in flagged:
+            if plain_ok:
+                row.status, row.reason = "broken", "card: reload needs import tlq_hf, yet a plain reload matches"
+                continue
+            mode, diff = _difference(plugin[folder], logits)
+        if isinstance(diff, str):
+            row.status, row.reason = "broken", f"reload: {diff}"
+            continue
+        row.max_logit_diff = diff
+        if mode not in ("", "compressed"):  # transformers loads these compressed-tensors checkpoints decompressed only
+            row.reload = f"{row.reload}, {mode}"
+        if not diff <= ATOL:
+            row.status, row.reason = "broken", f"reloaded model differs from in-memory by {diff:.3g}"
     return rows
 
 

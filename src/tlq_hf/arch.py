@@ -138,12 +138,24 @@ def _overrides_forward(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
 
 
+def _expert_list(module: nn.Module) -> bool:
+    """A ``ModuleList`` of per-expert MLPs (transformers 4.x MoE blocks): two or more modules of one class whose
+    children are all linears or parameter-free (activations)."""
+    if not isinstance(module, nn.ModuleList) or len(module) < 2 or len({type(m) for m in module}) != 1:
+        return False
+    children = list(module[0].children())
+    return any(isinstance(c, nn.Linear) for c in children) and all(
+        isinstance(c, nn.Linear) or not any(True for _ in c.parameters()) for c in children
+    )
+
+
 def kept_by_role(model: nn.Module) -> dict[str, str]:
     """Linear modules that stay in full precision because of what they do, by name, with the reason.
 
     * a class that overrides ``nn.Linear.forward`` (Llama 4's router returns a tuple): a packed swap would
       change what it computes;
-    * a router: a linear next to an experts module (same parent) with one output per expert;
+    * a router: a linear next to an experts module (same parent; a fused one with ``num_experts``, or a
+      ``ModuleList`` of per-expert MLPs) with one output per expert;
     * a scalar gate: a linear next to an experts module with one output (``shared_expert_gate``).
 
     Routers and gates are tiny, decide which experts run, and every serving engine keeps them in full
@@ -156,6 +168,7 @@ def kept_by_role(model: nn.Module) -> dict[str, str]:
             for m in parent.children()
             if isinstance(getattr(m, "num_experts", None), int) and not isinstance(m, nn.Linear)
         }
+        counts |= {len(m) for m in parent.children() if _expert_list(m)}
         for child, m in parent.named_children():
             name = f"{parent_name}.{child}" if parent_name else child
             weight = getattr(m, "weight", None)

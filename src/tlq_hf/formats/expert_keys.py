@@ -120,6 +120,12 @@ def plain_reload_merges(model: nn.Module) -> bool:
         return True
     if not hasattr(cm, "get_checkpoint_conversion_mapping"):
         return True  # transformers 4.x: per-expert modules, per-expert keys
+    from ..experts import UnfusedExperts
+
+    # experts of transformers' interface only: Llama 4's per-model experts load per expert through
+    # transformers' own compressed-tensors path
+    if not any(isinstance(m, UnfusedExperts) and m.convention.name == "experts-interface" for m in model.modules()):
+        return True
     for module in model.modules():
         if not isinstance(module, PreTrainedModel):
             continue
