@@ -211,6 +211,28 @@ RECIPES: dict[str, Recipe] = {
         processor={"image_seq_length": (_SIDE // _CELL) ** 2},
         position_embedding_std=1.0,
     ),
+    # a mixture-of-experts decoder: every decoder MLP is 4 experts, top-2 routed (Qwen3-VL-MoE's own classes);
+    # deepstack off (its between-layer visual injection is not replayed by layer-wise calibration yet)
+    "qwen3vlmoe": Recipe(
+        name="qwen3vlmoe-vqa",
+        family="qwen3_vl_moe",
+        architecture="Qwen3VLMoeForConditionalGeneration",
+        # two active experts of width 256: the active MLP is as wide as the dense models' (512)
+        text={**_TEXT, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 256},
+        # 16-px patches merged 2 x 2 as for Qwen2.5-VL: one merged token per 32-px cell, 9 image tokens;
+        # learned position embeddings on the 6 x 6 patch grid
+        vision={
+            "depth": 2,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_heads": 4,
+            "patch_size": _CELL // 2,
+            "num_position_embeddings": (_SIDE // (_CELL // 2)) ** 2,
+        },
+        image_processor={"patch_size": _CELL // 2, "min_pixels": (_SIDE // 2) ** 2, "max_pixels": _SIDE**2},
+        steps=5000,
+        train_attention="eager",
+    ),
     # the other task mix: reading coloured digits and letters, comparing digits
     "llava-read": Recipe(
         name="llava-read-vqa",
@@ -487,8 +509,9 @@ def _rescale_image_features(model: nn.Module, processor: Any, tap: FeatureTap, r
     """Scale the projector's output weights so image tokens have mean norm ``recipe.feature_norm``."""
     inner = model.model
     projector = getattr(inner, "multi_modal_projector", None)
-    if projector is None:  # Qwen-VL: the merger's last linear
-        last = inner.visual.merger.mlp[-1]
+    if projector is None:  # Qwen-VL: the merger's last linear (``mlp[-1]``; Qwen3-VL's ``linear_fc2``)
+        merger = inner.visual.merger
+        last = merger.linear_fc2 if hasattr(merger, "linear_fc2") else merger.mlp[-1]
         outputs = [last.weight, last.bias]
     elif hasattr(projector, "linear_2"):  # LLaVA, LLaVA-OneVision
         outputs = [projector.linear_2.weight, projector.linear_2.bias]
