@@ -375,7 +375,7 @@ def reload_in_fresh_interpreter(folders: dict[str, str], out: Any, plugin: bool 
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"reload interpreter failed: {proc.stderr[-2000:]}")
-    return torch.load(out)
+    return torch.load(out, weights_only=True)
 
 
 def _difference(got: Any, expected: Any) -> tuple[str, float | str]:
