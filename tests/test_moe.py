@@ -355,3 +355,16 @@ def test_moe_checkpoint_names_are_the_ones_vllm_loads(kind, tmp_path, moe_vlm):
             head = name[: -len(shards[0])]
             states = {matrices[head + s] for s in shards if head + s in matrices}
             assert len(states) == 1, f"{head}{fused}: shards {shards} disagree"
+
+
+def test_activation_quantized_moe_is_refused_for_compressed_tensors_and_kept_natively(tmp_path):
+    """transformers cannot merge compressed-tensors' int8 ``weight`` tensors into fused experts: W4A8 on an MoE model
+    is refused before any change for that format, and round-trips in the native format."""
+    _build("qwen3_5_moe").save_pretrained(tmp_path / "fp")
+    cfg = dict(method="rtn", bits=4, group_size=64, act_bits=8)
+    with pytest.raises(ValueError, match="save_format='tlq'"):
+        auto_class().from_pretrained(tmp_path / "fp", quantization_config=TLQConfig(**cfg))
+    model = auto_class().from_pretrained(tmp_path / "fp", quantization_config=TLQConfig(**cfg, save_format="tlq"))
+    expected = _logits(model)
+    model.save_pretrained(tmp_path / "q")
+    torch.testing.assert_close(_logits(auto_class().from_pretrained(tmp_path / "q")), expected, rtol=0, atol=1e-5)

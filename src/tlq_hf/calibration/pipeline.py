@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..arch import find_decoder_stack, select_quant_targets
 from ..coverage import Coverage, decoder_coverage
-from ..experts import unfuse_experts
+from ..experts import convention_of, unfuse_experts
 from ..hostmem import map_large_allocations
 from ..nn import TLQLinear
 from ..primitives import dequantize_codes
@@ -213,6 +213,24 @@ def _load_samples(model: nn.Module, config):
 
 
 @torch.no_grad()
+def _check_moe_format(model: nn.Module, config) -> None:
+    """Refuse, before any change, what would write an MoE checkpoint transformers cannot load: activation-quantized
+    schemes store int8 ``weight`` tensors (compressed-tensors ``int-quantized``), which transformers 5's
+    conversion cannot merge into fused experts (``torch.cat`` of nothing on reload)."""
+    if config.act_bits is None or config.save_format != "compressed-tensors":
+        return
+    fused = [name for name, module in model.named_modules() if convention_of(module) is not None]
+    if fused:
+        raise ValueError(
+            f"{config.scheme.name} on a mixture-of-experts model ({len(fused)} fused experts modules, e.g. "
+            f"{fused[0]!r}) would write a compressed-tensors checkpoint whose experts transformers cannot reload "
+            "(activation-quantized schemes store int8 weights it does not merge into fused experts). Use a "
+            "weight-only scheme (act_bits=None), or save_format='tlq' to keep W{bits}A8 in tlq_hf's own format.".replace(
+                "{bits}", str(config.bits)
+            )
+        )
+
+
 def quantize_model(model: nn.Module, config, undo: bool = False) -> QuantizationReport:
     """Quantize ``model`` in place as ``config`` (a :class:`~tlq_hf.TLQConfig`) says; return the report.
 
@@ -222,6 +240,7 @@ def quantize_model(model: nn.Module, config, undo: bool = False) -> Quantization
     """
     scheme, recipe = config.scheme, resolve_recipe(config)
     edits = ModelEdits(model, undo)
+    _check_moe_format(model, config)
     try:
         unfuse_experts(model, "", edits.swap)  # fused MoE experts as per-expert linears (same function)
         targets = select_quant_targets(model, config.ignore)
