@@ -30,6 +30,7 @@ from test_moe import IDS, KINDS, _build, _loader  # noqa: E402
 from tlq_hf import TLQConfig  # noqa: E402
 from tlq_hf.arch import swap_module  # noqa: E402
 from tlq_hf.experts import unfuse_experts  # noqa: E402
+from tlq_hf.nn import TLQLinear  # noqa: E402
 from tlq_hf.tiny_models import build_tiny_vlm, load_auto_class, make_inputs, sample_images, sample_rows  # noqa: E402
 
 
@@ -42,12 +43,27 @@ def _logits(model, batch) -> torch.Tensor:
     return model(**batch).logits
 
 
+@torch.no_grad()
+def _forward_ms(model, batch, repeats: int = 15) -> float:
+    """Median wall time of one forward, in ms (after two warm-up calls)."""
+    for _ in range(2):
+        model(**batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(**batch)
+        times.append(time.perf_counter() - start)
+    return round(1e3 * sorted(times)[len(times) // 2], 2)
+
+
 def text_models(root: Path) -> list[dict]:
     rows = []
+    timing = {"input_ids": torch.randint(0, 500, (1, 256), generator=torch.Generator().manual_seed(2))}
     for kind in KINDS:
         model = _build(kind)
         batch = {"input_ids": IDS}
         fused = _logits(model, batch)
+        fused_ms = _forward_ms(model, timing)
         unfuse_experts(model, "", lambda n, m, model=model: swap_module(model, n, m))
         unfused = _logits(model, batch)
         _build(kind).save_pretrained(root / kind)
@@ -55,6 +71,7 @@ def text_models(root: Path) -> list[dict]:
         q = _loader(kind).from_pretrained(root / kind, quantization_config=TLQConfig(group_size=64, method="rtn"))
         seconds = time.perf_counter() - start
         expected = _logits(q, batch)
+        packed_ms = _forward_ms(q, timing)  # experts packed in memory (what the native format reloads to)
         q.save_pretrained(root / f"{kind}-q")
         reloaded = _logits(_loader(kind).from_pretrained(root / f"{kind}-q"), batch)
         cov = q.tlq_report.coverage
@@ -67,6 +84,12 @@ def text_models(root: Path) -> list[dict]:
                 "kept": cov.kept,
                 "reload_vs_in_memory_max_abs": _max_diff(reloaded, expected),
                 "logit_scale_max_abs": float(expected.abs().max()),
+                # one 256-token forward on CPU, same process: fused float32 experts vs packed W4 g64 experts
+                "forward_ms_fused_fp32": fused_ms,
+                "forward_ms_packed_w4": packed_ms,
+                "packed_kernels": sorted(
+                    {getattr(m._kernel, "name", "dequantize") for m in q.modules() if isinstance(m, TLQLinear)}
+                ),
             }
         )
     return rows

@@ -133,17 +133,27 @@ def _worker_tlq(job: dict) -> dict:
     from tlq_hf.tiny_models import load_auto_class
 
     torch.set_num_threads(job["threads"])
-    out = {}
+    out, experts = {}, {}
+    config = dict(job["config"])
+    if (
+        job["scheme"].get("act_bits")
+        and "moe" in json.loads((Path(job["model"]) / "config.json").read_text())["model_type"]
+    ):  # transformers cannot reload activation-quantized MoE experts from compressed-tensors: tlq_hf's own format
+        config["save_format"] = "tlq"
     for seed in job["seeds"]:
         cfg = TLQConfig(
-            dataset=calibration_rows(seed, job["model_name"]), num_samples=NUM_SAMPLES, **job["scheme"], **job["config"]
+            dataset=calibration_rows(seed, job["model_name"]), num_samples=NUM_SAMPLES, **job["scheme"], **config
         )
         start = time.perf_counter()
         model = load_auto_class().from_pretrained(job["model"], quantization_config=cfg, dtype=torch.float32)
         seconds = time.perf_counter() - start
         model.save_pretrained(Path(job["out"]) / f"seed{seed}")
         out[seed] = seconds
-    return {"calib_seconds": out, "peak_rss_mb": _peak_rss_mb()}
+        layers = model.tlq_report.layers
+        if any(layer.expert_tokens for layer in layers):  # MoE: calibration tokens each expert received
+            experts[seed] = [sum(layer.expert_tokens.values(), []) for layer in layers]
+    result = {"calib_seconds": out, "peak_rss_mb": _peak_rss_mb()}
+    return {**result, "expert_tokens": experts} if experts else result
 
 
 def _worker_llmc(job: dict) -> dict:
@@ -167,7 +177,10 @@ def _worker_llmc(job: dict) -> dict:
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     processor = AutoProcessor.from_pretrained(job["model"])
     scheme = PEER_SCHEMES[job["scheme_name"]]
+    # MoE routers (``mlp.gate``) too, as llm-compressor's own MoE examples do; oneshot linearises the experts
+    # and calibrates every expert on every token (its default)
     ignore = ["re:.*lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
+    ignore.append("re:.*mlp\\.gate$")
     evaluator = Evaluator(
         job["model"], job["held_out"], task_of(job["model_name"])
     )  # encodes the held-out items once for every seed
@@ -189,14 +202,21 @@ def _worker_llmc(job: dict) -> dict:
             # llm-compressor's default mappings also match the CLIP tower's q/k/v and fail to resolve a
             # single smoothing layer: scope them to the language model, as a user of a VLM has to
             lm = r"re:.*language_model\.layers\.\d+\."
+            # MoE: llm-compressor's own MoE mappings (router and every expert's gate/up behind the norm, each
+            # expert's up before its down), scoped the same way
+            moe = any(n.endswith("mlp.experts") for n, _ in model.named_modules())
+            mlp = "mlp\\.experts\\.\\d+\\." if moe else "mlp\\."
             mappings = [
                 AWQMapping(
                     lm + "input_layernorm$",
                     [lm + "self_attn\\.q_proj$", lm + "self_attn\\.k_proj$", lm + "self_attn\\.v_proj$"],
                 ),
                 AWQMapping(lm + "self_attn\\.v_proj$", [lm + "self_attn\\.o_proj$"]),
-                AWQMapping(lm + "post_attention_layernorm$", [lm + "mlp\\.gate_proj$", lm + "mlp\\.up_proj$"]),
-                AWQMapping(lm + "mlp\\.up_proj$", [lm + "mlp\\.down_proj$"]),
+                AWQMapping(
+                    lm + "post_attention_layernorm$",
+                    ([lm + "mlp\\.gate$"] if moe else []) + [lm + mlp + "gate_proj$", lm + mlp + "up_proj$"],
+                ),
+                AWQMapping(lm + mlp + "up_proj$", [lm + mlp + "down_proj$"]),
             ]
             recipe = [
                 AWQModifier(mappings=mappings),
@@ -462,6 +482,8 @@ def _evaluate_job(
             **({"oneshot_seconds": result["oneshot_seconds"][str(seed)]} if "oneshot_seconds" in result else {}),
             peak_rss_mb=result["peak_rss_mb"],
         )
+        if str(seed) in result.get("expert_tokens", {}):  # MoE: tokens per expert, per layer
+            rec["expert_tokens"] = result["expert_tokens"][str(seed)]
         if reload_error:
             rec["reload_error"] = reload_error
         records.append(rec)
