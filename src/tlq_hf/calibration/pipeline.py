@@ -212,7 +212,6 @@ def _load_samples(model: nn.Module, config):
     return samples
 
 
-@torch.no_grad()
 def _check_moe_format(model: nn.Module, config) -> None:
     """Refuse, before any change, what would write an MoE checkpoint transformers cannot load: activation-quantized
     schemes store int8 ``weight`` tensors (compressed-tensors ``int-quantized``), which transformers 5's
@@ -225,12 +224,12 @@ def _check_moe_format(model: nn.Module, config) -> None:
             f"{config.scheme.name} on a mixture-of-experts model ({len(fused)} fused experts modules, e.g. "
             f"{fused[0]!r}) would write a compressed-tensors checkpoint whose experts transformers cannot reload "
             "(activation-quantized schemes store int8 weights it does not merge into fused experts). Use a "
-            "weight-only scheme (act_bits=None), or save_format='tlq' to keep W{bits}A8 in tlq_hf's own format.".replace(
-                "{bits}", str(config.bits)
-            )
+            f"weight-only scheme (act_bits=None), or save_format='tlq' to keep {config.scheme.name} in tlq_hf's own "
+            "format."
         )
 
 
+@torch.no_grad()
 def quantize_model(model: nn.Module, config, undo: bool = False) -> QuantizationReport:
     """Quantize ``model`` in place as ``config`` (a :class:`~tlq_hf.TLQConfig`) says; return the report.
 
