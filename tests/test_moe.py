@@ -368,3 +368,30 @@ def test_activation_quantized_moe_is_refused_for_compressed_tensors_and_kept_nat
     expected = _logits(model)
     model.save_pretrained(tmp_path / "q")
     torch.testing.assert_close(_logits(auto_class().from_pretrained(tmp_path / "q")), expected, rtol=0, atol=1e-5)
+
+
+def test_an_experts_gate_and_up_share_one_statistic_under_token_importance(moe_vlm, monkeypatch):
+    """TLQ weights an expert's gate and up projections at the experts module's output: the same token weights, so
+    one statistic and one factorisation (half the statistics memory of an MoE layer), with exactly the codes that
+    one statistic per projection gives."""
+    from tlq_hf.calibration import layer_loop
+    from tlq_hf.calibration.importance import TokenWeighting
+
+    groups_seen: list[list[str]] = []
+    real_groups = layer_loop.LayerLoop._groups
+
+    def spy(self, modules, run_one):
+        out = real_groups(self, modules, run_one)
+        groups_seen.extend(g.members for g in out)
+        return out
+
+    monkeypatch.setattr(layer_loop.LayerLoop, "_groups", spy)
+    cfg = TLQConfig(method="tlq", dataset=sample_rows(4), num_samples=4)
+    shared = auto_class().from_pretrained(moe_vlm, quantization_config=cfg).state_dict()
+    experts = [g for g in groups_seen if ".experts." in g[0]]
+    assert experts and all(len(g) == 2 and g[0].endswith("gate_proj") for g in experts if "down_proj" not in g[0])
+    assert all(len(g) == 1 for g in groups_seen if ".self_attn." in g[0])  # q, k, v: one output gradient each
+    monkeypatch.setattr(TokenWeighting, "partition", lambda self, names: [[n] for n in names])
+    separate = auto_class().from_pretrained(moe_vlm, quantization_config=cfg).state_dict()
+    assert shared.keys() == separate.keys()
+    assert all(torch.equal(shared[k], separate[k]) for k in shared)

@@ -49,6 +49,7 @@ __all__ = [
     "convention_of",
     "every_token_to_every_expert",
     "expert_index",
+    "expert_tensors",
     "expert_owner",
     "register_convention",
     "routed_tokens",
@@ -92,12 +93,37 @@ class ExpertsLayout:
     def up_name(self) -> str:
         return "gate_up_proj" if self.has_gate else "up_proj"
 
+    @property
+    def fused_names(self) -> tuple[str, ...]:
+        """The fused module's parameters holding expert weights (each ``[E, ...]``)."""
+        names = (self.up_name, "down_proj")
+        return names + tuple(f"{n}_bias" for n in names) if self.has_bias else names
+
     def split(self, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The gate and up parts of one expert's fused ``gate_up`` rows (weight ``[2I, H]`` or bias ``[2I]``)."""
         if self.concatenated:
             half = fused.shape[0] // 2
             return fused[:half], fused[half:]
         return fused[0::2], fused[1::2]
+
+
+def expert_tensors(layout: ExpertsLayout, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One expert's per-expert parameters (``"gate_proj.weight"``, ``"up_proj.weight"``, ``"down_proj.weight"``,
+    and ``.bias`` where the layout has biases), as views of its slices of the fused tensors ``fused``
+    (``{"gate_up_proj": [2I, H] or [H, 2I] when transposed, "down_proj": ..., "gate_up_proj_bias": ..., ...}``,
+    the fused module's parameter names with the expert dimension indexed away)."""
+    out: dict[str, torch.Tensor] = {}
+    for suffix in ("", "_bias") if layout.has_bias else ("",):
+        attr = "bias" if suffix else "weight"
+        up, down = fused[layout.up_name + suffix], fused["down_proj" + suffix]
+        if not suffix and layout.transposed:
+            up, down = up.t(), down.t()
+        if layout.has_gate:
+            out[f"gate_proj.{attr}"], out[f"up_proj.{attr}"] = layout.split(up)
+        else:
+            out[f"up_proj.{attr}"] = up
+        out[f"down_proj.{attr}"] = down
+    return out
 
 
 class ExpertsConvention(ABC):
@@ -234,19 +260,15 @@ class UnfusedExperts(nn.Module):
         super().__init__()
         layout = convention.layout(fused)
         self.layout, self.convention = layout, convention
-        up = getattr(fused, layout.up_name)
         down = fused.down_proj
-        # [E, out, in] views of the fused weights
-        up_w = up.transpose(1, 2) if layout.transposed else up
-        down_w = down.transpose(1, 2) if layout.transposed else down
-        hidden, inter = down_w.shape[1], down_w.shape[2]
+        hidden, inter = (down.shape[2], down.shape[1]) if layout.transposed else (down.shape[1], down.shape[2])
         device = down.device
         for e in range(layout.num_experts):
             with torch.device(device):
                 mlp = ExpertMLP(hidden, inter, layout.has_gate, layout.has_bias).to(down.dtype)
             self.add_module(str(e), mlp)
         if copy_weights and device.type != "meta":
-            self._copy_from(fused, up_w, down_w)
+            self._copy_from(fused)
         shell = copy.copy(fused)  # the gating function's attributes, without the weights
         shell._parameters, shell._buffers = {}, {}
         shell._modules = {k: m for k, m in fused._modules.items() if not list(m.parameters())}
@@ -256,22 +278,13 @@ class UnfusedExperts(nn.Module):
         self.num_experts = layout.num_experts  # the attribute routers are recognised by (arch.kept_by_role)
 
     @torch.no_grad()
-    def _copy_from(self, fused: nn.Module, up_w: torch.Tensor, down_w: torch.Tensor) -> None:
-        layout = self.layout
-        up_b = getattr(fused, f"{layout.up_name}_bias", None) if layout.has_bias else None
-        for e in range(layout.num_experts):
+    def _copy_from(self, fused: nn.Module) -> None:
+        for e in range(self.layout.num_experts):
             mlp = self.expert(e)
-            pairs = [("weight", up_w[e], down_w[e])]
-            if up_b is not None:
-                pairs.append(("bias", up_b[e], fused.down_proj_bias[e]))
-            for attr, up_part, down_part in pairs:
-                if layout.has_gate:
-                    gate, up = layout.split(up_part)
-                    getattr(mlp.gate_proj, attr).copy_(gate)
-                else:
-                    up = up_part
-                getattr(mlp.up_proj, attr).copy_(up)
-                getattr(mlp.down_proj, attr).copy_(down_part)
+            for key, value in expert_tensors(
+                self.layout, {n: getattr(fused, n)[e] for n in self.layout.fused_names}
+            ).items():
+                mlp.get_parameter(key).copy_(value)
 
     def __len__(self) -> int:
         return self.layout.num_experts

@@ -677,6 +677,24 @@ class TokenWeighting:
         raw = per_module[0] if len(names) == 1 else [torch.stack(parts).sum(0) for parts in zip(*per_module)]
         return self._weights(raw, f"at {names[0]}")
 
+    def partition(self, names: list[str]) -> list[list[str]]:
+        """``names`` (modules reading one input) split into groups whose members get the same token weights, in
+        order: modules with one output gradient each (q, k, v) alone, modules whose raw importance is the same
+        (an expert's gate and up projections, both weighted at the experts module's output; every module with
+        ``scope="layer"``) together, so they share one statistic."""
+        if self.scope == "layer":
+            return [list(names)]
+        groups: list[list[str]] = []
+        for name in names:
+            mine = self.grad.raw[name]
+            same = (g for g in groups if all(a is b or torch.equal(a, b) for a, b in zip(self.grad.raw[g[0]], mine)))
+            found = next(same, None)
+            if found is None:
+                groups.append([name])
+            else:
+                found.append(name)
+        return groups
+
     def for_layer(self, index: int) -> list[torch.Tensor]:
         """Per-sample weights ``[T]`` at the output of decoder layer ``index`` (for error reports)."""
         return self._weights(self.grad.layer_raw[index])

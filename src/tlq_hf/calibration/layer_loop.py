@@ -475,14 +475,14 @@ class LayerLoop:
         release_host_memory()
 
     def _groups(self, modules: dict[str, nn.Module], run_one: Callable[[], object]) -> list[StatGroup]:
-        """One group per shared input, or per module when token weights are per module (see :mod:`.stats`)."""
+        """One group per shared input, split where token weights differ between its modules (see :mod:`.stats`)."""
         needs = set(self.solver.needs) | set(self.smoother.needs if self.smoother else ())
         rows = max(1, -(-self.cfg.max_tokens // self.total_samples))
         groups = []
         with every_token_to_every_expert():  # every expert called once: its projections' shared inputs seen
             shared = shared_input_groups(modules, run_one)
         for members in shared:
-            split = [members] if self.weighting is None else [[m] for m in members]
+            split = [members] if self.weighting is None else self.weighting.partition(members)
             for part in split:
                 stats = {k: STATISTICS[k](rows_per_sample=rows) for k in sorted(needs)}
                 groups.append(StatGroup(part, stats, input_of=members[0]))

@@ -10,7 +10,9 @@ Modules that read the same input tensor (q/k/v, gate/up) are found generically b
 through the layer and seeing which modules received the very same tensor object. They share one hook
 (the input is prepared once); with the same token weights (every baseline) they also form one
 :class:`StatGroup`: one statistic, one factorisation. With per-module token importance (TLQ: the gradient
-at each module's own output) the objectives differ, so each module keeps its own statistic.
+at each module's own output) the objectives differ, so each module keeps its own statistic, except where the
+weights coincide (an expert's gate and up projections, weighted at the experts module's output): those share
+one (``TokenWeighting.partition``).
 """
 
 from __future__ import annotations
