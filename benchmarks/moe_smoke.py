@@ -10,13 +10,10 @@ plumbing figures (logit agreement, coverage, time, peak RSS), not quality claims
 from __future__ import annotations
 
 import json
-import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -25,6 +22,7 @@ import transformers
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the tiny MoE builders of the tests
 
+from provenance import now, provenance  # noqa: E402
 from test_moe import IDS, KINDS, _build, _loader  # noqa: E402
 
 from tlq_hf import TLQConfig  # noqa: E402
@@ -122,27 +120,15 @@ def vlm_methods(root: Path) -> list[dict]:
     return rows
 
 
-def _cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
-
-
 def main() -> None:
-    started = datetime.now(timezone.utc).isoformat()
+    started = now()
     root = Path(tempfile.mkdtemp())
     record = {
-        "command": "python benchmarks/moe_smoke.py",
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version},
-        "cpu": _cpu_name(),
-        "threads": torch.get_num_threads(),
-        "started": started,
+        **provenance("python benchmarks/moe_smoke.py", started),
         "text_models": text_models(root),
         "qwen3_vl_moe_methods": vlm_methods(root),
     }
-    record["finished"] = datetime.now(timezone.utc).isoformat()
+    record["finished"] = now()
     record["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = HERE / "results" / "moe_smoke.json"
     out.write_text(json.dumps(record, indent=1))

@@ -11,10 +11,7 @@ sweep in the default suite and fails when the README's statuses no longer match 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +19,6 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 import transformers
 
 HERE = Path(__file__).resolve().parent
@@ -30,6 +26,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import arch_sweep  # noqa: E402
+from provenance import now, provenance  # noqa: E402
 
 MAJOR = transformers.__version__.split(".")[0]
 BEGIN, END = f"<!-- arch-sweep: transformers {MAJOR} -->", f"<!-- /arch-sweep: transformers {MAJOR} -->"
@@ -65,32 +62,15 @@ def readme_statuses(text: str, major: str = MAJOR) -> dict[str, str]:
     return {cells[0].strip(): cells[2].strip() for cells in rows[1:]}
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
-
-
 def main() -> None:
     start = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         rows = arch_sweep.sweep(work, progress=lambda r: print(f"{r.status:14s} {r.model_type} {r.reason}", flush=True))
     record = {
-        "command": "python benchmarks/support_table.py",
-        "commit": _commit(),
-        "started": start.isoformat(timespec="seconds"),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **provenance("python benchmarks/support_table.py", start.isoformat(timespec="seconds")),
+        "finished": now(),
         "wall_s": round(time.perf_counter() - t0, 1),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
         "rows": [asdict(r) for r in rows],
     }
     out = HERE / "results" / f"arch_sweep_{MAJOR}.json"
