@@ -395,3 +395,56 @@ def test_an_experts_gate_and_up_share_one_statistic_under_token_importance(moe_v
     separate = auto_class().from_pretrained(moe_vlm, quantization_config=cfg).state_dict()
     assert shared.keys() == separate.keys()
     assert all(torch.equal(shared[k], separate[k]) for k in shared)
+
+
+def test_disk_offloaded_experts_are_read_one_expert_at_a_time_and_give_the_in_memory_checkpoint(
+    moe_vlm, tmp_path, batch_for
+):
+    """Decoder layers on disk: each expert's projections load from the fused tensors' offloaded copy one expert at
+    a time (never a whole fused tensor), calibrated layers go back to disk packed, and the saved checkpoint is the
+    in-memory run's, byte for byte."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+
+    from tlq_hf.arch import decoder_device_map
+    from tlq_hf.calibration import offload
+
+    cfg = TLQConfig(method="tlq", dataset=sample_rows(4), num_samples=4)
+    reference = auto_class().from_pretrained(moe_vlm, quantization_config=cfg)
+    reference.save_pretrained(tmp_path / "reference")
+    with init_empty_weights():
+        device_map = decoder_device_map(auto_class().from_config(reference.config))
+    rows: list[int] = []
+    real_reader = offload.row_reader
+
+    def counting_reader(module, name="weight"):
+        read = real_reader(module, name)
+        return lambda lo, hi: (rows.append(hi - lo), read(lo, hi))[1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(offload, "row_reader", counting_reader)
+        model = auto_class().from_pretrained(
+            moe_vlm, device_map=device_map, offload_folder=str(tmp_path / "weights"), quantization_config=cfg
+        )
+    assert rows and set(rows) == {1}  # one expert per read
+    experts = model.get_submodule("model.language_model.layers.1.mlp.experts")
+    assert isinstance(experts, UnfusedExperts) and isinstance(experts.expert(3).down_proj, TLQLinear)
+    assert {t.device.type for t in experts.state_dict().values()} == {"meta"}  # packed, back on disk
+    assert len(list((tmp_path / "weights" / "tlq-packed").glob("*.safetensors"))) == 2
+    layer = model.tlq_report.layers[0]
+    assert layer.phases["experts_forward"] > 0 and layer.phases["experts_solve"] > 0
+    assert layer.phases["experts_solve"] <= layer.phases["solve"]
+    batch = batch_for("qwen3_vl_moe")
+    torch.testing.assert_close(logits_of(model, batch), logits_of(reference, batch), rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "offloaded")
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("reference", "offloaded"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_offloaded_experts_without_a_source_are_refused_by_name():
+    model = _build("qwen3_5_moe")
+    experts = next(n for n, m in model.named_modules() if type(m).__name__.endswith("Experts"))
+    module = model.get_submodule(experts)
+    module.to_empty(device="meta")
+    with pytest.raises(NotImplementedError, match=re.escape(experts) + ".*offloaded.*device_map='cpu'"):
+        unfuse_experts(model, "", lambda n, m: swap_module(model, n, m))

@@ -32,6 +32,7 @@ import contextlib
 import copy
 import logging
 import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -48,6 +49,7 @@ __all__ = [
     "UnfusedExperts",
     "convention_of",
     "every_token_to_every_expert",
+    "experts_clock",
     "expert_index",
     "expert_tensors",
     "expert_owner",
@@ -77,6 +79,33 @@ def every_token_to_every_expert(on: bool = True) -> Iterator[None]:
         yield
     finally:
         _EVERY_TOKEN.reset(token)
+
+
+class _Clock:
+    seconds = 0.0
+
+
+@contextlib.contextmanager
+def experts_clock(root: nn.Module) -> Iterator[_Clock]:
+    """``clock.seconds``: wall time spent inside the :class:`UnfusedExperts` modules under ``root`` while the
+    context is open (their forwards, hooks on their linears included)."""
+    clock, started = _Clock(), {}
+
+    def pre(module: nn.Module, args: tuple) -> None:
+        started[id(module)] = time.perf_counter()
+
+    def post(module: nn.Module, args: tuple, out: object) -> None:
+        clock.seconds += time.perf_counter() - started.pop(id(module))
+
+    handles = []
+    for module in root.modules():
+        if isinstance(module, UnfusedExperts):
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        yield clock
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @dataclass(frozen=True)
@@ -323,14 +352,20 @@ class UnfusedExperts(nn.Module):
 
 
 def unfuse_experts(
-    model: nn.Module, root: str, swap: Callable[[str, nn.Module], None], copy_weights: bool = True
+    model: nn.Module,
+    root: str,
+    swap: Callable[[str, nn.Module], None],
+    copy_weights: bool = True,
+    offloaded: Callable[[nn.Module, UnfusedExperts], None] | None = None,
 ) -> list[str]:
     """Replace every fused experts module under ``root`` (dotted path; ``""``: the whole model) by an
     :class:`UnfusedExperts`, through ``swap(name, module)``; returns their names.
 
     ``copy_weights=False`` builds the per-expert linears empty (on the fused weights' device, e.g. ``meta``
-    before a checkpoint is loaded into them). A fused module whose weights are offloaded (not materialised)
-    is refused: its layer must be in memory.
+    before a checkpoint is loaded into them). A fused module whose weights are offloaded (``meta``, loaded by
+    its accelerate hook per forward) gets per-expert linears on ``meta`` too, and ``offloaded(fused, unfused)``
+    gives them their weights' source (e.g. :func:`tlq_hf.calibration.offload.offload_unfused_experts`); without
+    it such a module is refused.
     """
     base = model.get_submodule(root) if root else model
     found = []
@@ -339,13 +374,18 @@ def unfuse_experts(
         if convention is None:
             continue
         full = f"{root}.{name}" if root else name
-        if copy_weights and module.down_proj.device.type == "meta":
+        on_meta = module.down_proj.device.type == "meta"
+        if copy_weights and on_meta and offloaded is None:
             raise NotImplementedError(
-                f"{full}: the experts' weights are offloaded (meta tensors): quantizing MoE experts needs their "
-                "layer in memory. Load with device_map='cpu' (or a device map that keeps the decoder in memory)."
+                f"{full}: the experts' weights are offloaded (meta tensors) and nothing says where to read each "
+                "expert from: load with device_map='cpu', or quantize through TLQConfig / tlq_hf.quantize, which "
+                "read offloaded experts one at a time."
             )
+        unfused = UnfusedExperts(module, convention, copy_weights=copy_weights and not on_meta)
+        if copy_weights and on_meta:
+            offloaded(module, unfused)
         found.append(full)
-        swap(full, UnfusedExperts(module, convention, copy_weights=copy_weights))
+        swap(full, unfused)
     if found:
         logger.info("tlq_hf: %d fused experts modules as per-expert linears (%s)", len(found), found[0])
     return found

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import DecoderStack, smooth_mappings
-from ..experts import every_token_to_every_expert, expert_index
+from ..experts import every_token_to_every_expert, expert_index, experts_clock
 from ..hostmem import release_host_memory
 from ..nn import TLQLinear, dequant_cache
 from ..primitives import QParams, quantize_codes
@@ -102,6 +102,11 @@ class LayerReport:
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)
     # projections solved without data (too few tokens: rounded to nearest)
     fallbacks: list[str] = field(default_factory=list)
+    # wall seconds of the step's parts: "onload" (the layer read into memory), "statistics" (full-precision targets
+    # and statistics passes), "solve" (smoothing, solves, installs), "output" (the quantized layer's output),
+    # "settle" (the packed layer put back, e.g. written to disk); "experts_forward" (inside experts modules, during
+    # any of them) and "experts_solve" (solving expert projections) are parts of those
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 Solution = tuple[torch.Tensor, QParams]
@@ -312,6 +317,13 @@ def statistic_passes(groups: list[StatGroup], footprint: Callable[[StatGroup], i
     return [sorted(k for key in passes[p] for k in units[key]) for p in order]
 
 
+def _lap(phases: dict[str, float], key: str, since: float) -> float:
+    """Add the seconds since ``since`` to ``phases[key]``; return now."""
+    now = time.perf_counter()
+    phases[key] += now - since
+    return now
+
+
 class _ErrorSum:
     """Importance-weighted ``sum_t a_t ||y_t - r_t||^2`` and ``sum_t a_t ||r_t||^2`` over samples."""
 
@@ -390,8 +402,11 @@ class LayerLoop:
         y_fp = self.fp_boundaries[i + 1] if streamed else ActivationStore(self.spill_dir, "x_fp")
         y_in = ActivationStore(self.spill_dir, "x_in") if cfg.exposed else y_fp
         self.edits.will_rehome(layer)
-        with torch.no_grad(), onloaded(layer, keep=True, scratch=True) as on:
+        phases = dict.fromkeys(("onload", "statistics", "solve", "output", "settle", "experts_solve"), 0.0)
+        mark = time.perf_counter()
+        with torch.no_grad(), onloaded(layer, keep=True, scratch=True) as on, experts_clock(layer) as in_experts:
             kwargs = [to_device(s.kwargs_for(i), on.device, on.compute_dtype) for s in self.captured]
+            mark = _lap(phases, "onload", mark)
 
             def forward(x: torch.Tensor, j: int) -> torch.Tensor:
                 return layer_forward(layer, x.to(on.device, on.compute_dtype), kwargs[j])
@@ -435,12 +450,13 @@ class LayerLoop:
                 del weights, collector
                 for g in part:
                     g.reduce(self.comm, cfg.expert_min_tokens if g.members[0] in experts else 0)
+                mark = _lap(phases, "statistics", mark)
                 if self.smoother is not None:
                     self._smooth(layer, part, prefix, on.compute_dtype, lambda: forward(state.x_in[0], 0))
                 last = k == len(passes) - 1
                 if last:  # no pass needs the full-precision modules any more
                     self._install(deferred, live, on)
-                deferred.update(self._solve(live, part, on, install=last))
+                deferred.update(self._solve(live, part, on, install=last, phases=phases))
                 for g in part:
                     if g.fallback:
                         fallbacks += g.members
@@ -448,6 +464,7 @@ class LayerLoop:
                         owner, e = experts[g.members[0]]
                         per_expert = expert_tokens.setdefault(owner, {})
                         per_expert.setdefault(e, g.tokens)
+                mark = _lap(phases, "solve", mark)
             del groups, live
             with dequant_cache(layer):
                 for j, x in enumerate(state.x_in):
@@ -455,7 +472,11 @@ class LayerLoop:
                     after.add(y, y_fp[j], lw[j])
                     if cfg.exposed:
                         y_in.append(y.to(on.store_dtype))
+            mark = _lap(phases, "output", mark)
+        _lap(phases, "settle", mark)
+        phases["experts_forward"] = in_experts.seconds
         report = LayerReport(i, before.value(self.comm), after.value(self.comm), time.perf_counter() - start)
+        report.phases = {k: round(v, 3) for k, v in phases.items()}
         report.expert_tokens = {
             o: [t.get(e, 0) for e in range(len(self.model.get_submodule(o)))] for o, t in expert_tokens.items()
         }
@@ -545,15 +566,22 @@ class LayerLoop:
         return footprint
 
     def _solve(
-        self, live: dict[str, nn.Module], groups: list[StatGroup], on: Onloaded, install: bool = True
+        self,
+        live: dict[str, nn.Module],
+        groups: list[StatGroup],
+        on: Onloaded,
+        install: bool = True,
+        phases: dict[str, float] | None = None,
     ) -> dict[str, nn.Module]:
         """Each group solved by its owner rank and broadcast. The packed modules are swapped in at once
         (``install``: the replaced linears' onloaded copies are released as soon as they are swapped out) or
-        returned, to be installed (:meth:`_install`) once no statistics pass needs the full-precision ones."""
+        returned, to be installed (:meth:`_install`) once no statistics pass needs the full-precision ones.
+        ``phases["experts_solve"]`` gains the seconds spent on expert projections."""
         dtype = on.store_dtype
         owners = self._owners([[live[n] for n in g.members] for g in groups])
         kept: dict[str, nn.Module] = {}
         for group, owner in zip(groups, owners):
+            start = time.perf_counter()
             linears = [live[n] for n in group.members]
             solve = _solve_rtn if group.fallback else self.solver.solve
             if self.comm.rank == owner:
@@ -571,6 +599,8 @@ class LayerLoop:
                 self._install(packed, live, on)
             else:
                 kept.update(packed)
+            if phases is not None and expert_index(group.members[0], self.model) is not None:
+                phases["experts_solve"] += time.perf_counter() - start
         return kept
 
     def _install(self, packed: dict[str, nn.Module], live: dict[str, nn.Module], on: Onloaded) -> None:

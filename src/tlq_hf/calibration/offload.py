@@ -27,19 +27,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, set_module_tensor_to_device
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..experts import UnfusedExperts, expert_tensors
 from ..hostmem import release_host_memory
 from .capture import module_device
 from .io_clock import timed_io
 
 __all__ = [
+    "ExpertSlices",
     "Onloaded",
     "all_hooks",
     "PackedLayerFile",
+    "offload_unfused_experts",
     "onloaded",
     "row_reader",
     "compute_dtype_for",
@@ -92,7 +96,7 @@ def _holds(weights: Mapping, name: str) -> bool:
         return _holds(weights.dataset, weights.prefix + name)
     if isinstance(weights, OffloadedWeightsLoader):
         return name in weights.state_dict or name in weights.index
-    if isinstance(weights, (dict, PackedLayerFile)):
+    if isinstance(weights, (dict, PackedLayerFile, ExpertSlices)):
         return name in weights
     return any(key == name for key in weights)
 
@@ -268,6 +272,68 @@ def row_reader(module: nn.Module, name: str = "weight") -> Callable[[int, int], 
     return read_dat
 
 
+class ExpertSlices(Mapping):
+    """The per-expert tensors of one offloaded fused experts module, keyed as its :class:`UnfusedExperts` names
+    them (``"3.gate_proj.weight"``), each read from the fused tensors' offloaded copy one expert at a time (row
+    ``e`` of each ``[E, ...]`` tensor, via :func:`row_reader`): the ``weights_map`` of the per-expert linears'
+    hooks, so a layer's experts load like any offloaded linear and no fused tensor is ever read whole."""
+
+    def __init__(self, fused: nn.Module, unfused: UnfusedExperts) -> None:
+        self.layout = unfused.layout
+        self._readers = {n: row_reader(fused, n) for n in self.layout.fused_names}
+        self.folder = _disk_folder(all_hooks(fused))  # the offload folder, if the fused tensors were on disk
+        linears = [(m, mod) for m, mod in unfused.named_modules() if isinstance(mod, nn.Linear)]
+        self._keys = [f"{m}.{p}" for m, mod in linears for p, _ in mod.named_parameters(recurse=False)]
+        self._last: tuple[int, dict[str, torch.Tensor]] | None = None  # gate and up come from one read
+
+    def _expert(self, e: int) -> dict[str, torch.Tensor]:
+        if self._last is None or self._last[0] != e:
+            self._last = None
+            fused = {n: read(e, e + 1)[0] for n, read in self._readers.items()}
+            self._last = (e, expert_tensors(self.layout, fused))
+        return self._last[1]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        e, _, local = key.partition(".")
+        return self._expert(int(e))[local].contiguous()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def offload_unfused_experts(fused: nn.Module, unfused: UnfusedExperts) -> None:
+    """Give the per-expert linears of ``unfused`` (built on ``meta`` from the offloaded ``fused``) accelerate hooks
+    like the one ``fused`` had, each loading its own weight from an :class:`ExpertSlices` at every forward; a
+    calibrated layer's packed experts then go back to disk with the rest of it (:func:`onloaded`)."""
+    hook = _offload_hook(fused)
+    if hook is None:
+        raise RuntimeError(f"{type(fused).__name__}: experts on 'meta' without an offloading hook to read them from")
+    slices = ExpertSlices(fused, unfused)
+    for name, module in unfused.named_modules():
+        if isinstance(module, nn.Linear):
+            add_hook_to_module(
+                module,
+                AlignDevicesHook(
+                    execution_device=hook.execution_device,
+                    offload=True,
+                    io_same_device=False,
+                    weights_map=PrefixedDataset(slices, f"{name}."),
+                    offload_buffers=hook.offload_buffers,
+                    place_submodules=False,
+                    skip_keys=hook.skip_keys,
+                    tied_params_map=hook.tied_params_map,
+                ),
+            )
+
+
 def _settle(layer: nn.Module, original_dtype: dict[tuple[int, str], torch.dtype], saved: list) -> None:
     """After calibration: tensors back to their stored dtype, resident; hooks only align devices.
 
@@ -295,6 +361,8 @@ def _disk_folder(hooks: list) -> str | None:
     for hook in hooks:
         weights = getattr(hook, "weights_map", None)
         loader, prefix = getattr(weights, "dataset", None), getattr(weights, "prefix", None)
+        if isinstance(loader, ExpertSlices) and loader.folder is not None:
+            return loader.folder
         folder = getattr(loader, "save_folder", None)
         if (
             folder is not None

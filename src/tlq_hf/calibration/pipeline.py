@@ -34,7 +34,7 @@ from .importance import AnswerLoss, Tempering, TokenWeighting, gradient_importan
 from .io_clock import io_seconds
 from .journal import ModelEdits
 from .layer_loop import LayerLoop, LayerReport, LayerSettings
-from .offload import onloaded
+from .offload import offload_unfused_experts, onloaded
 from .resume import LayerCheckpoint, fingerprint
 
 __all__ = ["RECIPES", "Recipe", "ModuleReport", "QuantizationReport", "quantize_model", "resolve_recipe"]
@@ -241,7 +241,8 @@ def quantize_model(model: nn.Module, config, undo: bool = False) -> Quantization
     edits = ModelEdits(model, undo)
     _check_moe_format(model, config)
     try:
-        unfuse_experts(model, "", edits.swap)  # fused MoE experts as per-expert linears (same function)
+        # fused MoE experts as per-expert linears (same function); offloaded ones read one expert at a time
+        unfuse_experts(model, "", edits.swap, offloaded=offload_unfused_experts)
         targets = select_quant_targets(model, config.ignore)
         _check_targets(targets, scheme)
         coverage = decoder_coverage(model, targets, config.ignore)  # nothing left float without a rule
