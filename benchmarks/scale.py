@@ -12,13 +12,17 @@ whole in memory), with a locally built processor whose images give hundreds of i
   8 kv heads, vocab 128256), a small CLIP tower at 224 px / patch 14 (256 image tokens);
 - ``qwen2vl-7b``: Qwen2-VL-7B text shapes (28 layers, hidden 3584, intermediate 18944, 28 heads, 4 kv heads,
   vocab 152064), a small vision tower at 448 px (256 image tokens);
-- ``llava-1b-L{n}``: the llava-1b width at depth ``n`` (the depth sweep).
+- ``llava-1b-L{n}``: the llava-1b width at depth ``n`` (the depth sweep);
+- ``qwen3vlmoe-30b-L{n}``: Qwen3-VL-30B-A3B text shapes (hidden 2048, 32 heads, 4 kv heads, 128 experts of
+  intermediate 768, 8 active, vocab 151936; 1.2 GiB of bf16 experts per layer) at depth ``n`` (the MoE sweep;
+  the full 48 layers are ~61 GB in bf16), a small Qwen3-VL vision tower at 448 px.
 
 Usage::
 
     python benchmarks/scale.py --rows llava-1b-disk sweep          # default rows
     python benchmarks/scale.py --rows qwen2vl-7b-disk               # the 7B row: hours on 2 cores, resumable
     python benchmarks/scale.py --rows llava-1b-2proc
+    python benchmarks/scale.py --rows moe-sweep                      # 2, 4, 8 MoE layers on disk
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from provenance import now, provenance  # noqa: E402
+
 RESULTS = HERE / "results"
 MODELS_DIR = Path(os.environ.get("TLQ_SCALE_MODELS", Path(tempfile.gettempdir()) / "tlq-scale-models"))
 
@@ -60,9 +68,23 @@ QWEN2VL_7B = dict(
     num_key_value_heads=4,
     max_position_embeddings=32768,
 )
+#: Qwen3-VL-30B-A3B's text shapes: every layer an MoE layer of 128 experts (intermediate 768), 8 active
+QWEN3VL_30B_A3B = dict(
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_hidden_layers=48,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    num_experts=128,
+    num_experts_per_tok=8,
+    moe_intermediate_size=768,
+    max_position_embeddings=32768,
+)
 MODELS = {
     "llava-1b": dict(family="llava", text=LLAMA_1B, vocab=128256, image=224),
     "qwen2vl-7b": dict(family="qwen2_vl", text=QWEN2VL_7B, vocab=152064, image=448),
+    "qwen3vlmoe-30b": dict(family="qwen3_vl_moe", text=QWEN3VL_30B_A3B, vocab=151936, image=448),
 }
 
 
@@ -288,6 +310,9 @@ def _worker(job: dict) -> dict:
         "tokens": report.tokens,
         "samples": report.samples,
         "layer_seconds": [r.seconds for r in report.layers],
+        "layer_phases": [r.phases for r in report.layers],
+        "expert_tokens": [t for r in report.layers for ts in r.expert_tokens.values() for t in ts],
+        "expert_fallbacks": sum(len(r.fallbacks) for r in report.layers),
         "peak_rss_bytes": _status_kb("VmHWM") * 1024,
         "peak_anon_rss_bytes": anon.stop(),
         "phase_peak_anon_rss_bytes": anon.phase_peaks,
@@ -399,6 +424,7 @@ def run_row(
     """
     path = build_model(model, layers)
     stats = _checkpoint_stats(path)
+    started = now()
     with contextlib.ExitStack() as stack:
         if resumable:
             work = str(MODELS_DIR / "runs" / name)
@@ -439,6 +465,8 @@ def run_row(
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     main = next(r for r in results if r["rank"] == 0)
     record = {
+        **provenance("python benchmarks/scale.py --rows " + name, started),
+        "finished": now(),
         "name": name,
         "library": library,
         "model": model if layers is None else f"{model}-L{layers}",
@@ -457,8 +485,10 @@ def run_row(
         "io_s": round(main.get("io_s", 0.0), 2),
         "layer_seconds": [round(s, 2) for s in main["layer_seconds"]],
         "layer_bf16_bytes": stats["layer_bf16_bytes"],
-        "command": "python benchmarks/scale.py --rows " + name,
     }
+    for key in ("layer_phases", "expert_tokens", "expert_fallbacks"):
+        if key in main:
+            record[key] = main[key]
     if threads is not None:
         record["threads"] = threads
     if resumable:
@@ -497,6 +527,7 @@ def _segments(work: Path) -> dict:
 
 THREADS_CMD = "python benchmarks/scale.py --rows threads"
 SWEEP_CMD = "python benchmarks/scale.py --rows sweep"
+MOE_SWEEP_CMD = "python benchmarks/scale.py --rows moe-sweep"
 ROWS = {
     "llava-1b-disk": lambda: [run_row("llava-1b-disk", "llava-1b", "disk", 1, 16)],
     "llava-1b-cpu": lambda: [run_row("llava-1b-cpu", "llava-1b", "none", 1, 16)],
@@ -510,6 +541,14 @@ ROWS = {
     ],
     "sweep": lambda: [
         {**run_row(f"sweep-L{n}", "llava-1b", "disk", 1, 8, layers=n), "sweep": "llava-1b-width", "command": SWEEP_CMD}
+        for n in (2, 4, 8)
+    ],
+    "moe-sweep": lambda: [
+        {
+            **run_row(f"moe-sweep-L{n}", "qwen3vlmoe-30b", "disk", 1, 16, layers=n),
+            "sweep": "qwen3vlmoe-30b-width",
+            "command": MOE_SWEEP_CMD,
+        }
         for n in (2, 4, 8)
     ],
 }

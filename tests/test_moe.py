@@ -448,3 +448,35 @@ def test_offloaded_experts_without_a_source_are_refused_by_name():
     module.to_empty(device="meta")
     with pytest.raises(NotImplementedError, match=re.escape(experts) + ".*offloaded.*device_map='cpu'"):
         unfuse_experts(model, "", lambda n, m: swap_module(model, n, m))
+
+
+def test_statistics_in_several_passes_run_only_their_experts_and_give_the_same_codes(moe_vlm, monkeypatch):
+    """With a statistics budget below one MoE layer's statistics, experts are collected a few at a time; a pass after
+    the first runs only its own experts (its output is discarded), and the codes equal the one-pass run's."""
+    import functools
+
+    from tlq_hf.calibration import layer_loop, pipeline
+
+    cfg = TLQConfig(method="gptq", dataset=sample_rows(4), num_samples=4)
+    one_pass = auto_class().from_pretrained(moe_vlm, quantization_config=cfg).state_dict()
+    plans, skipped = [], []
+    real_passes, real_skips = layer_loop.statistic_passes, UnfusedExperts.skips
+
+    def passes_spy(groups, footprint, budget, bin_of=None):
+        out = real_passes(groups, footprint, budget, bin_of)
+        plans.append([{bin_of(groups[k]) for k in p} for p in out])
+        return out
+
+    def skips_spy(self, e):
+        out = real_skips(self, e)
+        skipped.append(out)
+        return out
+
+    monkeypatch.setattr(pipeline, "LayerSettings", functools.partial(layer_loop.LayerSettings, statistics_budget=0))
+    monkeypatch.setattr(layer_loop, "statistic_passes", passes_spy)
+    monkeypatch.setattr(UnfusedExperts, "skips", skips_spy)
+    passes = auto_class().from_pretrained(moe_vlm, quantization_config=cfg).state_dict()
+    assert plans and all(len(p) > 2 for p in plans)
+    assert all(len(bins) == 1 for plan in plans for bins in plan)  # experts and other modules never share a pass
+    assert any(skipped) and not all(skipped)
+    assert all(torch.equal(one_pass[k], passes[k]) for k in one_pass)

@@ -462,6 +462,10 @@ def test_statistic_passes_keep_shared_inputs_together_and_put_the_largest_last()
     assert layer_loop.statistic_passes(groups, footprint, budget=0) == [[0, 1, 2, 3, 4, 5], [6]]
     # a budget below one shared input's total never splits that input
     assert layer_loop.statistic_passes(groups[:6], footprint, budget=25) == [[3, 4, 5], [0, 1, 2]]
+    # groups of different bins (experts modules) never share a pass when several are needed; one pass still fits all
+    bins = lambda g: "experts" if g.members[0] in ("gate", "up", "down") else None  # noqa: E731
+    assert layer_loop.statistic_passes(groups, footprint, budget=0, bin_of=bins) == [[4, 5], [0, 1, 2, 3], [6]]
+    assert layer_loop.statistic_passes(groups, footprint, budget=1000, bin_of=bins) == [list(range(7))]
 
 
 def test_statistics_collected_in_several_passes_give_the_same_checkpoint(
@@ -475,8 +479,8 @@ def test_statistics_collected_in_several_passes_give_the_same_checkpoint(
     seen = []
     real = layer_loop.statistic_passes
 
-    def spy(groups, footprint, budget):
-        passes = real(groups, footprint, budget)
+    def spy(groups, footprint, budget, bin_of=None):
+        passes = real(groups, footprint, budget, bin_of)
         seen.append([sum(footprint(groups[k]) for k in p) for p in passes])
         return passes
 

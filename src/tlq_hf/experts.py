@@ -49,6 +49,7 @@ __all__ = [
     "UnfusedExperts",
     "convention_of",
     "every_token_to_every_expert",
+    "only_experts",
     "experts_clock",
     "expert_index",
     "expert_tensors",
@@ -62,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 _ROUTED: ContextVar[torch.Tensor | None] = ContextVar("tlq_routed_tokens", default=None)
 _EVERY_TOKEN: ContextVar[bool] = ContextVar("tlq_every_token", default=False)
+_ONLY: ContextVar[tuple[nn.Module, frozenset[int]] | None] = ContextVar("tlq_only_experts", default=None)
 
 
 def routed_tokens() -> torch.Tensor | None:
@@ -106,6 +108,18 @@ def experts_clock(root: nn.Module) -> Iterator[_Clock]:
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def only_experts(experts: nn.Module, chosen: set[int]) -> Iterator[None]:
+    """Within this context the :class:`UnfusedExperts` ``experts`` runs only the experts in ``chosen``; the others
+    add nothing to its output. For forwards whose output is discarded and that read only the chosen experts'
+    inputs (a statistics pass over some experts of a layer)."""
+    token = _ONLY.set((experts, frozenset(chosen)))
+    try:
+        yield
+    finally:
+        _ONLY.reset(token)
 
 
 @dataclass(frozen=True)
@@ -225,7 +239,7 @@ class InterfaceExperts(ExpertsConvention):
         hit = torch.unique(flat_e).tolist()
         every = _EVERY_TOKEN.get()
         for e in range(len(experts)) if every else hit:
-            if e < 0 or e >= len(experts):  # expert-parallel sentinels: not on this rank
+            if e < 0 or e >= len(experts) or experts.skips(e):  # expert-parallel sentinels: not on this rank
                 continue
             sel = flat_e == e
             idx = token[sel]
@@ -258,6 +272,8 @@ class Llama4Experts(ExpertsConvention):
         out = torch.zeros_like(x)
         every = _EVERY_TOKEN.get()
         for e in range(e_count):
+            if experts.skips(e):
+                continue
             idx = (x[e] != 0).any(-1).nonzero().flatten()  # tokens routed here: their rows are not zero
             if every:
                 out[e] = experts.run(e, x[e], torch.arange(x.shape[1], device=x.device)).to(out.dtype)
@@ -320,6 +336,11 @@ class UnfusedExperts(nn.Module):
 
     def expert(self, e: int) -> ExpertMLP:
         return self._modules[str(e)]
+
+    def skips(self, e: int) -> bool:
+        """Whether expert ``e`` is left out of this call (:func:`only_experts`)."""
+        only = _ONLY.get()
+        return only is not None and only[0] is self and e not in only[1]
 
     def run(self, e: int, hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on rows ``hidden[idx]`` (:func:`routed_tokens` gives ``idx`` meanwhile)."""

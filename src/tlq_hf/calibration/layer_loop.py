@@ -24,6 +24,8 @@ Solvers and smoothers are looked up by name in :data:`LAYER_SOLVERS` and :data:`
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -34,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import DecoderStack, smooth_mappings
-from ..experts import every_token_to_every_expert, expert_index, experts_clock
+from ..experts import every_token_to_every_expert, expert_index, experts_clock, only_experts
 from ..hostmem import release_host_memory
 from ..nn import TLQLinear, dequant_cache
 from ..primitives import QParams, quantize_codes
@@ -288,31 +290,44 @@ def folds_preserve_output(
     return err <= 1e-3
 
 
-def statistic_passes(groups: list[StatGroup], footprint: Callable[[StatGroup], int], budget: int) -> list[list[int]]:
+def statistic_passes(
+    groups: list[StatGroup],
+    footprint: Callable[[StatGroup], int],
+    budget: int,
+    bin_of: Callable[[StatGroup], str | None] | None = None,
+) -> list[list[int]]:
     """Indices of ``groups`` per statistics pass, so that no pass holds more than ``budget`` bytes of statistics
     (or the largest shared input's, if that alone is more).
 
     Groups that read the same input (same ``input_of``) stay in one pass: their input hook is shared. Inputs
     are packed largest first into the first pass with room; passes are returned smallest first (the largest
     statistic, solved last, then overlaps only with the packed forms of the others). Group order within a pass
-    is call order. One pass when everything fits.
+    is call order. One pass when everything fits. When several are needed, groups of different ``bin_of`` (the
+    experts module a group belongs to, ``None`` for other modules) never share a pass, so a pass over some
+    experts of a layer needs to run only those experts (:func:`tlq_hf.experts.only_experts`).
     """
     units: dict[str, list[int]] = {}
     for k, g in enumerate(groups):
         units.setdefault(g.input_of or g.members[0], []).append(k)
     size = {key: sum(footprint(groups[k]) for k in ks) for key, ks in units.items()}
     capacity = max([budget, *size.values()])
+    if sum(size.values()) <= capacity:
+        return [list(range(len(groups)))]
+    binned = bin_of or (lambda g: None)
     passes: list[list[str]] = []
     load: list[int] = []
+    bins: list[str | None] = []
     for key in sorted(units, key=lambda u: -size[u]):  # stable: ties keep call order
+        b = binned(groups[units[key][0]])
         for p in range(len(passes)):
-            if load[p] + size[key] <= capacity:
+            if bins[p] == b and load[p] + size[key] <= capacity:
                 passes[p].append(key)
                 load[p] += size[key]
                 break
         else:
             passes.append([key])
             load.append(size[key])
+            bins.append(b)
     order = sorted(range(len(passes)), key=lambda p: (max(size[u] for u in passes[p]), p))
     return [sorted(k for key in passes[p] for k in units[key]) for p in order]
 
@@ -421,13 +436,16 @@ class LayerLoop:
             groups = self._groups(live, lambda: forward(state.x_in[0], 0))
             passes = [list(range(len(groups)))]
             if self.smoother is None:  # a fold may touch modules of another pass: smoothing needs one pass
-                passes = statistic_passes(groups, self._footprint(live, len(state.x_in)), cfg.statistics_budget)
+                footprint = self._footprint(live, len(state.x_in))
+                owner_of = lambda g: experts[g.members[0]][0] if g.members[0] in experts else None  # noqa: E731
+                passes = statistic_passes(groups, footprint, cfg.statistics_budget, owner_of)
             deferred: dict[str, nn.Module] = {}
             fallbacks: list[str] = []
             expert_tokens: dict[str, dict[int, int]] = {}
             for k, indices in enumerate(passes):
                 part = [groups[g] for g in indices]
                 collector = StatCollector(part, live, self.scheme.act_bits)
+                only = self._only_experts(part, experts, prefix, layer) if k > 0 else contextlib.nullcontext
                 weights = [self.weighting.for_modules(g.members) if self.weighting else None for g in part]
                 try:
                     for j, x in enumerate(state.x_in):
@@ -437,7 +455,7 @@ class LayerLoop:
                             if fp_in_pass and k == 0:
                                 y_fp.append(y_ref.to(on.store_dtype))
                             del y_ref
-                        with every_token_to_every_expert(cfg.expert_all_tokens):  # statistics only
+                        with every_token_to_every_expert(cfg.expert_all_tokens), only():  # statistics only
                             y = forward(x, j)
                         if k > 0:
                             continue
@@ -508,6 +526,20 @@ class LayerLoop:
                 stats = {k: STATISTICS[k](rows_per_sample=rows) for k in sorted(needs)}
                 groups.append(StatGroup(part, stats, input_of=members[0]))
         return groups
+
+    @staticmethod
+    def _only_experts(
+        part: list[StatGroup], experts: dict[str, tuple[str, int]], prefix: str, layer: nn.Module
+    ) -> Callable[[], contextlib.AbstractContextManager]:
+        """The context of each forward of a pass after the first (its layer output is discarded): when the pass's
+        groups are all experts of one experts module, only those experts run (the others' inputs and outputs feed
+        no statistic of the pass)."""
+        owners = {experts[m][0] if m in experts else None for g in part for m in g.members}
+        if len(owners) != 1 or None in owners:
+            return contextlib.nullcontext
+        (owner,) = owners
+        chosen = {experts[m][1] for g in part for m in g.members}
+        return functools.partial(only_experts, layer.get_submodule(owner[len(prefix) :]), chosen)
 
     def _smooth(
         self,
