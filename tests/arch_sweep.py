@@ -87,7 +87,7 @@ def _cut_layer_lists(cfg: PretrainedConfig, depth: int) -> None:
             setattr(cfg, key, kinds[:depth] + value[len(kinds) : len(kinds) + depth - len(kinds[:depth])])
         elif "index" in key or key.endswith(("_layers", "_layer_ids", "_indexes", "_indices")):
             if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                setattr(cfg, key, [v for v in value if 0 <= v < depth] or ([] if "deepstack" in key else [depth - 1]))
+                setattr(cfg, key, [v for v in value if 0 <= v < depth] or [depth - 1])
 
 
 def _shrink_depth(cfg: PretrainedConfig, depth: int) -> None:

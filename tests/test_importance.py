@@ -23,7 +23,7 @@ from tlq_hf.calibration.importance import (
 )
 from tlq_hf.data import build_calibration_set
 from tlq_hf.nn import TLQLinear
-from tlq_hf.tiny_models import sample_rows
+from tlq_hf.tiny_models import MOE_FAMILIES, sample_rows
 
 
 def _setup(tiny_vlm_dirs, family, n=3):
@@ -60,7 +60,7 @@ def test_capture_keeps_masks_and_first_layer_input(tiny_vlm_dirs):
         assert "position_embeddings" in c.kwargs or "position_ids" in c.kwargs
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + MOE_FAMILIES)
 def test_captured_layer_calls_reproduce_the_model(tiny_vlm_dirs, family):
     """Every decoder layer replayed with its own captured kwargs, then the final norm and head, gives the model's
     own logits; the gradient pass's answer loss is the model's loss. Gemma 3's sliding-window and global layers
@@ -76,7 +76,7 @@ def test_captured_layer_calls_reproduce_the_model(tiny_vlm_dirs, family):
         for sample, c in zip(samples, captured):
             h = c.hidden
             for i, layer in enumerate(stack.layers):
-                h = layer_forward(layer, h, c.kwargs_for(i))
+                h = c.after_layer(i, layer_forward(layer, h, c.kwargs_for(i)))
             out = model(**sample.inputs, labels=sample.labels)
             assert torch.allclose(head(norm(h)), out.logits, rtol=1e-5, atol=1e-5)
             losses.append(float(out.loss))
@@ -380,3 +380,32 @@ def test_answer_loss_settings_reach_the_calibration(tiny_vlm_dirs):
         {"importance_scope": "layer"},
     ):
         assert not torch.equal(codes(**settings), base), settings
+
+
+@pytest.mark.skipif("qwen3_vl_moe" not in MOE_FAMILIES, reason="Qwen3-VL needs transformers 5")
+def test_deepstack_features_added_between_layers_are_captured_at_the_image_tokens(tiny_vlm_dirs):
+    """Qwen3-VL adds intermediate vision features to the image tokens after the first decoder layers (deepstack):
+    capture finds them as additions after layer 0, at exactly the image tokens; replaying the layers without them
+    would give other logits."""
+    path = tiny_vlm_dirs["qwen3_vl_moe"]
+    model, stack, captured, _ = _setup(tiny_vlm_dirs, "qwen3_vl_moe", n=2)
+    norm, head = find_final_norm(model, stack), model.get_output_embeddings()
+    samples = build_calibration_set(sample_rows(2), AutoProcessor.from_pretrained(path), 2)
+    for c, sample in zip(captured, samples):
+        assert set(c.injections) == {0}
+        assert torch.equal(c.injections[0].rows, c.vision_mask.nonzero().flatten())
+        with torch.no_grad():
+            h = c.hidden
+            for i, layer in enumerate(stack.layers):
+                h = layer_forward(layer, h, c.kwargs_for(i))
+            assert not torch.allclose(head(norm(h)), model(**sample.inputs).logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif("qwen3_vl_moe" not in MOE_FAMILIES, reason="Qwen3-VL needs transformers 5")
+def test_a_change_between_layers_that_depends_on_the_hidden_states_is_refused(tiny_vlm_dirs, monkeypatch):
+    model = auto_class().from_pretrained(tiny_vlm_dirs["qwen3_vl_moe"], dtype=torch.float32)
+    text = type(model.model.language_model)
+    monkeypatch.setattr(text, "_deepstack_process", lambda self, hidden, mask, embeds: hidden * 1.5)
+    samples = build_calibration_set(sample_rows(1), AutoProcessor.from_pretrained(tiny_vlm_dirs["qwen3_vl_moe"]), 1)
+    with pytest.raises(RuntimeError, match="between decoder layers 0 and 1 .* depends on them"):
+        capture_layer_inputs(model, find_decoder_stack(model), samples)

@@ -290,7 +290,7 @@ def _qwen3_vl_moe_config(text: dict[str, Any]) -> dict[str, Any]:
             "spatial_merge_size": _QWEN_MERGE,
             "temporal_patch_size": 2,
             "num_position_embeddings": 64,
-            "deepstack_visual_indexes": [],  # deepstack adds visual features between layers: not replayed yet
+            "deepstack_visual_indexes": [1],  # adds tower layer 1's features to the text after decoder layer 0
         },
     }
 

@@ -37,7 +37,7 @@ from ..arch import DecoderStack, find_final_norm
 from ..experts import expert_owner
 from .activations import ActivationStore
 from .batching import layer_units
-from .capture import CapturedSample, layer_forward, to_device
+from .capture import CapturedSample, after_layer, layer_forward, to_device
 from .distributed import Comm
 from .offload import compute_dtype_for, onloaded, row_reader
 
@@ -349,6 +349,7 @@ def gradient_importance(
                 for unit in _units(captured, i, lengths, batches):
                     h = _gather(boundaries[i], unit.samples).to(on.device, on.compute_dtype)
                     y = layer_forward(layer, h, to_device(unit.kwargs, on.device, on.compute_dtype))
+                    y = after_layer([captured[j] for j in unit.samples], i, y)  # e.g. deepstack features
                     for j, row in zip(unit.samples, y.split(1)):
                         out.put(j, row.to(on.store_dtype))
             boundaries.append(out)
@@ -532,7 +533,7 @@ def reference_importance(
             for s in captured:
                 h = s.hidden.detach().requires_grad_(True)
                 for i, layer in enumerate(stack.layers):
-                    h = layer_forward(layer, h, s.kwargs_for(i))
+                    h = s.after_layer(i, layer_forward(layer, h, s.kwargs_for(i)))
                 pos, gold = _answer_positions(s.labels, spec.tokens == "first")
                 logits = _softcapped(head(norm(h))[0, pos], softcap).float()
                 scale = torch.full((len(pos),), 1.0 / max(len(pos), 1))

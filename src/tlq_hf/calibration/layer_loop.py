@@ -424,7 +424,8 @@ class LayerLoop:
             mark = _lap(phases, "onload", mark)
 
             def forward(x: torch.Tensor, j: int) -> torch.Tensor:
-                return layer_forward(layer, x.to(on.device, on.compute_dtype), kwargs[j])
+                y = layer_forward(layer, x.to(on.device, on.compute_dtype), kwargs[j])
+                return self.captured[j].after_layer(i, y)  # as the next layer gets it (e.g. deepstack added)
 
             paired = any(STATISTICS[kind].paired for kind in self.solver.needs)
             fp_in_pass = cfg.exposed and not streamed and paired  # the paired pass runs the FP layer anyway
