@@ -421,12 +421,23 @@ def test_disk_offloaded_experts_are_read_one_expert_at_a_time_and_give_the_in_me
         read = real_reader(module, name)
         return lambda lo, hi: (rows.append(hi - lo), read(lo, hi))[1]
 
+    storages: list[int] = []
+    real_getitem = offload.ExpertSlices.__getitem__
+
+    def getitem_spy(self, key):
+        out = real_getitem(self, key)
+        storages.append(out.untyped_storage().nbytes())
+        return out
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(offload, "row_reader", counting_reader)
+        mp.setattr(offload.ExpertSlices, "__getitem__", getitem_spy)
         model = auto_class().from_pretrained(
             moe_vlm, device_map=device_map, offload_folder=str(tmp_path / "weights"), quantization_config=cfg
         )
     assert rows and set(rows) == {1}  # one expert per read
+    fused_bytes = reference.config.text_config.moe_intermediate_size * 2 * reference.config.text_config.hidden_size * 4
+    assert storages and max(storages) <= fused_bytes  # copies of one expert, not views of the mapped file
     experts = model.get_submodule("model.language_model.layers.1.mlp.experts")
     assert isinstance(experts, UnfusedExperts) and isinstance(experts.expert(3).down_proj, TLQLinear)
     assert {t.device.type for t in experts.state_dict().values()} == {"meta"}  # packed, back on disk
@@ -480,3 +491,24 @@ def test_statistics_in_several_passes_run_only_their_experts_and_give_the_same_c
     assert all(len(bins) == 1 for plan in plans for bins in plan)  # experts and other modules never share a pass
     assert any(skipped) and not all(skipped)
     assert all(torch.equal(one_pass[k], passes[k]) for k in one_pass)
+
+
+def test_round_to_nearest_onloads_all_experts_of_a_disk_offloaded_layer_once(moe_vlm, tmp_path):
+    """RTN (no calibration data) rounds a layer's experts together, from their stored dtype, and writes them back to
+    disk in one packed file (not one per expert); the checkpoint is the in-memory run's."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+
+    from tlq_hf.arch import decoder_device_map
+
+    cfg = TLQConfig(method="rtn")
+    auto_class().from_pretrained(moe_vlm, quantization_config=cfg).save_pretrained(tmp_path / "reference")
+    with init_empty_weights():
+        device_map = decoder_device_map(auto_class().from_config(transformers.AutoConfig.from_pretrained(moe_vlm)))
+    model = auto_class().from_pretrained(
+        moe_vlm, device_map=device_map, offload_folder=str(tmp_path / "weights"), quantization_config=cfg
+    )
+    assert len(list((tmp_path / "weights" / "tlq-packed").glob("*.safetensors"))) == 2 * 2  # experts, attention
+    model.save_pretrained(tmp_path / "offloaded")
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("reference", "offloaded"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

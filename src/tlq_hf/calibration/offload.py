@@ -284,14 +284,9 @@ class ExpertSlices(Mapping):
         self.folder = _disk_folder(all_hooks(fused))  # the offload folder, if the fused tensors were on disk
         linears = [(m, mod) for m, mod in unfused.named_modules() if isinstance(mod, nn.Linear)]
         self._keys = [f"{m}.{p}" for m, mod in linears for p, _ in mod.named_parameters(recurse=False)]
-        self._last: tuple[int, dict[str, torch.Tensor]] | None = None  # gate and up come from one read
-
-    def _expert(self, e: int) -> dict[str, torch.Tensor]:
-        if self._last is None or self._last[0] != e:
-            self._last = None
-            fused = {n: read(e, e + 1)[0] for n, read in self._readers.items()}
-            self._last = (e, expert_tensors(self.layout, fused))
-        return self._last[1]
+        # one expert's tensors between reads of its projections (gate and up come from one read); dropped once
+        # each has been read, so nothing outlives the layer's onload
+        self._last: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
@@ -300,7 +295,16 @@ class ExpertSlices(Mapping):
         if key not in self._keys:
             raise KeyError(key)
         e, _, local = key.partition(".")
-        return self._expert(int(e))[local].contiguous()
+        cached = self._last
+        if cached is None or cached[0] != int(e) or local not in cached[1]:
+            # copies: a safetensors slice is a view of the whole mapped file, which would stay mapped (and its
+            # pages resident) as long as any expert read from it lives
+            fused = {n: read(int(e), int(e) + 1)[0].clone() for n, read in self._readers.items()}
+            cached = self._last = (int(e), dict(expert_tensors(self.layout, fused)))
+        out = cached[1].pop(local).contiguous()
+        if not cached[1]:
+            self._last = None
+        return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)

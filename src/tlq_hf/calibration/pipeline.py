@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..arch import find_decoder_stack, select_quant_targets
 from ..coverage import Coverage, decoder_coverage
-from ..experts import convention_of, unfuse_experts
+from ..experts import convention_of, expert_owner, unfuse_experts
 from ..hostmem import map_large_allocations
 from ..nn import TLQLinear
 from ..primitives import dequantize_codes
@@ -148,19 +148,20 @@ class QuantizationReport:
 def _round_to_nearest(
     model: nn.Module, targets: dict[str, nn.Linear], scheme: QuantScheme, edits: ModelEdits
 ) -> list[ModuleReport]:
-    """Round each target to nearest, onloading one parent module (a decoder layer, say) at a time."""
+    """Round each target to nearest, onloading one parent module (an attention block, an MLP, all experts of an MoE
+    layer) at a time in its stored dtype (each weight is upcast alone)."""
     by_parent: dict[str, list[str]] = {}
     for name in targets:
-        by_parent.setdefault(name.rpartition(".")[0], []).append(name)
+        by_parent.setdefault(expert_owner(name, model) or name.rpartition(".")[0], []).append(name)
     reports = []
     bar = tqdm(total=len(targets), desc="tlq rtn", unit="linear", leave=False)
     for parent, names in by_parent.items():
         edits.will_rehome(model.get_submodule(parent))
-        with torch.no_grad(), onloaded(model.get_submodule(parent), keep=True) as on:
+        with torch.no_grad(), onloaded(model.get_submodule(parent), keep=True, upcast=False) as on:
             for name in names:
                 start = time.perf_counter()
                 linear = targets[name]
-                weight = linear.weight.detach()
+                weight = linear.weight.detach().to(on.compute_dtype)
                 codes, qparams = rtn(weight, scheme, scale_dtype=on.store_dtype)
                 deq = dequantize_codes(codes, qparams, scheme, dtype=torch.float32)
                 err = float((deq - weight.float()).norm() / weight.float().norm().clamp_min(1e-12))
