@@ -594,17 +594,82 @@ def write(records: list[dict]) -> None:
     notes = [f"- {r['name']}: {r['note']}" for r in runs if r.get("note")]
     if notes:
         lines += ["", "Notes:", "", *notes]
-    sweep = sorted((r for r in runs if r.get("sweep")), key=lambda r: r["layers"])
-    if len(sweep) >= 2:
-        a, b = sweep[0], sweep[-1]
-        per_layer = (b["peak_rss_bytes"] - a["peak_rss_bytes"]) / (b["layers"] - a["layers"])
-        lines += [
-            "",
-            f"Depth sweep ({a['layers']} -> {b['layers']} layers): peak RSS grows {per_layer / 2**20:.1f} MiB per "
-            f"added layer = {per_layer / a['layer_bf16_bytes']:.3f}x one layer's bf16 bytes "
-            f"({a['layer_bf16_bytes'] / 2**20:.0f} MiB).",
-        ]
+    for name in dict.fromkeys(r["sweep"] for r in runs if r.get("sweep")):
+        lines += ["", sweep_growth(name, runs)]
     (RESULTS / "SCALE.md").write_text("\n".join(lines) + "\n")
+    moe = moe_sweep_block(runs)
+    if moe:
+        readme = HERE.parent / "README.md"
+        text = readme.read_text()
+        begin, end = "<!-- moe-scale -->", "<!-- /moe-scale -->"
+        if begin in text:
+            head, rest = text.split(begin, 1)
+            readme.write_text(f"{head}{begin}\n{moe}\n{end}{rest.split(end, 1)[1]}")
+
+
+def _sweep(name: str, runs: list[dict]) -> list[dict]:
+    return sorted((r for r in runs if r.get("sweep") == name), key=lambda r: r["layers"])
+
+
+def sweep_growth(name: str, runs: list[dict]) -> str:
+    """One line: how peak RSS grows per added layer over the depth sweep ``name``."""
+    sweep = _sweep(name, runs)
+    if len(sweep) < 2:
+        return ""
+    a, b = sweep[0], sweep[-1]
+    per_layer = (b["peak_rss_bytes"] - a["peak_rss_bytes"]) / (b["layers"] - a["layers"])
+    return (
+        f"Depth sweep {name} ({a['layers']} -> {b['layers']} layers): peak RSS grows {per_layer / 2**20:.1f} MiB per "
+        f"added layer = {per_layer / a['layer_bf16_bytes']:.3f}x one layer's bf16 bytes "
+        f"({a['layer_bf16_bytes'] / 2**20:.0f} MiB)."
+    )
+
+
+def _mean_phases(record: dict) -> dict[str, float]:
+    layers = record.get("layer_phases") or []
+    keys = dict.fromkeys(k for p in layers for k in p)
+    return {k: sum(p.get(k, 0.0) for p in layers) / max(1, len(layers)) for k in keys}
+
+
+def moe_sweep_block(runs: list[dict]) -> str:
+    """The README's MoE scale table, from the ``moe-sweep`` records ("" when there are none)."""
+    sweep = _sweep("qwen3vlmoe-30b-width", runs)
+    if not sweep:
+        return ""
+    gb, first = 1e9, sweep[0]
+    tokens = first["expert_tokens"]
+    rows = [
+        "| layers | bf16 on disk | wall | importance | layer loop | per layer | statistics (in experts) | solves "
+        "(experts) | output | peak RSS (x bf16) | peak anon | expert fallbacks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sweep:
+        ph, lp = r["phases"], _mean_phases(r)
+        per_layer = sum(r["layer_seconds"]) / len(r["layer_seconds"]) if r.get("layer_seconds") else ph["layers"]
+        rows.append(
+            f"| {r['layers']} | {r['bf16_bytes'] / gb:.1f} GB | {r['wall_s']:.0f} s | {ph.get('importance', 0):.0f} s "
+            f"| {ph['layers']:.0f} s | {per_layer:.0f} s | {lp['statistics']:.0f} s ({lp['experts_forward']:.0f} s) "
+            f"| {lp['solve']:.0f} s ({lp['experts_solve']:.0f} s) | {lp['output']:.0f} s "
+            f"| {r['peak_rss_bytes'] / gb:.2f} GB ({r['peak_rss_bytes'] / r['bf16_bytes']:.2f}x) "
+            f"| {r['peak_anon_rss_bytes'] / gb:.2f} GB | {r['expert_fallbacks']} |"
+        )
+    peak = max(r["peak_rss_bytes"] for r in sweep)
+    full = first["layer_bf16_bytes"] * 48
+    return "\n".join(
+        [
+            f"`{MOE_SWEEP_CMD}` (record `benchmarks/results/scale.json`, commit {first['commit'][:7]}, "
+            f"{first['cpu']}, {first['threads']} threads): Qwen3-VL-30B-A3B text shapes, random bf16 weights on "
+            f"disk, every layer offloaded, TLQ W4A16-g128 with its gradient pass, {first['samples']} real-photo rows "
+            f"({first['tokens']} tokens; tokens per expert min {min(tokens)} / median "
+            f"{sorted(tokens)[len(tokens) // 2]} / max {max(tokens)}). Per-layer figures are means over layers; "
+            'statistics include the full-precision targets, "in experts" is time inside the experts modules.',
+            "",
+            *rows,
+            "",
+            f"Peak RSS at most {peak / gb:.2f} GB = {peak / full:.3f}x the 48-layer model's "
+            f"{full / gb:.0f} GB of bf16 decoder (target <= 9 GB, 0.15x). {sweep_growth('qwen3vlmoe-30b-width', runs)}",
+        ]
+    )
 
 
 def main() -> None:
