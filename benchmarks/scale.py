@@ -179,10 +179,12 @@ def _stream_random_weights(meta: torch.nn.Module, path: Path, seed: int, shard_b
 
 # ----------------------------------------------------------------------------------------- worker side
 class _AnonPeak(logging.Handler):
-    """Samples RssAnon of this process every 0.1 s, overall and per phase.
+    """Samples RssAnon of this process every 0.1 s, overall and per phase, and keeps each phase's exact peak RSS.
 
     The phase is ``load`` until tlq_hf logs ``tlq_hf: <phase>: ...`` (capture, importance, layers); callers
-    name the phases that follow (``mark``).
+    name the phases that follow (``mark``). At each phase change the kernel's high-water mark (VmHWM, file pages
+    included) is read for the phase that ends and reset (``/proc/self/clear_refs``), so a peak reached while
+    transformers loads the checkpoint is told apart from one reached while calibrating.
     """
 
     PHASES = ("capture", "importance", "layers")
@@ -192,6 +194,7 @@ class _AnonPeak(logging.Handler):
         self.peak = 0
         self.phase = "load"
         self.phase_peaks: dict[str, int] = {}
+        self.phase_hwm: dict[str, int] = {}
         # resumable rows: elapsed seconds per phase and the peaks so far, rewritten every few seconds to
         # ``progress`` so that a segment killed before it finishes still counts (see run_row)
         self.progress = progress
@@ -210,6 +213,7 @@ class _AnonPeak(logging.Handler):
 
     def mark(self, phase: str) -> None:
         self._sample()
+        self._close_hwm()
         now = time.perf_counter()
         self.phase_seconds[self.phase] = self.phase_seconds.get(self.phase, 0.0) + now - self._since
         self.phase, self._since = phase, now
@@ -218,6 +222,23 @@ class _AnonPeak(logging.Handler):
         anon = _status_kb("RssAnon") * 1024
         self.peak = max(self.peak, anon)
         self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), anon)
+
+    def _close_hwm(self) -> None:
+        """Fold VmHWM into the current phase's peak and reset the high-water mark to the present RSS."""
+        self.phase_hwm[self.phase] = max(self.phase_hwm.get(self.phase, 0), _status_kb("VmHWM") * 1024)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:  # not Linux, or not permitted: VmHWM then stays the whole-process peak
+            pass
+
+    def peak_rss(self) -> int:
+        """Peak RSS of the process so far (the largest phase high-water mark, the current one included)."""
+        return max([_status_kb("VmHWM") * 1024, *self.phase_hwm.values()])
+
+    def hwm_by_phase(self) -> dict[str, int]:
+        out = dict(self.phase_hwm)
+        out[self.phase] = max(out.get(self.phase, 0), _status_kb("VmHWM") * 1024)
+        return out
 
     def _run(self) -> None:
         last = 0.0
@@ -235,9 +256,10 @@ class _AnonPeak(logging.Handler):
         state = {
             "elapsed_s": now - self.start,
             "phase_seconds": phases,
-            "peak_rss_bytes": _status_kb("VmHWM") * 1024,
+            "peak_rss_bytes": self.peak_rss(),
             "peak_anon_rss_bytes": self.peak,
             "phase_peak_anon_rss_bytes": dict(self.phase_peaks),
+            "phase_peak_rss_bytes": self.hwm_by_phase(),
         }
         tmp = f"{self.progress}.tmp"
         Path(tmp).write_text(json.dumps(state))
@@ -313,7 +335,8 @@ def _worker(job: dict) -> dict:
         "layer_phases": [r.phases for r in report.layers],
         "expert_tokens": [t for r in report.layers for ts in r.expert_tokens.values() for t in ts],
         "expert_fallbacks": sum(len(r.fallbacks) for r in report.layers),
-        "peak_rss_bytes": _status_kb("VmHWM") * 1024,
+        "peak_rss_bytes": anon.peak_rss(),
+        "phase_peak_rss_bytes": anon.hwm_by_phase(),
         "peak_anon_rss_bytes": anon.stop(),
         "phase_peak_anon_rss_bytes": anon.phase_peaks,
         "maxrss_self_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -365,7 +388,8 @@ def _worker_llmc(job: dict) -> dict:
         "tokens": sum(s.num_tokens for s in samples),
         "samples": len(samples),
         "layer_seconds": [],
-        "peak_rss_bytes": _status_kb("VmHWM") * 1024,
+        "peak_rss_bytes": anon.peak_rss(),
+        "phase_peak_rss_bytes": anon.hwm_by_phase(),
         "peak_anon_rss_bytes": anon.stop(),
         "phase_peak_anon_rss_bytes": anon.phase_peaks,
         "maxrss_self_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -400,6 +424,46 @@ def _checkpoint_stats(path: Path) -> dict:
     }
 
 
+class _MemoryGroup:
+    """A cgroup-v1 memory group under this process's own, with a limit; ``join`` runs in the child before exec."""
+
+    def __init__(self, limit: int) -> None:
+        own = next(
+            line.split(":", 2)[2].strip()
+            for line in Path("/proc/self/cgroup").read_text().splitlines()
+            if line.split(":")[1] == "memory"
+        )
+        self.limit = limit
+        self.path = Path("/sys/fs/cgroup/memory") / own.lstrip("/") / f"tlq-scale-{os.getpid()}"
+        self.path.mkdir()
+        (self.path / "memory.limit_in_bytes").write_text(str(limit))
+
+    def join(self) -> None:
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def readings(self) -> dict:
+        def read(name: str) -> int:
+            return int((self.path / name).read_text())
+
+        return {
+            "memory_limit_bytes": self.limit,
+            "cgroup_peak_bytes": read("memory.max_usage_in_bytes"),
+            "cgroup_limit_hits": read("memory.failcnt"),
+        }
+
+
+@contextlib.contextmanager
+def _memory_group(limit: int):
+    """Yield a :class:`_MemoryGroup` of ``limit`` bytes; removed (empty by then) on exit."""
+    if not Path("/sys/fs/cgroup/memory").is_dir():
+        raise RuntimeError("memory_limit needs cgroup v1's memory controller at /sys/fs/cgroup/memory")
+    group = _MemoryGroup(limit)
+    try:
+        yield group
+    finally:
+        group.path.rmdir()
+
+
 PEER_PYTHON = HERE.parent / ".venv-peers" / "bin" / "python"
 
 
@@ -413,6 +477,7 @@ def run_row(
     library: str = "tlq_hf",
     resumable: bool = False,
     threads: int | None = None,
+    memory_limit: int | None = None,
 ) -> dict:
     """Run one row in its own process(es) and return its record.
 
@@ -421,6 +486,10 @@ def run_row(
     continues from the last finished layer. Each run of it is a segment; the row's wall time and phase times
     are summed over segments (from the progress file each segment rewrites every few seconds), its peaks
     are the largest of any segment.
+
+    With ``memory_limit`` (bytes) the row's processes run in a cgroup-v1 memory group of that limit: the kernel
+    reclaims page cache to stay under it and kills the row if its allocations alone do not fit. The record then
+    holds the group's own peak (``cgroup_peak_bytes``, page cache included) and how often it hit the limit.
     """
     path = build_model(model, layers)
     stats = _checkpoint_stats(path)
@@ -451,15 +520,18 @@ def run_row(
             cmd += script
         else:
             cmd = [sys.executable, *script]
+        group = stack.enter_context(_memory_group(memory_limit)) if memory_limit else None
+        popen = {"preexec_fn": group.join} if group else {}
         start = time.perf_counter()
         if resumable:  # hours: its log (progress bars, per-layer errors) is followed in the run folder
             log = Path(work) / f"log-{segment:03d}.txt"
             with open(log, "w") as err:
-                proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, **popen)
             proc.stderr = log.read_text()
         else:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, **popen)
         wall = time.perf_counter() - start
+        limited = group.readings() if group else {}
     if proc.returncode != 0:
         raise RuntimeError(f"row {name} failed:\n{proc.stderr[-4000:]}")
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -481,6 +553,7 @@ def run_row(
         "peak_rss_bytes": sum(r["peak_rss_bytes"] for r in results),
         "peak_anon_rss_bytes": sum(r["peak_anon_rss_bytes"] for r in results),
         "phase_peak_anon_rss_bytes": main.get("phase_peak_anon_rss_bytes", {}),
+        "phase_peak_rss_bytes": main.get("phase_peak_rss_bytes", {}),
         "phases": {k: round(v, 2) for k, v in main["phases"].items()},
         "io_s": round(main.get("io_s", 0.0), 2),
         "layer_seconds": [round(s, 2) for s in main["layer_seconds"]],
@@ -489,6 +562,7 @@ def run_row(
     for key in ("layer_phases", "expert_tokens", "expert_fallbacks"):
         if key in main:
             record[key] = main[key]
+    record.update(limited)
     if threads is not None:
         record["threads"] = threads
     if resumable:
@@ -502,12 +576,15 @@ def _segments(work: Path) -> dict:
     parts = [json.loads(f.read_text()) for f in sorted(work.glob("progress-*.json"))]
     phases: dict[str, float] = {}
     phase_peaks: dict[str, int] = {}
+    phase_hwm: dict[str, int] = {}
     for part in parts:
         for k, v in part["phase_seconds"].items():
             if k != "done":
                 phases[k] = round(phases.get(k, 0.0) + v, 2)
         for k, v in part["phase_peak_anon_rss_bytes"].items():
             phase_peaks[k] = max(phase_peaks.get(k, 0), v)
+        for k, v in part.get("phase_peak_rss_bytes", {}).items():
+            phase_hwm[k] = max(phase_hwm.get(k, 0), v)
     out = {
         "segments": len(parts),
         "wall_s": round(sum(p["elapsed_s"] for p in parts), 2),
@@ -515,6 +592,7 @@ def _segments(work: Path) -> dict:
         "peak_rss_bytes": max(p["peak_rss_bytes"] for p in parts),
         "peak_anon_rss_bytes": max(p["peak_anon_rss_bytes"] for p in parts),
         "phase_peak_anon_rss_bytes": phase_peaks,
+        "phase_peak_rss_bytes": phase_hwm,
     }
     if len(parts) > 1:
         out["note"] = (
@@ -550,6 +628,13 @@ ROWS = {
             "command": MOE_SWEEP_CMD,
         }
         for n in (2, 4, 8)
+    ],
+    # the deepest sweep row again, in a 6 GB memory group: does calibration need the page cache the load leaves?
+    "moe-limited": lambda: [
+        {
+            **run_row("moe-limited-L8", "qwen3vlmoe-30b", "disk", 1, 16, layers=8, memory_limit=6 * 10**9),
+            "command": "python benchmarks/scale.py --rows moe-limited",
+        }
     ],
 }
 
@@ -611,18 +696,35 @@ def _sweep(name: str, runs: list[dict]) -> list[dict]:
     return sorted((r for r in runs if r.get("sweep") == name), key=lambda r: r["layers"])
 
 
+def calibration_peak(record: dict) -> int | None:
+    """Peak RSS (VmHWM, file pages included) while tlq_hf calibrates: capture, importance and layer loop, not the
+    checkpoint load before them (``None`` for records without per-phase high-water marks)."""
+    hwm = record.get("phase_peak_rss_bytes") or {}
+    peaks = [v for k, v in hwm.items() if k in _AnonPeak.PHASES]
+    return max(peaks) if peaks else None
+
+
 def sweep_growth(name: str, runs: list[dict]) -> str:
-    """One line: how peak RSS grows per added layer over the depth sweep ``name``."""
+    """One line: how peak RSS (whole run, and calibration alone where recorded) grows per added layer over the
+    depth sweep ``name``."""
     sweep = _sweep(name, runs)
     if len(sweep) < 2:
         return ""
     a, b = sweep[0], sweep[-1]
-    per_layer = (b["peak_rss_bytes"] - a["peak_rss_bytes"]) / (b["layers"] - a["layers"])
-    return (
-        f"Depth sweep {name} ({a['layers']} -> {b['layers']} layers): peak RSS grows {per_layer / 2**20:.1f} MiB per "
-        f"added layer = {per_layer / a['layer_bf16_bytes']:.3f}x one layer's bf16 bytes "
-        f"({a['layer_bf16_bytes'] / 2**20:.0f} MiB)."
+    one = a["layer_bf16_bytes"]
+
+    def growth(before: int, after: int) -> str:
+        per_layer = (after - before) / (b["layers"] - a["layers"])
+        return f"{per_layer / 2**20:.1f} MiB per added layer = {per_layer / one:.3f}x one layer's bf16 bytes"
+
+    line = (
+        f"Depth sweep {name} ({a['layers']} -> {b['layers']} layers, one layer {one / 2**20:.0f} MiB in bf16): "
+        f"peak RSS grows {growth(a['peak_rss_bytes'], b['peak_rss_bytes'])}"
     )
+    ca, cb = calibration_peak(a), calibration_peak(b)
+    if ca is not None and cb is not None:
+        line += f"; while calibrating it grows {growth(ca, cb)}"
+    return line + "."
 
 
 def _mean_phases(record: dict) -> dict[str, float]:
@@ -640,8 +742,8 @@ def moe_sweep_block(runs: list[dict]) -> str:
     tokens = first["expert_tokens"]
     rows = [
         "| layers | bf16 on disk | wall | importance | layer loop | per layer | statistics (in experts) | solves "
-        "(experts) | output | peak RSS (x bf16) | peak anon | expert fallbacks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "(experts) | output | peak RSS: load | peak RSS: calibration (x bf16) | peak anon | expert fallbacks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sweep:
         ph, lp = r["phases"], _mean_phases(r)
@@ -650,10 +752,12 @@ def moe_sweep_block(runs: list[dict]) -> str:
             f"| {r['layers']} | {r['bf16_bytes'] / gb:.1f} GB | {r['wall_s']:.0f} s | {ph.get('importance', 0):.0f} s "
             f"| {ph['layers']:.0f} s | {per_layer:.0f} s | {lp['statistics']:.0f} s ({lp['experts_forward']:.0f} s) "
             f"| {lp['solve']:.0f} s ({lp['experts_solve']:.0f} s) | {lp['output']:.0f} s "
-            f"| {r['peak_rss_bytes'] / gb:.2f} GB ({r['peak_rss_bytes'] / r['bf16_bytes']:.2f}x) "
+            f"| {r['phase_peak_rss_bytes']['load'] / gb:.2f} GB "
+            f"| {calibration_peak(r) / gb:.2f} GB ({calibration_peak(r) / r['bf16_bytes']:.2f}x) "
             f"| {r['peak_anon_rss_bytes'] / gb:.2f} GB | {r['expert_fallbacks']} |"
         )
-    peak = max(r["peak_rss_bytes"] for r in sweep)
+    peak = max(calibration_peak(r) for r in sweep)
+    load = max(r["phase_peak_rss_bytes"]["load"] for r in sweep)
     full = first["layer_bf16_bytes"] * 48
     return "\n".join(
         [
@@ -666,10 +770,32 @@ def moe_sweep_block(runs: list[dict]) -> str:
             "",
             *rows,
             "",
-            f"Peak RSS at most {peak / gb:.2f} GB = {peak / full:.3f}x the 48-layer model's "
-            f"{full / gb:.0f} GB of bf16 decoder (target <= 9 GB, 0.15x). {sweep_growth('qwen3vlmoe-30b-width', runs)}",
+            f"Peak RSS while calibrating at most {peak / gb:.2f} GB = {peak / full:.3f}x the 48-layer model's "
+            f"{full / gb:.0f} GB of bf16 decoder (target <= 9 GB, 0.15x). Peak RSS (VmHWM, each phase's "
+            "high-water mark read and reset at the phase change) counts file pages: while transformers loads the "
+            "checkpoint it rewrites the fused experts (a transpose) into the offload folder through the memory-"
+            f"mapped shards, whose pages the kernel keeps resident until it needs them (up to {load / gb:.2f} GB "
+            f"here; reclaimable page cache, not allocations). {sweep_growth('qwen3vlmoe-30b-width', runs)}",
+            *_limited_line(runs),
         ]
     )
+
+
+def _limited_line(runs: list[dict]) -> list[str]:
+    """The sentence on the ``moe-limited`` row, if it ran: the deepest sweep row under a memory-group limit."""
+    row = next((r for r in runs if r["name"] == "moe-limited-L8"), None)
+    if row is None:
+        return []
+    gb = 1e9
+    return [
+        "",
+        f"The same {row['layers']}-layer run in a {row['memory_limit_bytes'] / gb:.0f} GB cgroup memory limit "
+        f"(`{row['command']}`, commit {row['commit'][:7]}): finished in {row['wall_s']:.0f} s, the group's peak "
+        f"(page cache included) {row['cgroup_peak_bytes'] / gb:.2f} GB, the process's peak RSS "
+        f"{row['peak_rss_bytes'] / gb:.2f} GB (load {row['phase_peak_rss_bytes']['load'] / gb:.2f}, calibration "
+        f"{calibration_peak(row) / gb:.2f}), peak anon {row['peak_anon_rss_bytes'] / gb:.2f} GB; the kernel "
+        f"reclaimed to stay under the limit {row['cgroup_limit_hits']} times.",
+    ]
 
 
 def main() -> None:

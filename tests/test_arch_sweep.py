@@ -18,18 +18,10 @@ from support_table import readme_statuses  # noqa: E402
 
 MAJOR = transformers.__version__.split(".")[0]
 
-#: Broken today, by transformers line: each a known gap named in the issue note (the reloaded checkpoint differs
-#: or fails in transformers itself), to be fixed or refused before any weight changes. Nothing else may break.
-KNOWN_BROKEN: dict[str, dict[str, str]] = {
-    "5": {  # transformers 5.25's conversion for these types rewrites keys of compressed-tensors checkpoints wrongly
-        "mistral_large4": "reloaded weights differ: the Mistral-native q/k converters also act on packed tensors",
-        "ovis2_5": "reload fails in transformers' own conversion (CONVERSION entries of its load report)",
-        "qianfan_ocr": "reload fails: the vision attn.qkv converter expects compressed-tensors keys of a kept linear",
-    },
-    "4": {  # transformers 4.57 + compressed-tensors: its init reads .weight; decompressing offloads a module twice
-        "udop": "reload fails in transformers 4.57 (compressed and decompressed alike)",
-    },
-}
+#: Broken today, by transformers line: each a known gap named in the issue note, to be fixed or refused before any
+#: weight changes. Nothing else may break. (Types whose checkpoints transformers cannot reload are refused:
+#: ``tlq_hf.formats.reload_failures``, checked below.)
+KNOWN_BROKEN: dict[str, dict[str, str]] = {}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +41,21 @@ def test_every_buildable_architecture_is_supported_or_refused_by_name(rows):
     for r in rows:
         if r.status == "unsupported":  # a tlq_hf error naming what to do
             assert r.reason.split(":")[0].endswith("Error") and len(r.reason) > 40
+
+
+def test_refused_for_reload_failures_and_every_refusal_is_still_needed(rows, tmp_path, monkeypatch):
+    """Types in ``RELOAD_FAILURES`` are refused naming the reason; with the refusal lifted, each is still broken on
+    this transformers (the table holds no stale entry)."""
+    from tlq_hf.formats import reload_failures
+
+    table = reload_failures.RELOAD_FAILURES.get(MAJOR, {}).get("compressed-tensors", {})
+    by_type = {r.model_type: r for r in rows}
+    for model_type in table:
+        row = by_type[model_type]
+        assert row.status == "unsupported" and "cannot reload" in row.reason, row
+    monkeypatch.setattr(reload_failures, "RELOAD_FAILURES", {})
+    lifted = arch_sweep.sweep(tmp_path, sorted(table))
+    assert {r.model_type: r.status for r in lifted} == dict.fromkeys(table, "broken")
 
 
 def test_readme_support_table_matches_this_run(rows):

@@ -125,3 +125,22 @@ def test_native_checkpoint_without_tlq_hf_is_loud_and_the_default_format_needs_n
     assert "weight_packed" in out and ("MISSING" in out or "newly initialized" in out), out[-2000:]
     card = (native_checkpoint / "README.md").read_text()
     assert "import tlq_hf" in card
+
+
+def test_an_architecture_transformers_cannot_reload_is_refused_before_any_change(tiny_vlm_dirs, monkeypatch):
+    """A type listed in ``RELOAD_FAILURES`` for the chosen format is refused up front, naming the reason and the
+    format that reloads; the model is left as it was."""
+    from tlq_hf.formats import reload_failures as rf
+
+    model = auto_class().from_pretrained(tiny_vlm_dirs["qwen2_vl"], dtype=torch.float32)
+    model_type = model.config.model_type
+    table = {rf._major(): {"compressed-tensors": {model_type: "a conversion fault"}}}
+    monkeypatch.setattr(rf, "RELOAD_FAILURES", table)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"{model_type}: .* cannot reload .*a conversion fault.*save_format='tlq'"):
+        quantize(model, TLQConfig(method="rtn"))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    table[rf._major()]["tlq"] = {model_type: "another fault"}
+    with pytest.raises(ValueError, match="no format tlq_hf writes reloads"):
+        quantize(model, TLQConfig(method="rtn"))

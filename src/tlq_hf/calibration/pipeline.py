@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..arch import find_decoder_stack, select_quant_targets
 from ..coverage import Coverage, decoder_coverage
 from ..experts import convention_of, expert_owner, unfuse_experts
+from ..formats.reload_failures import check_reloadable
 from ..hostmem import map_large_allocations
 from ..nn import TLQLinear
 from ..primitives import dequantize_codes
@@ -240,6 +241,7 @@ def quantize_model(model: nn.Module, config, undo: bool = False) -> Quantization
     """
     scheme, recipe = config.scheme, resolve_recipe(config)
     edits = ModelEdits(model, undo)
+    check_reloadable(getattr(model.config, "model_type", ""), config.save_format)
     _check_moe_format(model, config)
     try:
         # fused MoE experts as per-expert linears (same function); offloaded ones read one expert at a time
