@@ -20,7 +20,7 @@ from transformers import AutoProcessor
 from tlq_hf import TLQConfig
 from tlq_hf.data import build_calibration_set
 from tlq_hf.evaluation import answer_metrics
-from tlq_hf.tiny_models import FAMILIES, build_tiny_vlm, load_auto_class, sample_rows
+from tlq_hf.testing.tiny_models import FAMILIES, build_tiny_vlm, load_auto_class, sample_rows
 
 SCHEMES = {
     "W4A16-g128": dict(bits=4, group_size=128),
@@ -98,7 +98,7 @@ def main() -> None:
         "# Methods on tiny random-weight VLMs",
         "",
         f"`python benchmarks/methods_tiny.py --schemes {' '.join(args.schemes)} --samples {args.samples}`: "
-        f"{args.samples} calibration photo Q/A pairs (`tlq_hf.tiny_models.sample_rows`, seed 0), 24 held-out pairs "
+        f"{args.samples} calibration photo Q/A pairs (`tlq_hf.testing.tiny_models.sample_rows`, seed 0), 24 held-out pairs "
         "(seed 1); held-out answer-token KL vs FP (lower is better) and top-1 agreement. Random weights, "
         "real architectures: a pipeline check, not a quality claim.",
         "",

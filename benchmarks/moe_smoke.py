@@ -29,7 +29,7 @@ from tlq_hf import TLQConfig  # noqa: E402
 from tlq_hf.arch import swap_module  # noqa: E402
 from tlq_hf.experts import unfuse_experts  # noqa: E402
 from tlq_hf.nn import TLQLinear  # noqa: E402
-from tlq_hf.tiny_models import build_tiny_vlm, load_auto_class, make_inputs, sample_images, sample_rows  # noqa: E402
+from tlq_hf.testing.tiny_models import build_tiny_vlm, load_auto_class, make_inputs, sample_images, sample_rows  # noqa: E402
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -44,9 +44,9 @@ sys.path.insert(0, str(HERE))
 
 from train_vqa import RECIPES, TASKS  # noqa: E402
 
-from tlq_hf.calibration.pipeline import resolve_recipe  # noqa: E402
 from tlq_hf.config import TLQConfig  # noqa: E402
 from tlq_hf.evaluation import FirstAnswerEval  # noqa: E402
+from tlq_hf.methods import resolve_recipe  # noqa: E402
 
 #: Benchmark model folder -> the synthetic task (key of ``train_vqa.TASKS``) it was trained on.
 MODEL_TASKS: dict[str, str] = {recipe.name: recipe.task for recipe in RECIPES.values()}
@@ -130,7 +130,7 @@ def _peak_rss_mb() -> float:
 def _worker_tlq(job: dict) -> dict:
     import tlq_hf  # noqa: F401  registers quant_method "tlq"
     from tlq_hf import TLQConfig
-    from tlq_hf.tiny_models import load_auto_class
+    from tlq_hf.testing.tiny_models import load_auto_class
 
     torch.set_num_threads(job["threads"])
     out, experts = {}, {}
@@ -166,7 +166,7 @@ def _worker_llmc(job: dict) -> dict:
 
     from tlq_hf.arch import find_decoder_stack
     from tlq_hf.data import build_calibration_set
-    from tlq_hf.tiny_models import load_auto_class
+    from tlq_hf.testing.tiny_models import load_auto_class
 
     torch.set_num_threads(job["threads"])
     if not torch.cuda.is_available():
@@ -283,7 +283,7 @@ class Evaluator(FirstAnswerEval):
 
 
 def _load(path: Path):
-    from tlq_hf.tiny_models import load_auto_class
+    from tlq_hf.testing.tiny_models import load_auto_class
 
     return load_auto_class().from_pretrained(path, dtype=torch.float32)
 

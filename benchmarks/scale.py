@@ -106,7 +106,7 @@ def _spec_overrides(family: str, image: int) -> tuple[dict, dict, dict]:
 
 def build_model(name: str, layers: int | None = None, seed: int = 0) -> Path:
     """Write the random-weight bf16 checkpoint and processor of ``name`` (``layers`` overrides depth)."""
-    from tlq_hf import tiny_models as tm
+    from tlq_hf.testing import tiny_models as tm
 
     spec_args = MODELS[name]
     text = dict(spec_args["text"])
@@ -290,7 +290,7 @@ def _worker(job: dict) -> dict:
 
     from tlq_hf import TLQConfig
     from tlq_hf.arch import decoder_device_map
-    from tlq_hf.tiny_models import load_auto_class, sample_rows
+    from tlq_hf.testing.tiny_models import load_auto_class, sample_rows
 
     anon = _AnonPeak(job.get("progress"))
     start = time.perf_counter()
@@ -352,7 +352,7 @@ def _worker_llmc(job: dict) -> dict:
 
     from tlq_hf.arch import find_decoder_stack
     from tlq_hf.data import build_calibration_set
-    from tlq_hf.tiny_models import load_auto_class, sample_rows
+    from tlq_hf.testing.tiny_models import load_auto_class, sample_rows
 
     anon = _AnonPeak()
     start = time.perf_counter()

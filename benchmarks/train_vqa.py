@@ -3,7 +3,7 @@
     python benchmarks/train_vqa.py --model llava|qwen2vl|all          # train, save, verify, report
     python benchmarks/train_vqa.py --model all --verify               # only re-check the saved models
 
-Each model is built offline with :func:`tlq_hf.tiny_models.build_vlm` (word-level tokenizer over the task
+Each model is built offline with :func:`tlq_hf.testing.tiny_models.build_vlm` (word-level tokenizer over the task
 vocabulary, the family's real chat template and processor), then trained in two phases:
 
 1. vision pre-training: the vision tower and projector learn the colour, the shape and the index of every
@@ -49,7 +49,7 @@ import reading_task  # noqa: E402
 import vqa_task  # noqa: E402
 
 from tlq_hf.data import build_calibration_set  # noqa: E402
-from tlq_hf.tiny_models import build_vlm, load_auto_class  # noqa: E402
+from tlq_hf.testing.tiny_models import build_vlm, load_auto_class  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 MODELS_DIR = BENCH_DIR / "models"

@@ -42,8 +42,8 @@ import quality  # noqa: E402
 
 import tlq_hf  # noqa: E402,F401  registers quant_method "tlq"
 from tlq_hf import TLQConfig  # noqa: E402
-from tlq_hf.calibration.pipeline import resolve_recipe  # noqa: E402
-from tlq_hf.tiny_models import load_auto_class  # noqa: E402
+from tlq_hf.methods import resolve_recipe  # noqa: E402
+from tlq_hf.testing.tiny_models import load_auto_class  # noqa: E402
 
 DEV_SEED, DEV_ITEMS = 4321, 1000
 SCHEMES = ("W3A16-g128", "W2A16-g64")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tlq_hf.tiny_models import FAMILIES, load_auto_class
+from tlq_hf.testing.tiny_models import FAMILIES, load_auto_class
 
 PROMPTS = ["what is in the picture", "describe the image in one word"]
 
@@ -23,7 +23,7 @@ def write_dataset_folder(folder, n: int):
     """A local image dataset folder (images + metadata.jsonl with question/answer) that datasets can load."""
     import json
 
-    from tlq_hf.tiny_models import sample_rows
+    from tlq_hf.testing.tiny_models import sample_rows
 
     folder.mkdir()
     with open(folder / "metadata.jsonl", "w") as f:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from _helpers import PROMPTS
 
-from tlq_hf.tiny_models import build_tiny_vlm, make_inputs, sample_images
+from tlq_hf.testing.tiny_models import build_tiny_vlm, make_inputs, sample_images
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from transformers import AutoProcessor
 
 from tlq_hf import TLQConfig, TLQQuantizer, quantize
 from tlq_hf.nn import TLQLinear
-from tlq_hf.tiny_models import sample_rows
+from tlq_hf.testing.tiny_models import sample_rows
 
 
 def test_quantize_loaded_model_equals_quantize_on_load(tiny_vlm_dirs, batch_for, tmp_path):

@@ -12,7 +12,7 @@ from tlq_hf.calibration.batching import BATCH_ELEMENTS, assign_batches, layer_un
 from tlq_hf.calibration.capture import capture_layer_inputs
 from tlq_hf.calibration.importance import AnswerLoss, gradient_importance
 from tlq_hf.data import build_calibration_set
-from tlq_hf.tiny_models import sample_images
+from tlq_hf.testing.tiny_models import sample_images
 
 
 def test_plan_groups_equal_lengths_in_order_and_bounds_each_batch():

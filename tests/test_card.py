@@ -22,7 +22,7 @@ from transformers import AutoProcessor
 from tlq_hf import TLQConfig
 from tlq_hf.api import TLQQuantizer
 from tlq_hf.cli import quantize_main
-from tlq_hf.tiny_models import sample_rows
+from tlq_hf.testing.tiny_models import sample_rows
 
 REPO = "tlq-test/tiny-llava-w4"
 

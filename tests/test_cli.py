@@ -105,7 +105,7 @@ from tlq_hf.arch import load_auto_class
 assert quantize_main([{tiny_vlm_dirs["llava"]!r}, "--out", {str(out)!r}, "--dataset", {str(folder)!r},
                       "--num-samples", "4", "--method", "gptq"]) == 0
 load_auto_class().from_pretrained({str(out)!r})
-leaked = sorted(m for m in sys.modules if m == "tlq_hf.tiny_models" or m.split(".")[0] == "skimage")
+leaked = sorted(m for m in sys.modules if m == "tlq_hf.testing.tiny_models" or m.split(".")[0] == "skimage")
 assert not leaked, leaked
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)

@@ -17,7 +17,7 @@ from tlq_hf import TLQConfig, quantize
 from tlq_hf.calibration import journal
 from tlq_hf.formats import atomic
 from tlq_hf.nn import TLQLinear
-from tlq_hf.tiny_models import sample_rows
+from tlq_hf.testing.tiny_models import sample_rows
 
 FAMILY = "llava"
 
@@ -72,7 +72,7 @@ _KILLED_SAVE = textwrap.dedent(
     import os, signal, sys
     from tlq_hf import TLQConfig
     from tlq_hf.formats import card
-    from tlq_hf.tiny_models import load_auto_class
+    from tlq_hf.testing.tiny_models import load_auto_class
 
     model = load_auto_class().from_pretrained(sys.argv[1], quantization_config=TLQConfig(method="rtn", bits=3))
     card.write_model_card = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)

@@ -8,7 +8,7 @@ from _helpers import write_dataset_folder
 from transformers import AutoProcessor
 
 from tlq_hf.data import CAPTION_PROMPT, CalibrationDataError, build_calibration_set
-from tlq_hf.tiny_models import sample_images
+from tlq_hf.testing.tiny_models import sample_images
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "gemma3"])
@@ -237,7 +237,7 @@ def test_a_bad_row_fails_before_any_forward_pass_and_leaves_the_model(tiny_vlm_d
 
     from tlq_hf import TLQConfig, quantize
     from tlq_hf.arch import find_decoder_stack
-    from tlq_hf.tiny_models import sample_rows
+    from tlq_hf.testing.tiny_models import sample_rows
 
     model = auto_class().from_pretrained(tiny_vlm_dirs["llava"])
     calls = []

@@ -161,7 +161,7 @@ def test_every_scheme_round_trips_without_plugin(scheme, tiny_vlm_dirs, batch_fo
     # the in-memory model on the reference path, as transformers computes the reload: the comparison is then
     # exact (a W8A8 layer would otherwise run _int_mm, whose exact integer product differs from the float
     # one by rounding, which a downstream activation rounding can amplify: 4.7e-4; tests/test_kernels.py)
-    monkeypatch.setattr(kernels, "KERNELS", [])
+    monkeypatch.setattr(kernels, "KERNELS", {})
     family = "qwen2_vl" if scheme in ("W3A16-g128", "W8A8") else "llava"
     path, batch = tiny_vlm_dirs[family], batch_for(family)
     q = _quantized(path, **SCHEMES[scheme])
@@ -177,7 +177,7 @@ def test_every_scheme_round_trips_without_plugin(scheme, tiny_vlm_dirs, batch_fo
 
 @pytest.mark.parametrize("save_format", ["compressed-tensors", "tlq"])
 def test_bfloat16_and_device_map_auto(save_format, tiny_vlm_dirs, batch_for, tmp_path, monkeypatch):
-    monkeypatch.setattr(kernels, "KERNELS", [])  # format exactness: the reference path (kernels: test_kernels.py)
+    monkeypatch.setattr(kernels, "KERNELS", {})  # format exactness: the reference path (kernels: test_kernels.py)
     path, batch = tiny_vlm_dirs["qwen2_5_vl"], batch_for("qwen2_5_vl")
     q = _quantized(path, bits=4, group_size=128, save_format=save_format, dtype=torch.bfloat16)
     packed = [m for m in q.modules() if isinstance(m, TLQLinear)]

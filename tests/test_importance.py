@@ -16,14 +16,14 @@ from tlq_hf.calibration.importance import (
     Tempering,
     gradient_importance,
     modality_balance,
-    reference_importance,
     select_tokens,
     temper,
     temper_all,
 )
 from tlq_hf.data import build_calibration_set
+from tlq_hf.testing.oracles import reference_importance
 from tlq_hf.nn import TLQLinear
-from tlq_hf.tiny_models import MOE_FAMILIES, sample_rows
+from tlq_hf.testing.tiny_models import MOE_FAMILIES, sample_rows
 
 
 def _setup(tiny_vlm_dirs, family, n=3):

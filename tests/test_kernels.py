@@ -114,7 +114,7 @@ def test_generate_with_the_kernel_matches_the_dequantized_reference(tiny_vlm_dir
 
     fast, names = generate()
     assert names == {"int4pack-cpu"}  # every decoder linear runs the kernel after load
-    monkeypatch.setattr(kernels, "KERNELS", [])
+    monkeypatch.setattr(kernels, "KERNELS", {})
     ref, names = generate()
     assert names == {"dequantize"}
     assert torch.equal(fast, ref)
@@ -182,7 +182,7 @@ def test_generate_with_int_mm_matches_the_reference(tiny_vlm_dirs, batch_for, tm
 
     fast, names = generate()
     assert names == {"int-mm-cpu"}
-    monkeypatch.setattr(kernels, "KERNELS", [])
+    monkeypatch.setattr(kernels, "KERNELS", {})
     ref, names = generate()
     assert names == {"dequantize"}
     assert torch.equal(fast, ref)

@@ -8,11 +8,11 @@ from _helpers import FAMILIES, auto_class
 from transformers import AutoProcessor
 
 from tlq_hf import TLQConfig
-from tlq_hf.config import METHODS
 from tlq_hf.data import build_calibration_set
 from tlq_hf.evaluation import answer_metrics
+from tlq_hf.methods import METHODS
 from tlq_hf.nn import TLQLinear
-from tlq_hf.tiny_models import sample_rows
+from tlq_hf.testing.tiny_models import sample_rows
 
 SCHEMES = {
     "W4A16-g128": dict(bits=4, group_size=128),

@@ -19,7 +19,7 @@ from tlq_hf.arch import kept_by_role, swap_module
 from tlq_hf.coverage import UnquantizedWeightError
 from tlq_hf.experts import UnfusedExperts, unfuse_experts
 from tlq_hf.nn import TLQLinear
-from tlq_hf.tiny_models import sample_rows
+from tlq_hf.testing.tiny_models import sample_rows
 
 pytestmark = pytest.mark.skipif(
     int(transformers.__version__.split(".")[0]) < 5, reason="MoE support reads transformers 5's experts interface"

@@ -13,7 +13,7 @@ from tlq_hf.nn import TLQLinear
 from tlq_hf.primitives import dequantize_codes
 from tlq_hf.qtypes import QuantScheme
 from tlq_hf.solvers import gptq, gptq_factor, rtn, weighted_hessian
-from tlq_hf.tiny_models import sample_rows
+from tlq_hf.testing.tiny_models import sample_rows
 
 SCHEME = QuantScheme(bits=3, group_size=32, sym=True)
 

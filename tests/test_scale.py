@@ -23,8 +23,8 @@ from tlq_hf.calibration.resume import CheckpointMismatchError
 from tlq_hf.calibration.stats import STATISTICS, HessianStatistic, StatGroup, shared_input_groups
 from tlq_hf.data import build_calibration_set
 from tlq_hf.qtypes import QuantScheme
-from tlq_hf.solvers import gptq, gptq_factor, gptq_quantize, weighted_hessian
-from tlq_hf.tiny_models import sample_rows
+from tlq_hf.solvers import LAYER_SOLVERS, LayerSolver, gptq, gptq_factor, gptq_quantize, weighted_hessian
+from tlq_hf.testing.tiny_models import sample_rows
 
 FAMILY = "qwen2_vl"
 ROWS = 6
@@ -134,8 +134,8 @@ _KILL_SCRIPT = textwrap.dedent(
     import os, signal, sys, torch
     from tlq_hf import TLQConfig
     from tlq_hf.calibration import resume
-    from tlq_hf.tiny_models import sample_rows
-    from tlq_hf.tiny_models import load_auto_class
+    from tlq_hf.testing.tiny_models import sample_rows
+    from tlq_hf.testing.tiny_models import load_auto_class
 
     path, ckpt, out, kill = sys.argv[1:5]
     if kill == "1":
@@ -216,8 +216,8 @@ _DIST_SCRIPT = textwrap.dedent(
     import sys, torch
     import torch.distributed as dist
     from tlq_hf import TLQConfig
-    from tlq_hf.tiny_models import sample_rows
-    from tlq_hf.tiny_models import load_auto_class
+    from tlq_hf.testing.tiny_models import sample_rows
+    from tlq_hf.testing.tiny_models import load_auto_class
 
     torch.set_num_threads(1)
     path, out, method = sys.argv[1:4]
@@ -320,13 +320,14 @@ def test_hessian_lower_triangle_blocks_sum_in_float64_and_are_released_while_nor
 def test_smoothing_with_gptq_solver_rescales_the_hessian(tiny_vlm_dirs, monkeypatch):
     """method=awq, solver=gptq: GPTQ must solve with the Hessian of the smoothed inputs."""
     seen = []
-    solve = layer_loop.LAYER_SOLVERS["gptq"].solve
+    solve = LAYER_SOLVERS["gptq"].solve
 
     def checking_solve(weights, group, scheme, cfg, dtype):
         seen.append((group.members, group.stats["hessian"].normalized()))
         return solve(weights, group, scheme, cfg, dtype)
 
-    monkeypatch.setitem(layer_loop.LAYER_SOLVERS, "gptq", layer_loop.LayerSolver(("hessian",), checking_solve))
+    checking = {**LAYER_SOLVERS, "gptq": LayerSolver("gptq", ("hessian",), checking_solve)}
+    monkeypatch.setattr(layer_loop, "LAYER_SOLVERS", checking)
     recorded: dict[str, torch.Tensor] = {}
     original_rescale = StatGroup.rescale
 

@@ -11,7 +11,7 @@ from _helpers import auto_class
 from safetensors import safe_open
 
 from tlq_hf import TLQConfig
-from tlq_hf.tiny_models import sample_rows
+from tlq_hf.testing.tiny_models import sample_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for d in ("src", "benchmarks", "examples", "tests") for p in (ROOT / d).rglob("*.py"))

@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor
 
-from tlq_hf.tiny_models import FAMILIES, build_tiny_vlm, load_auto_class, make_inputs, sample_images
+from tlq_hf.testing.tiny_models import FAMILIES, build_tiny_vlm, load_auto_class, make_inputs, sample_images
 
 PROMPTS = ["Describe this image.", "What is the color of the sky?"]
 KNOWN_SENTENCE = "What is shown in this picture? Describe the colors, please."

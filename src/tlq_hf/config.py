@@ -6,59 +6,81 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .calibration.importance_kinds import IMPORTANCE_KINDS
+from .formats.base import FORMATS
+from .methods import METHODS as METHOD_REGISTRY
 from .qtypes import SUPPORTED_ACT_BITS, SUPPORTED_WEIGHT_BITS, QuantScheme
+from .solvers import LAYER_SOLVERS
 from .version import __version__
 
 __all__ = [
     "TLQConfig",
-    "METHODS",
-    "SOLVERS",
     "CHOICES",
     "RULES",
     "Rule",
     "field_docs",
-    "IMPORTANCE",
     "IMPORTANCE_LABELS",
     "ANSWER_TOKENS",
     "IMPORTANCE_SCOPES",
-    "SAVE_FORMATS",
 ]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("tlq", "gptq", "gptaq", "awq", "mbq", "smoothquant", "rtn")
-SOLVERS = ("gptq", "gptaq", "awq", "rtn")
-IMPORTANCE = ("fisher", "l1", "uniform", "modality")
 IMPORTANCE_LABELS = ("gold", "predictive")
 ANSWER_TOKENS = ("all", "first")
 IMPORTANCE_SCOPES = ("module", "layer")
-SAVE_FORMATS = ("compressed-tensors", "tlq")
+
+
+class _Choices(Mapping[str, tuple]):
+    """The allowed values of every enumerated field, read when asked: the registries' names as registered now
+    (methods, solvers, importance kinds), so an entry registered after import is accepted like a built-in one."""
+
+    def __init__(self, sources: dict[str, Callable[[], tuple]]) -> None:
+        self._sources = sources
+
+    def __getitem__(self, name: str) -> tuple:
+        return tuple(self._sources[name]())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+
 #: The allowed values of every enumerated field (validation, the command line and its help read them here).
-CHOICES: dict[str, tuple] = {
-    "bits": SUPPORTED_WEIGHT_BITS,
-    "act_bits": (None, *(b for b in SUPPORTED_ACT_BITS if b is not None)),
-    "method": METHODS,
-    "solver": (None, *SOLVERS),
-    "importance": (None, *IMPORTANCE),
-    "importance_labels": IMPORTANCE_LABELS,
-    "answer_tokens": ANSWER_TOKENS,
-    "importance_scope": IMPORTANCE_SCOPES,
-    "save_format": SAVE_FORMATS,
-}
+CHOICES: Mapping[str, tuple] = _Choices(
+    {
+        "bits": lambda: SUPPORTED_WEIGHT_BITS,
+        "act_bits": lambda: (None, *(b for b in SUPPORTED_ACT_BITS if b is not None)),
+        "method": METHOD_REGISTRY.names,
+        "solver": lambda: (None, *LAYER_SOLVERS.names()),
+        "importance": lambda: (None, *IMPORTANCE_KINDS.names()),
+        "importance_labels": lambda: IMPORTANCE_LABELS,
+        "answer_tokens": lambda: ANSWER_TOKENS,
+        "importance_scope": lambda: IMPORTANCE_SCOPES,
+        "save_format": FORMATS.names,
+    }
+)
 
 
 @dataclass(frozen=True)
 class Rule:
-    """What one ``TLQConfig`` field accepts: a predicate (junk of any type is simply rejected) and the fix."""
+    """What one ``TLQConfig`` field accepts: a predicate (junk of any type is simply rejected) and the fix (a text,
+    or a function giving it when the choices are read from a registry)."""
 
     check: Callable[[Any], bool]
-    fix: str
+    hint: str | Callable[[], str]
+
+    @property
+    def fix(self) -> str:
+        return self.hint() if callable(self.hint) else self.hint
 
     def accepts(self, value: Any) -> bool:
         try:
@@ -75,8 +97,12 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _one_of(choices: tuple) -> Rule:
-    return Rule(lambda v: any(v is c or (type(v) is type(c) and v == c) for c in choices), f"one of {choices}")
+def _one_of(field: str) -> Rule:
+    """Accepts exactly the current choices of ``field`` (read at each check, as is the fix that names them)."""
+    return Rule(
+        lambda v: any(v is c or (type(v) is type(c) and v == c) for c in CHOICES[field]),
+        lambda: f"one of {CHOICES[field]}",
+    )
 
 
 def _valid_regex(pattern: Any) -> bool:
@@ -97,7 +123,7 @@ def _path_or_none(v: Any) -> bool:
 
 #: Every validated field and what it accepts (``post_init`` checks them in this order).
 RULES: dict[str, Rule] = {
-    **{name: _one_of(choices) for name, choices in CHOICES.items()},
+    **{name: _one_of(name) for name in CHOICES},
     "group_size": Rule(
         lambda v: _is_int(v) and (v == -1 or v > 0),
         "a positive integer such as 128 (a divisor "
@@ -298,12 +324,7 @@ class TLQConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if not rule.accepts(value):
                 raise ValueError(f"TLQConfig({name}={value!r}): use {rule.fix}.")
-        if not self.sym and self.save_format == "compressed-tensors":
-            raise ValueError(
-                "TLQConfig(sym=False) cannot be saved as compressed-tensors: transformers (4.57 and 5.x) fails to "
-                "reload asymmetric pack-quantized checkpoints (its loader expects an unpacked zero point, "
-                "the format packs it). Use sym=True, or save_format='tlq' for asymmetric weights."
-            )
+        FORMATS[self.save_format].check_config(self)
         self.importance_clip = [float(v) for v in self.importance_clip]
         if self.ignore is not None:
             self.ignore = list(self.ignore)
@@ -319,7 +340,8 @@ class TLQConfig(QuantizationConfigMixin):
 
     @property
     def needs_data(self) -> bool:
-        return self.method != "rtn"
+        """Whether the method reads calibration data (``dataset``)."""
+        return METHOD_REGISTRY[self.method].needs_data
 
     @property
     def scheme(self) -> QuantScheme:

@@ -12,6 +12,7 @@ answers; and writes a PNG chart of the table.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import shutil
 import sys
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 #: The repository's benchmark folder (trained models and the task generator); present in a clone.
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-METHODS = ("rtn", "gptq", "tlq")
+COMPARED = ("rtn", "gptq", "tlq")  # the methods the demo puts side by side
 SCHEMES = {"W4A16-g128": dict(bits=4, group_size=128), "W3A16-g128": dict(bits=3, group_size=128)}
 
 
@@ -41,10 +42,12 @@ def _task(benchmarks: Path) -> Any:
             f"the demo runs on the trained benchmark VLM committed with the repository, but {benchmarks} is missing: "
             "run it from a clone (pip install -e . inside it), or pass --benchmarks PATH/TO/benchmarks"
         )
-    sys.path.insert(0, str(benchmarks))
-    import vqa_task
-
-    return vqa_task
+    # loaded from its file as a module of its own: no change to sys.path
+    spec = importlib.util.spec_from_file_location("tlq_hf_demo_vqa_task", benchmarks / "vqa_task.py")
+    task = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = task  # dataclasses resolve their module by name while the file runs
+    spec.loader.exec_module(task)
+    return task
 
 
 def _chart(table: dict[str, dict[str, dict[str, float]]], fp_accuracy: float, path: Path) -> Path | None:
@@ -57,8 +60,8 @@ def _chart(table: dict[str, dict[str, dict[str, float]]], fp_accuracy: float, pa
         logger.warning("tlq_hf demo: no chart (pip install matplotlib to get %s)", path.name)
         return None
     fig, (acc_ax, kl_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
-    width = 0.8 / len(METHODS)
-    for k, method in enumerate(METHODS):
+    width = 0.8 / len(COMPARED)
+    for k, method in enumerate(COMPARED):
         xs = [i + (k - 1) * width for i in range(len(table))]
         acc_ax.bar(xs, [table[s][method]["accuracy"] * 100 for s in table], width, label=method.upper())
         kl_ax.bar(xs, [table[s][method]["kl"] for s in table], width, label=method.upper())
@@ -100,7 +103,7 @@ def run_demo(
     keep = None
     for scheme, fields in SCHEMES.items():
         table[scheme] = {}
-        for method in METHODS:
+        for method in COMPARED:
             t0 = time.perf_counter()
             config = TLQConfig(method=method, dataset=rows, num_samples=num_samples, **fields)
             model = auto.from_pretrained(model_dir, dtype=torch.float32, quantization_config=config)

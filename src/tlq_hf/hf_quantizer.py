@@ -22,20 +22,12 @@ from typing import Any
 import torch
 from transformers.quantizers.base import HfQuantizer
 
-from .arch import ignore_regexes, kept_by_role
 from .calibration import quantize_model
 from .calibration.offload import with_disk_layers_loaded
 from .config import TLQConfig
-from .formats import (
-    ct_config,
-    ct_state_dict,
-    note_serving_bits,
-    swap_in_packed_modules,
-    validate_checkpoint,
-    validate_packed_modules,
-)
+from .formats import FORMATS, swap_in_packed_modules, validate_checkpoint, validate_packed_modules
 from .formats.card import attach_card_writer
-from .nn import TLQLinear, prepare_kernels
+from .nn import prepare_kernels
 from .version import __version__
 
 __all__ = ["TLQHfQuantizer"]
@@ -101,12 +93,7 @@ class TLQHfQuantizer(HfQuantizer):
         model.tlq_report = quantize_model(model, cfg, undo=self.undo_on_failure)
         logger.info("tlq_hf: packed layers per kernel: %s", prepare_kernels(model))
         attach_card_writer(model)  # save_pretrained / push_to_hub write the model card
-        if cfg.save_format == "compressed-tensors":
-            packed = {n for n, m in model.named_modules() if isinstance(m, TLQLinear)}
-            linears = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, TLQLinear))}
-            # routers kept by role, Linear or not: vLLM builds some as quantizable linears (Qwen3-VL-MoE's mlp.gate)
-            linears |= set(kept_by_role(model))
-            model.config.quantization_config = ct_config(cfg.scheme, ignore_regexes(linears, packed))
+        FORMATS[cfg.save_format].finish(model, cfg)
         return model
 
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:
@@ -122,10 +109,9 @@ class TLQHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model, safe_serialization: bool | None = None):
         """The state dict to save (in-memory names; transformers renames them) and safetensors metadata."""
         metadata = {"tlq_provenance": json.dumps(self.provenance(model), sort_keys=True)}
-        state = None
-        if self.quantization_config.save_format == "compressed-tensors" and not self.pre_quantized:
-            note_serving_bits(self.quantization_config.bits)
-            state = ct_state_dict(model)
+        cfg = self.quantization_config
+        # a pre-quantized model was loaded from (and is saved in) the format it was written in
+        state = None if self.pre_quantized else FORMATS[cfg.save_format].state_dict(model, cfg)
         return with_disk_layers_loaded(model, state), metadata
 
     def provenance(self, model) -> dict[str, Any]:

@@ -23,7 +23,17 @@ __all__ = [
     "fake_quantize_weight",
     "fake_quantize_activation",
     "quantize_activation",
+    "strided_rows",
 ]
+
+
+def strided_rows(x: torch.Tensor, a: torch.Tensor, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most ``max_rows`` rows of ``x [N, d]`` and their weights ``a [N]``, evenly strided (first and last kept):
+    a deterministic subsample that keeps the shape of a weighted objective."""
+    if x.shape[0] <= max_rows:
+        return x, a
+    idx = torch.linspace(0, x.shape[0] - 1, max_rows, device=x.device).round().long()
+    return x[idx], a[idx]
 
 
 @dataclass

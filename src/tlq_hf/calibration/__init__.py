@@ -1,5 +1,17 @@
-"""Calibration: the pipeline that turns a full-precision model into a quantized one."""
+"""Calibration: the pipeline that turns a full-precision model into a quantized one.
 
-from .pipeline import RECIPES, ModuleReport, QuantizationReport, Recipe, quantize_model, resolve_recipe
+The pipeline's names are loaded on first use, so that light modules of this package (``importance_kinds``,
+read by ``TLQConfig``) import without the whole pipeline.
+"""
 
-__all__ = ["RECIPES", "Recipe", "ModuleReport", "QuantizationReport", "quantize_model", "resolve_recipe"]
+from typing import Any
+
+__all__ = ["ModuleReport", "QuantizationReport", "quantize_model"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

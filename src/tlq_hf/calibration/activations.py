@@ -51,10 +51,6 @@ class ActivationStore:
             store.append(t)
         return store
 
-    @property
-    def spilled(self) -> bool:
-        return self._dir is not None
-
     def append(self, tensor: torch.Tensor) -> None:
         self.put(len(self._items), tensor)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -39,15 +39,14 @@ from .activations import ActivationStore
 from .batching import layer_units
 from .capture import CapturedSample, after_layer, layer_forward, to_device
 from .distributed import Comm
+from .importance_kinds import IMPORTANCE_KINDS
 from .offload import compute_dtype_for, onloaded, row_reader
 
 __all__ = [
-    "IMPORTANCE_KINDS",
     "AnswerLoss",
     "Tempering",
     "GradientPass",
     "gradient_importance",
-    "reference_importance",
     "logit_softcap",
     "temper",
     "temper_all",
@@ -58,13 +57,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMPORTANCE_KINDS = ("fisher", "l1", "uniform", "modality")
 
-_REDUCE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "fisher": lambda g: g.float().pow(2).sum(-1),
-    "l1": lambda g: g.float().abs().sum(-1),
-    "modality": lambda g: g.float().pow(2).sum(-1),  # per-token Fisher, averaged per modality later
-}
+def _reduce_of(kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gradient reduction of importance ``kind``; a kind without one needs no gradient pass."""
+    reduce = IMPORTANCE_KINDS[kind].reduce
+    if reduce is None:
+        raise ValueError(f"importance {kind!r} takes no gradient: there is nothing to compute block-wise")
+    return reduce
 
 
 @dataclass(frozen=True)
@@ -123,6 +122,22 @@ def _softcapped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
+def _head_chunks(
+    x: torch.Tensor, head: nn.Linear, compute_dtype: torch.dtype, chunk: int, softcap: float | None
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(lo, logits, weight)`` per chunk of ``chunk`` vocabulary rows: the float32 logits ``head(x)[:, lo:lo+c]``
+    (soft-capped where the model caps them) and the chunk's weight rows in ``compute_dtype``, each read from where
+    the head lives (:func:`row_reader`: slice by slice from disk for an offloaded head)."""
+    rows = row_reader(head, "weight")
+    bias = None if head.bias is None else row_reader(head, "bias")
+    for lo in range(0, head.weight.shape[0], chunk):
+        weight = rows(lo, lo + chunk).to(x.device, compute_dtype)
+        logits = x @ weight.T
+        if bias is not None:
+            logits = logits + bias(lo, lo + chunk).to(x.device, compute_dtype)
+        yield lo, _softcapped(logits.float(), softcap), weight
+
+
 def _head_loss_and_grad(
     hidden: torch.Tensor,
     head: nn.Linear,
@@ -141,28 +156,15 @@ def _head_loss_and_grad(
     passes: log-sum-exp, then the softmax gradient).
     """
     x = hidden.to(compute_dtype)
-    rows = row_reader(head, "weight")
-    bias = None if head.bias is None else row_reader(head, "bias")
-    vocab = head.weight.shape[0]
     w = weights.to(x.device, torch.float32)
-
-    def chunk_logits(lo: int) -> tuple[torch.Tensor, torch.Tensor]:
-        weight = rows(lo, lo + chunk).to(x.device, compute_dtype)
-        logits = x @ weight.T
-        if bias is not None:
-            logits = logits + bias(lo, lo + chunk).to(x.device, compute_dtype)
-        return _softcapped(logits.float(), softcap), weight
-
     lse = torch.full((x.shape[0],), float("-inf"), dtype=torch.float32, device=x.device)
     target_logit = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-    for lo in range(0, vocab, chunk):
-        logits, _ = chunk_logits(lo)
+    for lo, logits, _ in _head_chunks(x, head, compute_dtype, chunk, softcap):
         lse = torch.logaddexp(lse, torch.logsumexp(logits, -1))
         inside = (targets >= lo) & (targets < lo + logits.shape[1])
         target_logit[inside] = logits[inside, targets[inside] - lo]
     grad = torch.zeros_like(x, dtype=torch.float32)
-    for lo in range(0, vocab, chunk):
-        logits, weight = chunk_logits(lo)
+    for lo, logits, weight in _head_chunks(x, head, compute_dtype, chunk, softcap):
         d = torch.exp(logits - lse[:, None]) * w[:, None]
         inside = (targets >= lo) & (targets < lo + logits.shape[1])
         d[inside, targets[inside] - lo] -= w[inside]
@@ -198,18 +200,12 @@ def _topk_labels(
     the ``k``, and the gold cross-entropy per row; one chunked pass over the vocabulary (as
     :func:`_head_loss_and_grad`, the head is never whole in memory)."""
     x = hidden.to(compute_dtype)
-    rows = row_reader(head, "weight")
-    bias = None if head.bias is None else row_reader(head, "bias")
     n = x.shape[0]
     lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=x.device)
     gold_logit = torch.zeros(n, dtype=torch.float32, device=x.device)
     top_v = torch.full((n, 0), float("-inf"), dtype=torch.float32, device=x.device)
     top_i = torch.zeros((n, 0), dtype=torch.long, device=x.device)
-    for lo in range(0, head.weight.shape[0], chunk):
-        logits = x @ rows(lo, lo + chunk).to(x.device, compute_dtype).T
-        if bias is not None:
-            logits = logits + bias(lo, lo + chunk).to(x.device, compute_dtype)
-        logits = _softcapped(logits.float(), softcap)
+    for lo, logits, _ in _head_chunks(x, head, compute_dtype, chunk, softcap):
         lse = torch.logaddexp(lse, torch.logsumexp(logits, -1))
         inside = (gold >= lo) & (gold < lo + logits.shape[1])
         gold_logit[inside] = logits[inside, gold[inside] - lo]
@@ -336,7 +332,7 @@ def gradient_importance(
     start = time.perf_counter()
     comm = comm or Comm()
     spec = loss_spec or AnswerLoss()
-    reduce = _REDUCE[kind]
+    reduce = _reduce_of(kind)
     norm, head = find_final_norm(model, stack), model.get_output_embeddings()
     softcap = logit_softcap(model)
     n_layers = len(stack.layers)
@@ -512,52 +508,6 @@ def _module_head_gradients(
     return float(gold_loss.detach() @ scale)
 
 
-def reference_importance(
-    model: nn.Module,
-    stack: DecoderStack,
-    captured: list[CapturedSample],
-    targets: dict[str, nn.Module],
-    kind: str = "fisher",
-    loss_spec: AnswerLoss | None = None,
-) -> dict[str, list[torch.Tensor]]:
-    """The same raw importance from full-graph backwards, one per draw (for testing the block-wise pass)."""
-    spec = loss_spec or AnswerLoss()
-    reduce = _REDUCE[kind]
-    norm, head = find_final_norm(model, stack), model.get_output_embeddings()
-    softcap = logit_softcap(model)
-    raw: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
-    points, source = _grab_points(model, targets)
-    grabber = _OutputGrabber(points)
-    try:
-        with _NoParamGrad(model), torch.enable_grad():
-            for s in captured:
-                h = s.hidden.detach().requires_grad_(True)
-                for i, layer in enumerate(stack.layers):
-                    h = s.after_layer(i, layer_forward(layer, h, s.kwargs_for(i)))
-                pos, gold = _answer_positions(s.labels, spec.tokens == "first")
-                logits = _softcapped(head(norm(h))[0, pos], softcap).float()
-                scale = torch.full((len(pos),), 1.0 / max(len(pos), 1))
-                draws = _draws_from_logits(logits, gold, scale, spec)
-                sums = {name: 0 for name in points}
-                for d, (labels, weights) in enumerate(draws):
-                    loss = (F.cross_entropy(logits, labels, reduction="none") * weights).sum()
-                    loss.backward(retain_graph=d + 1 < len(draws))
-                    for name in points:
-                        sums[name] = sums[name] + reduce(grabber.outputs[name].grad).reshape(-1).cpu()
-                        grabber.outputs[name].grad = None
-                for name in targets:
-                    raw[name].append(sums[source[name]])
-                grabber.outputs.clear()
-    finally:
-        grabber.remove()
-    return raw
-
-
-def usable(raw: torch.Tensor) -> bool:
-    """Whether one sample's raw importance can be normalised (a positive, finite mean)."""
-    return bool(_usable_means([raw])[0][0])
-
-
 def _usable_means(raw: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per sample of ``raw``: whether it can be normalised, its mean (float64, negatives as 0), and all
     samples' values concatenated (float32, negatives as 0)."""
@@ -662,7 +612,7 @@ class TokenWeighting:
                 unusable,
                 len(raw),
             )
-        if self.kind == "modality":  # the per-modality ratio itself: normalised and clipped, not tempered
+        if IMPORTANCE_KINDS[self.kind].per_modality:  # the per-modality ratio itself: normalised, clipped, not tempered
             weights = temper_all(modality_balance(raw, self.vision_masks, self.comm), Tempering(1.0, t.lo, t.hi, 0.0))
         else:
             weights = temper_all(raw, t)

@@ -19,7 +19,8 @@ exposed input ``X_in[l]`` (what the already-quantized layers ``0..l-1`` produce;
 
 The report gives, per layer, the importance-weighted relative error of the layer output against ``Y_fp``:
 ``before`` (full-precision layer on ``X_in``: the error carried in) and ``after`` (quantized layer).
-Solvers and smoothers are looked up by name in :data:`LAYER_SOLVERS` and :data:`SMOOTHERS`.
+Solvers and smoothers are looked up by name in :data:`tlq_hf.solvers.LAYER_SOLVERS` and
+:data:`tlq_hf.solvers.SMOOTHERS` (each registered beside its algorithm in ``solvers/``).
 """
 
 from __future__ import annotations
@@ -39,18 +40,9 @@ from ..arch import DecoderStack, smooth_mappings
 from ..experts import every_token_to_every_expert, expert_index, experts_clock, only_experts
 from ..hostmem import release_host_memory
 from ..nn import TLQLinear, dequant_cache
-from ..primitives import QParams, quantize_codes
+from ..primitives import QParams
 from ..qtypes import QuantScheme
-from ..solvers import (
-    asymmetric_map,
-    asymmetric_weights,
-    awq_clip_search,
-    awq_scale_search,
-    gptq_factor,
-    gptq_quantize,
-    rtn,
-    smoothquant_scales,
-)
+from ..solvers import LAYER_SOLVERS, SMOOTHERS, Solution, solve_rtn
 from .activations import ActivationStore
 from .capture import CapturedSample, layer_forward, to_device
 from .distributed import Comm
@@ -60,14 +52,10 @@ from .offload import Onloaded, onloaded
 from .stats import STATISTICS, StatCollector, StatGroup, shared_input_groups
 
 __all__ = [
-    "LAYER_SOLVERS",
-    "SMOOTHERS",
     "LayerSettings",
     "LayerReport",
-    "LayerSolver",
     "LoopState",
     "LayerLoop",
-    "Smoother",
     "statistic_passes",
 ]
 
@@ -78,8 +66,8 @@ logger = logging.getLogger(__name__)
 class LayerSettings:
     """How each layer is calibrated (a method's recipe resolved against the config)."""
 
-    solver: str = "gptq"  # a key of LAYER_SOLVERS
-    smoothing: str | None = None  # None or a key of SMOOTHERS
+    solver: str = "gptq"  # a name in tlq_hf.solvers.LAYER_SOLVERS
+    smoothing: str | None = None  # None or a name in tlq_hf.solvers.SMOOTHERS
     exposed: bool = True
     damp: float = 0.01
     act_order: bool = True
@@ -109,82 +97,6 @@ class LayerReport:
     # "settle" (the packed layer put back, e.g. written to disk); "experts_forward" (inside experts modules, during
     # any of them) and "experts_solve" (solving expert projections) are parts of those
     phases: dict[str, float] = field(default_factory=dict)
-
-
-Solution = tuple[torch.Tensor, QParams]
-
-
-@dataclass(frozen=True)
-class LayerSolver:
-    """A solver as the layer loop uses it: the statistics it needs and how it solves one group."""
-
-    needs: tuple[str, ...]
-    # (weights as stored, e.g. bf16: a solver makes the float32 copies it needs; group; scheme; settings; scale dtype)
-    solve: Callable[[list[torch.Tensor], StatGroup, QuantScheme, LayerSettings, torch.dtype], list[Solution]]
-
-
-@dataclass(frozen=True)
-class Smoother:
-    """A per-channel migration: the statistics it needs and its scale ``s`` for one (producer, consumers) fold."""
-
-    needs: tuple[str, ...]
-    scales: Callable[[list[torch.Tensor], StatGroup, QuantScheme, LayerSettings], torch.Tensor]
-
-
-def _solve_gptq(weights, group, scheme, cfg, scale_dtype) -> list[Solution]:
-    hessian = group.stats.pop("hessian").take_normalized()
-    factor = gptq_factor(hessian, damp=cfg.damp, act_order=cfg.act_order, overwrite=True)
-    del hessian
-    return [gptq_quantize(w, factor, scheme, scale_dtype=scale_dtype) for w in weights]
-
-
-def _solve_gptaq(weights, group, scheme, cfg, scale_dtype) -> list[Solution]:
-    hessian = group.stats.pop("hessian").take_normalized()
-    mapping = asymmetric_map(hessian, group.stats.pop("cross").normalized(), damp=cfg.damp)
-    targets = asymmetric_weights(weights, mapping)
-    del mapping
-    factor = gptq_factor(hessian, damp=cfg.damp, act_order=cfg.act_order, overwrite=True)
-    del hessian
-    return [gptq_quantize(w, factor, scheme, scale_dtype=scale_dtype) for w in targets]
-
-
-def _solve_awq(weights, group, scheme, cfg, scale_dtype) -> list[Solution]:
-    x, a = group.stats["inputs"].rows(cfg.max_tokens)
-    out = []
-    for w in weights:
-        w = w.float()
-        qp = awq_clip_search(w, x, a, scheme, scale_dtype=scale_dtype)
-        out.append((quantize_codes(w, qp, scheme), qp))
-    return out
-
-
-def _solve_rtn(weights, group, scheme, cfg, scale_dtype) -> list[Solution]:
-    return [rtn(w.float(), scheme, scale_dtype=scale_dtype) for w in weights]
-
-
-LAYER_SOLVERS: dict[str, LayerSolver] = {
-    "gptq": LayerSolver(("hessian",), _solve_gptq),
-    # asymmetric GPTQ: the full-precision output as the target of the exposed input (GPTAQ)
-    "gptaq": LayerSolver(("hessian", "cross"), _solve_gptaq),
-    "awq": LayerSolver(("inputs",), _solve_awq),
-    "rtn": LayerSolver((), _solve_rtn),
-}
-
-
-def _awq_scales(weights, group, scheme, cfg) -> torch.Tensor:
-    x, a = group.stats["inputs"].rows(cfg.max_tokens)
-    s, _, _ = awq_scale_search(weights, x, a, scheme, grid=cfg.awq_grid, scale_dtype=weights[0].dtype)
-    return s
-
-
-def _smoothquant_scales(weights, group, scheme, cfg) -> torch.Tensor:
-    return smoothquant_scales(group.stats["absmax"].absmax, weights, cfg.smooth_alpha)
-
-
-SMOOTHERS: dict[str, Smoother] = {
-    "awq": Smoother(("inputs",), _awq_scales),
-    "smoothquant": Smoother(("absmax",), _smoothquant_scales),
-}
 
 
 @dataclass
@@ -616,7 +528,7 @@ class LayerLoop:
         for group, owner in zip(groups, owners):
             start = time.perf_counter()
             linears = [live[n] for n in group.members]
-            solve = _solve_rtn if group.fallback else self.solver.solve
+            solve = solve_rtn if group.fallback else self.solver.solve
             if self.comm.rank == owner:
                 solutions = solve([m.weight.detach() for m in linears], group, self.scheme, self.cfg, dtype)
             else:

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..experts import UnfusedExperts, expert_tensors
+from ..formats.atomic import atomic_file
 from ..hostmem import release_host_memory
 from .capture import module_device
 from .io_clock import timed_io
@@ -432,9 +433,8 @@ def _offload_to_disk(layer: nn.Module, folder: str) -> None:
         return
     target = os.path.join(folder, "tlq-packed", f"{os.getpid()}-{next(_packed_ids):05d}.safetensors")
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    with timed_io():
-        save_file(tensors, target + ".tmp")
-        os.replace(target + ".tmp", target)
+    with timed_io(), atomic_file(target, durable=False) as tmp:  # scratch: a crashed run re-packs its layer
+        save_file(tensors, tmp)
     store = PackedLayerFile(target)
     for prefix, module, hook, names in owners:
         hook.weights_map = PrefixedDataset(store, prefix)

@@ -3,7 +3,7 @@
 ``rtn`` needs no data: each target linear is rounded to nearest. Every other method:
 capture layer-0 inputs -> (optional) block-wise gradient importance -> per-module token weights (tempered,
 optionally a token subset) -> layer-wise calibration with the method's solver. Methods are recipes
-(:data:`RECIPES`); explicit config fields (``importance``, ``solver``, ``exposed``) override a recipe.
+(:data:`tlq_hf.methods.METHODS`); explicit config fields (``importance``, ``solver``, ``exposed``) override a recipe.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 
 from ..arch import find_decoder_stack, select_quant_targets
 from ..coverage import Coverage, decoder_coverage
-from ..experts import convention_of, expert_owner, unfuse_experts
-from ..formats.reload_failures import check_reloadable
+from ..experts import expert_owner, unfuse_experts
+from ..formats import FORMATS
 from ..hostmem import map_large_allocations
+from ..methods import Recipe, resolve_recipe
 from ..nn import TLQLinear
 from ..primitives import dequantize_codes
 from ..qtypes import QuantScheme
@@ -32,48 +33,16 @@ from .batching import assign_batches, plan_batches
 from .capture import capture_layer_inputs
 from .distributed import Comm, init_from_env
 from .importance import AnswerLoss, Tempering, TokenWeighting, gradient_importance
+from .importance_kinds import IMPORTANCE_KINDS
 from .io_clock import io_seconds
 from .journal import ModelEdits
 from .layer_loop import LayerLoop, LayerReport, LayerSettings
 from .offload import offload_unfused_experts, onloaded
 from .resume import LayerCheckpoint, fingerprint
 
-__all__ = ["RECIPES", "Recipe", "ModuleReport", "QuantizationReport", "quantize_model", "resolve_recipe"]
+__all__ = ["ModuleReport", "QuantizationReport", "quantize_model"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """What a method turns on: token importance, solver, smoothing, exposed inputs."""
-
-    importance: str | None  # None: no token weights at all
-    solver: str
-    smoothing: str | None
-    exposed: bool
-
-
-RECIPES: dict[str, Recipe] = {
-    "tlq": Recipe("fisher", "gptq", None, True),
-    "gptq": Recipe("uniform", "gptq", None, True),  # as GPTQ tools do: sequential, quantized inputs
-    "gptaq": Recipe("uniform", "gptaq", None, True),  # asymmetric: full-precision output as the target
-    "awq": Recipe("uniform", "awq", "awq", False),
-    "mbq": Recipe("modality", "awq", "awq", False),
-    "smoothquant": Recipe(None, "rtn", "smoothquant", False),
-    "rtn": Recipe(None, "rtn", None, False),
-}
-
-
-def resolve_recipe(config) -> Recipe:
-    """The method's recipe with the config's explicit overrides applied."""
-    base = RECIPES[config.method]
-    solver = config.solver or base.solver
-    smoothing = base.smoothing
-    if config.method == "tlq":
-        smoothing = "awq" if solver == "awq" else None
-    importance = config.importance if config.importance is not None else base.importance
-    exposed = base.exposed if config.exposed is None else config.exposed
-    return Recipe(importance, solver, smoothing, exposed)
 
 
 @dataclass
@@ -214,23 +183,6 @@ def _load_samples(model: nn.Module, config):
     return samples
 
 
-def _check_moe_format(model: nn.Module, config) -> None:
-    """Refuse, before any change, what would write an MoE checkpoint transformers cannot load: activation-quantized
-    schemes store int8 ``weight`` tensors (compressed-tensors ``int-quantized``), which transformers 5's
-    conversion cannot merge into fused experts (``torch.cat`` of nothing on reload)."""
-    if config.act_bits is None or config.save_format != "compressed-tensors":
-        return
-    fused = [name for name, module in model.named_modules() if convention_of(module) is not None]
-    if fused:
-        raise ValueError(
-            f"{config.scheme.name} on a mixture-of-experts model ({len(fused)} fused experts modules, e.g. "
-            f"{fused[0]!r}) would write a compressed-tensors checkpoint whose experts transformers cannot reload "
-            "(activation-quantized schemes store int8 weights it does not merge into fused experts). Use a "
-            f"weight-only scheme (act_bits=None), or save_format='tlq' to keep {config.scheme.name} in tlq_hf's own "
-            "format."
-        )
-
-
 @torch.no_grad()
 def quantize_model(model: nn.Module, config, undo: bool = False) -> QuantizationReport:
     """Quantize ``model`` in place as ``config`` (a :class:`~tlq_hf.TLQConfig`) says; return the report.
@@ -241,8 +193,7 @@ def quantize_model(model: nn.Module, config, undo: bool = False) -> Quantization
     """
     scheme, recipe = config.scheme, resolve_recipe(config)
     edits = ModelEdits(model, undo)
-    check_reloadable(getattr(model.config, "model_type", ""), config.save_format)
-    _check_moe_format(model, config)
+    FORMATS[config.save_format].check_model(model, config)  # a checkpoint that would not reload: refused now
     try:
         # fused MoE experts as per-expert linears (same function); offloaded ones read one expert at a time
         unfuse_experts(model, "", edits.swap, offloaded=offload_unfused_experts)
@@ -303,7 +254,7 @@ def _calibrate(model: nn.Module, config, scheme: QuantScheme, recipe: Recipe, ta
             checkpoint = LayerCheckpoint(config.checkpoint_dir, digest, comm)
             done = checkpoint.open()
         weighting = None
-        if recipe.importance is not None and recipe.importance != "uniform":
+        if recipe.importance is not None and IMPORTANCE_KINDS[recipe.importance].from_gradient:
             t0 = time.perf_counter()
             logger.info("tlq_hf: importance: %s token importance over %d layers", recipe.importance, len(stack.layers))
             if checkpoint is not None and checkpoint.has_importance():

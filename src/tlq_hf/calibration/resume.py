@@ -23,6 +23,7 @@ import json
 import logging
 import os
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..arch import DecoderStack
+from ..formats.atomic import atomic_file
 from ..nn import TLQLinear
 from ..qtypes import QuantScheme
 from .activations import ActivationStore
@@ -53,18 +55,13 @@ class CheckpointMismatchError(ValueError):
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
 def _atomic_json(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _load(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

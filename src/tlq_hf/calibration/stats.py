@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from ..experts import every_token_to_every_expert, routed_tokens
-from ..primitives import fake_quantize_activation
+from ..primitives import fake_quantize_activation, strided_rows
+from ..registry import Registry
 from .distributed import Comm
 
 T = TypeVar("T")
@@ -40,26 +41,11 @@ __all__ = [
     "CrossStatistic",
     "StatGroup",
     "StatCollector",
-    "register_statistic",
     "shared_input_groups",
-    "subsample_rows",
 ]
 
-STATISTICS: dict[str, type[Statistic]] = {}
-
-
-def register_statistic(cls: type[Statistic]) -> type[Statistic]:
-    """Class decorator: make ``cls`` available under ``cls.kind``."""
-    STATISTICS[cls.kind] = cls
-    return cls
-
-
-def subsample_rows(x: torch.Tensor, a: torch.Tensor, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """At most ``max_rows`` rows of ``x`` (and their weights ``a``), evenly strided."""
-    if x.shape[0] <= max_rows:
-        return x, a
-    idx = torch.linspace(0, x.shape[0] - 1, max_rows).round().long()
-    return x[idx], a[idx]
+#: statistic classes by ``kind``; a class registers itself with ``@STATISTICS.register``
+STATISTICS: Registry[type[Statistic]] = Registry("statistic", key="kind")
 
 
 class Statistic(ABC):
@@ -92,7 +78,7 @@ class Statistic(ABC):
         """Bytes this statistic will hold for an input of ``in_features`` channels over ``samples`` samples."""
 
 
-@register_statistic
+@STATISTICS.register
 class HessianStatistic(Statistic):
     """``H = sum_t a_t x_t x_t^T`` and ``mass = sum_t a_t`` over tokens with ``a_t > 0``.
 
@@ -206,7 +192,7 @@ class HessianStatistic(Statistic):
         self.mass = float(state["mass"])
 
 
-@register_statistic
+@STATISTICS.register
 class InputRowsStatistic(Statistic):
     """Up to ``rows_per_sample`` evenly strided input rows (with their weights) of every sample, on CPU."""
 
@@ -218,7 +204,7 @@ class InputRowsStatistic(Statistic):
 
     def update(self, x: torch.Tensor, a: torch.Tensor, sample: int, reference: torch.Tensor | None = None) -> None:
         keep = a > 0
-        xs, ws = subsample_rows(x[keep], a[keep], self.rows_per_sample)
+        xs, ws = strided_rows(x[keep], a[keep], self.rows_per_sample)
         self.samples[sample] = (xs.cpu(), ws.cpu())
 
     def footprint(self, in_features: int, samples: int) -> int:
@@ -229,7 +215,7 @@ class InputRowsStatistic(Statistic):
         order = sorted(self.samples)
         x = torch.cat([self.samples[i][0] for i in order])
         a = torch.cat([self.samples[i][1] for i in order])
-        return subsample_rows(x, a, max_rows)
+        return strided_rows(x, a, max_rows)
 
     def rescale(self, s: torch.Tensor) -> None:
         s = s.cpu().float()
@@ -257,7 +243,7 @@ class InputRowsStatistic(Statistic):
             self.samples[int(i)] = (state["x"][rows], state["a"][rows])
 
 
-@register_statistic
+@STATISTICS.register
 class AbsMaxStatistic(Statistic):
     """Per input channel ``max_t |x_t|`` over every token."""
 
@@ -287,7 +273,7 @@ class AbsMaxStatistic(Statistic):
         self.absmax = state["absmax"]
 
 
-@register_statistic
+@STATISTICS.register
 class CrossStatistic(Statistic):
     """``C = sum_t a_t r_t x_t^T`` and ``mass = sum_t a_t`` (float64 sums), with ``x_t`` a token's exposed input
     and ``r_t`` the same token's input when the full-precision layer runs on the full-precision layer input:

@@ -1,4 +1,7 @@
-"""Atomic checkpoint folders: a save that dies half-way leaves the previous checkpoint as it was.
+"""Atomic writes: a save that dies half-way leaves the previous file or checkpoint as it was.
+
+:func:`atomic_file` is the one way tlq_hf writes a single file (a temporary sibling name, flushed to disk, then
+renamed over the target).
 
 :func:`atomic_folder` hands out a temporary sibling folder to write into; only when everything is written
 does the new folder take the target's place: by an atomic exchange of the two names where the kernel offers
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from ..hostmem import libc_function
 
-__all__ = ["atomic_folder", "WEIGHT_FILES"]
+__all__ = ["atomic_file", "atomic_folder", "WEIGHT_FILES"]
 
 #: What a model save owns: files of the previous checkpoint that match are never carried over (stale shards).
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
@@ -76,6 +79,27 @@ def _recover(target: Path) -> None:
             os.rename(sibling, target)
         else:
             shutil.rmtree(sibling, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike, durable: bool = True) -> Iterator[str]:
+    """Yield a temporary path next to ``target`` to write the file into; on normal exit it is flushed to disk
+    (``durable``) and renamed over ``target`` in one step, on any exception it is removed and ``target`` is
+    untouched. ``durable=False`` skips the flush, for scratch files a crashed run rebuilds anyway (a reader still
+    never sees a half-written file)."""
+    target = os.fspath(target)
+    head, name = os.path.split(target)
+    tmp = os.path.join(head, f".{name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 @contextlib.contextmanager

@@ -24,8 +24,10 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from torch import nn
 
+from ..calibration.importance_kinds import IMPORTANCE_KINDS
 from ..version import __version__
-from .atomic import atomic_folder
+from .atomic import atomic_file, atomic_folder
+from .base import FORMATS
 from .canonical import canonicalize_safetensors
 
 __all__ = ["attach_card_writer", "base_model_id", "model_card", "push_to_hub", "write_model_card"]
@@ -45,7 +47,7 @@ def base_model_id(model: nn.Module) -> str | None:
 
 def _tags(config: Any) -> list[str]:
     scheme = config.scheme
-    fmt = "compressed-tensors" if config.save_format == "compressed-tensors" else "tlq-native"
+    fmt = FORMATS[config.save_format].tag
     return ["tlq", "quantized", f"{scheme.bits}-bit", scheme.name, config.method, fmt, "vision-language"]
 
 
@@ -154,7 +156,7 @@ def model_card(model: nn.Module, repo_id: str | None = None, tags: list[str] | N
         + " |",
         f"| GPTQ settings | damp {config.damp}, act_order {config.act_order} |",
     ]
-    if recipe is not None and recipe.importance not in (None, "uniform"):
+    if recipe is not None and recipe.importance is not None and IMPORTANCE_KINDS[recipe.importance].from_gradient:
         lines.append(
             f"| token importance | `{recipe.importance}` at the `{config.importance_labels}` labels of "
             f"{config.answer_tokens} answer tokens, per {config.importance_scope}; tempering gamma {config.gamma}, "
@@ -174,39 +176,7 @@ def model_card(model: nn.Module, repo_id: str | None = None, tags: list[str] | N
     if table:
         lines += ["", "## Calibration error per layer", "", *table]
     lines += ["", "## Use", ""]
-    if config.save_format == "compressed-tensors":
-        lines += [
-            "Plain transformers (the `compressed-tensors` package decodes the weights; tlq_hf is not needed):",
-            "",
-            "```python",
-            "from transformers import AutoModelForImageTextToText, AutoProcessor",
-            f'model = AutoModelForImageTextToText.from_pretrained("{name}")',
-            f'processor = AutoProcessor.from_pretrained("{name}")',
-            "```",
-            "",
-            "vLLM (compressed-tensors):",
-            "",
-            "```bash",
-            f"vllm serve {name}",
-            "```",
-        ]
-        if scheme.bits not in (4, 8):
-            lines += [
-                "",
-                f"vLLM's usual GPU kernels take 4- and 8-bit weights; {scheme.bits}-bit weights serve only where a "
-                "kernel for that width exists.",
-            ]
-    else:
-        lines += [
-            "Native tlq format: import tlq_hf first (it registers the `tlq` quantization method; without it "
-            "transformers cannot read the packed weights):",
-            "",
-            "```python",
-            "import tlq_hf  # noqa: F401",
-            "from transformers import AutoModelForImageTextToText",
-            f'model = AutoModelForImageTextToText.from_pretrained("{name}")',
-            "```",
-        ]
+    lines += FORMATS[config.save_format].usage(name, scheme)
     lines += [
         "",
         "Re-create it with tlq_hf:",
@@ -235,9 +205,8 @@ def write_model_card(
 ) -> Path:
     """Write ``README.md`` into ``folder`` (atomically: a temporary name, then a rename)."""
     path = Path(folder) / "README.md"
-    tmp = path.with_name(".README.md.tmp")
-    model_card(model, repo_id, tags).save(tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        model_card(model, repo_id, tags).save(tmp)
     return path
 
 

@@ -6,6 +6,7 @@
   per-token int8 input activations.
 
 The format is whatever compressed-tensors itself infers for the scheme, so the two never disagree.
+:class:`CompressedTensorsFormat` is the registered ``save_format="compressed-tensors"`` (the default).
 """
 
 from __future__ import annotations
@@ -20,11 +21,21 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from torch import nn
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
+from ..arch import ignore_regexes, kept_by_role
+from ..experts import convention_of
 from ..nn import TLQLinear
-from ..packing import pack
-from ..qtypes import QuantScheme
+from ..packing import pack, packed_shape
+from ..qtypes import SUPPORTED_WEIGHT_BITS, QuantScheme
+from .base import FLOATS, FORMATS, CheckpointFormat, TensorSpec, unsupported
 
-__all__ = ["ct_scheme", "ct_format", "ct_config", "ct_state_dict", "note_serving_bits"]
+__all__ = [
+    "CompressedTensorsFormat",
+    "ct_scheme",
+    "ct_format",
+    "ct_config",
+    "ct_state_dict",
+    "note_serving_bits",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -110,3 +121,119 @@ def ct_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         with align_module_device(module):  # a packed layer the device map keeps on disk is read back here
             state.update({prefix + k: v for k, v in _module_tensors(module).items()})
     return state
+
+
+@FORMATS.register
+class CompressedTensorsFormat(CheckpointFormat):
+    """The default: reloads in plain transformers (the compressed-tensors package decodes it) and serves in vLLM."""
+
+    name = "compressed-tensors"
+    quant_method = "compressed-tensors"
+    tag = "compressed-tensors"
+    needs_plugin = False
+
+    def check_config(self, config) -> None:
+        if not config.sym:
+            raise ValueError(
+                "TLQConfig(sym=False) cannot be saved as compressed-tensors: transformers (4.57 and 5.x) fails to "
+                "reload asymmetric pack-quantized checkpoints (its loader expects an unpacked zero point, "
+                "the format packs it). Use sym=True, or save_format='tlq' for asymmetric weights."
+            )
+
+    def check_model(self, model: nn.Module, config) -> None:
+        """Also refuses activation-quantized schemes on an MoE model: they store int8 ``weight`` tensors
+        (``int-quantized``), which transformers 5's conversion cannot merge into fused experts."""
+        super().check_model(model, config)
+        if config.act_bits is None:
+            return
+        fused = [name for name, module in model.named_modules() if convention_of(module) is not None]
+        if fused:
+            raise ValueError(
+                f"{config.scheme.name} on a mixture-of-experts model ({len(fused)} fused experts modules, e.g. "
+                f"{fused[0]!r}) would write a compressed-tensors checkpoint whose experts transformers cannot reload "
+                "(activation-quantized schemes store int8 weights it does not merge into fused experts). Use a "
+                f"weight-only scheme (act_bits=None), or save_format='tlq' to keep {config.scheme.name} in tlq_hf's "
+                "own format."
+            )
+
+    def finish(self, model: nn.Module, config) -> None:
+        """``config.quantization_config`` becomes the equivalent compressed-tensors config (``ignore``: every
+        linear left unpacked, and routers kept by role, Linear or not: vLLM builds some as quantizable linears,
+        e.g. Qwen3-VL-MoE's ``mlp.gate``)."""
+        packed = {n for n, m in model.named_modules() if isinstance(m, TLQLinear)}
+        linears = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, TLQLinear))}
+        linears |= set(kept_by_role(model))
+        model.config.quantization_config = ct_config(config.scheme, ignore_regexes(linears, packed))
+
+    def state_dict(self, model: nn.Module, config) -> dict[str, torch.Tensor]:
+        note_serving_bits(config.bits)
+        return ct_state_dict(model)
+
+    def scheme_of(self, quantization_config: dict) -> QuantScheme:
+        qc = quantization_config
+        groups = qc.get("config_groups") or {}
+        if len(groups) != 1:
+            raise unsupported("quantization_config.config_groups", f"{len(groups)} groups")
+        ((name, group),) = groups.items()
+        where = f"quantization_config.config_groups.{name}"
+        w = group.get("weights") or {}
+        checks = {
+            "type": w.get("type") == "int",
+            "num_bits": w.get("num_bits") in SUPPORTED_WEIGHT_BITS,
+            "strategy": w.get("strategy") in ("group", "channel"),
+            "dynamic": w.get("dynamic") is False,
+            "actorder": w.get("actorder") in (None, "static"),
+            "symmetric": isinstance(w.get("symmetric"), bool),
+        }
+        for field, ok in checks.items():
+            if not ok:
+                raise unsupported(f"{where}.weights.{field}", repr(w.get(field)))
+        acts = group.get("input_activations")
+        act_bits = None
+        if acts is not None:
+            wanted = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True}
+            for field, value in wanted.items():
+                if acts.get(field) != value:
+                    raise unsupported(f"{where}.input_activations.{field}", repr(acts.get(field)))
+            act_bits = 8
+        group_size = w["group_size"] if w["strategy"] == "group" else -1
+        scheme = QuantScheme(bits=w["num_bits"], group_size=group_size, sym=w["symmetric"], act_bits=act_bits)
+        if qc.get("format") != ct_format(scheme):
+            raise unsupported("quantization_config.format", f"{qc.get('format')!r} for {scheme.name}")
+        return scheme
+
+    def module_tensors(self, scheme: QuantScheme, shape: tuple[int, int] | None) -> dict[str, TensorSpec]:
+        groups = scheme.groups(shape[1]) if shape else None
+        specs = {"weight_scale": TensorSpec((shape[0], groups) if shape else None, FLOATS)}
+        if ct_format(scheme) == "int-quantized":
+            specs["weight"] = TensorSpec(shape, ("I8",))
+        else:
+            specs["weight_packed"] = TensorSpec(packed_shape(shape, scheme.bits) if shape else None, ("I32",))
+        if not scheme.sym:  # packed along rows
+            zero = (packed_shape((shape[0], groups), scheme.bits, dim=0)) if shape else None
+            specs["weight_zero_point"] = TensorSpec(zero, ("I32",))
+        return specs
+
+    def usage(self, name: str, scheme: QuantScheme) -> list[str]:
+        lines = [
+            "Plain transformers (the `compressed-tensors` package decodes the weights; tlq_hf is not needed):",
+            "",
+            "```python",
+            "from transformers import AutoModelForImageTextToText, AutoProcessor",
+            f'model = AutoModelForImageTextToText.from_pretrained("{name}")',
+            f'processor = AutoProcessor.from_pretrained("{name}")',
+            "```",
+            "",
+            "vLLM (compressed-tensors):",
+            "",
+            "```bash",
+            f"vllm serve {name}",
+            "```",
+        ]
+        if scheme.bits not in VLLM_WEIGHT_BITS:
+            lines += [
+                "",
+                f"vLLM's usual GPU kernels take 4- and 8-bit weights; {scheme.bits}-bit weights serve only where a "
+                "kernel for that width exists.",
+            ]
+        return lines

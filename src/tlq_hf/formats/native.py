@@ -3,6 +3,7 @@
 Loading: before the weights arrive, target linears are swapped for empty ``TLQLinear`` modules (on
 whatever device the skeleton lives, usually ``meta``); transformers then fills their buffers. Afterwards
 every packed module is validated: buffers present, shapes and dtypes right, scales finite and non-zero.
+:class:`NativeFormat` is the registered ``save_format="tlq"``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from ..experts import unfuse_experts
 from ..nn import TLQLinear
 from ..packing import packed_shape
 from ..qtypes import QuantScheme
+from .base import FLOATS, FORMATS, CheckpointFormat, TensorSpec
 
 __all__ = [
     "NATIVE_BUFFERS",
+    "NativeFormat",
     "swap_in_packed_modules",
     "validate_checkpoint",
     "validate_packed_modules",
@@ -46,16 +49,46 @@ def swap_in_packed_modules(
     return list(targets)
 
 
-def _expected(module: TLQLinear) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    out, inf, scheme = module.out_features, module.in_features, module.scheme
-    groups = scheme.groups(inf)
-    spec = {
-        "weight_packed": (packed_shape((out, inf), scheme.bits), torch.int32),
-        "weight_scale": ((out, groups), None),
-    }
-    if not scheme.sym:
-        spec["weight_zero_point"] = ((out, groups), torch.int8)
-    return spec
+@FORMATS.register
+class NativeFormat(CheckpointFormat):
+    """tlq_hf's own packed buffers (``quant_method: "tlq"``): any scheme tlq_hf writes, asymmetric and
+    activation-quantized MoE included; reloads with ``import tlq_hf``, keeping the weights packed in memory."""
+
+    name = "tlq"
+    quant_method = "tlq"
+    tag = "tlq-native"
+    needs_plugin = True
+
+    def scheme_of(self, quantization_config: dict) -> QuantScheme:
+        from ..config import TLQConfig  # the config module reads FORMATS: imported when first needed
+
+        return TLQConfig.from_dict(quantization_config).scheme
+
+    def module_tensors(self, scheme: QuantScheme, shape: tuple[int, int] | None) -> dict[str, TensorSpec]:
+        groups = (shape[0], scheme.groups(shape[1])) if shape else None
+        specs = {
+            "weight_packed": TensorSpec(packed_shape(shape, scheme.bits) if shape else None, ("I32",)),
+            "weight_scale": TensorSpec(groups, FLOATS),
+        }
+        if not scheme.sym:
+            specs["weight_zero_point"] = TensorSpec(groups, ("I8",))
+        return specs
+
+    def usage(self, name: str, scheme: QuantScheme) -> list[str]:
+        return [
+            "Native tlq format: import tlq_hf first (it registers the `tlq` quantization method; without it "
+            "transformers cannot read the packed weights):",
+            "",
+            "```python",
+            "import tlq_hf  # noqa: F401",
+            "from transformers import AutoModelForImageTextToText",
+            f'model = AutoModelForImageTextToText.from_pretrained("{name}")',
+            "```",
+        ]
+
+
+def _expected(module: TLQLinear) -> dict[str, TensorSpec]:
+    return FORMATS["tlq"].module_tensors(module.scheme, (module.out_features, module.in_features))
 
 
 def checkpoint_specs(files: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -88,7 +121,14 @@ def _disk_module(name: str, disk_modules: set[str]) -> list[str]:
     return []
 
 
-_SAFETENSORS_DTYPES = {torch.int32: "I32", torch.int8: "I8"}
+#: torch dtype -> safetensors dtype name (to compare loaded buffers with a TensorSpec)
+_SAFETENSORS_DTYPES = {
+    torch.int32: "I32",
+    torch.int8: "I8",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+}
 
 
 def validate_checkpoint(files: list[str], model: nn.Module, names: list[str]) -> None:
@@ -107,13 +147,14 @@ def validate_checkpoint(files: list[str], model: nn.Module, names: list[str]) ->
             problems.append(f"{name}: no packed tensors in the checkpoint")
             continue
         for disk in candidates:
-            for buf, (shape, dtype) in expected.items():
+            for buf, want in expected.items():
                 spec = specs.get(f"{disk}.{buf}")
                 if spec is None:
                     problems.append(f"{disk}.{buf}: missing from the checkpoint")
-                elif spec[0] != shape or (dtype is not None and spec[1] != _SAFETENSORS_DTYPES[dtype]):
+                elif spec[0] != want.shape or spec[1] not in want.dtypes:
                     problems.append(
-                        f"{disk}.{buf}: {spec[0]} {spec[1]} in the checkpoint, expected {shape} {dtype or 'float'}"
+                        f"{disk}.{buf}: {spec[0]} {spec[1]} in the checkpoint, expected {want.shape} "
+                        f"{'/'.join(want.dtypes)}"
                     )
     if len(disk_modules) != len(names):
         problems.append(f"the checkpoint has {len(disk_modules)} packed modules, the config selects {len(names)}")
@@ -138,12 +179,14 @@ def validate_packed_modules(model: nn.Module, names: list[str]) -> None:
         if not isinstance(module, TLQLinear):
             problems.append(f"{name}: expected a packed TLQLinear, found {type(module).__name__}")
             continue
-        for buf, (shape, dtype) in _expected(module).items():
+        for buf, want in _expected(module).items():
             t = getattr(module, buf, None)
             if t is None or t.device.type == "meta":
                 problems.append(f"{name}.{buf}: missing from the checkpoint")
-            elif tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype):
-                problems.append(f"{name}.{buf}: {tuple(t.shape)} {t.dtype}, expected {shape} {dtype or 'float'}")
+            elif tuple(t.shape) != want.shape or _SAFETENSORS_DTYPES.get(t.dtype) not in want.dtypes:
+                problems.append(
+                    f"{name}.{buf}: {tuple(t.shape)} {t.dtype}, expected {want.shape} {'/'.join(want.dtypes)}"
+                )
             elif buf == "weight_scale" and not (torch.isfinite(t).all() and (t != 0).all()):
                 problems.append(f"{name}.{buf}: non-finite or zero scales")
     _raise_if(problems)

@@ -44,10 +44,9 @@ def reload_failure(model_type: str, save_format: str) -> str | None:
     return RELOAD_FAILURES.get(_major(), {}).get(save_format, {}).get(model_type)
 
 
-def check_reloadable(
-    model_type: str, save_format: str, formats: tuple[str, ...] = ("compressed-tensors", "tlq")
-) -> None:
-    """Raise ``ValueError`` if a ``save_format`` checkpoint of ``model_type`` would not reload, naming the fix."""
+def check_reloadable(model_type: str, save_format: str, formats: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` if a ``save_format`` checkpoint of ``model_type`` would not reload, naming the fix (the
+    first of ``formats`` that does reload)."""
     reason = reload_failure(model_type, save_format)
     if reason is None:
         return

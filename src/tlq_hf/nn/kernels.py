@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from ..primitives import quantize_activation
+from ..registry import Registry
 
 if TYPE_CHECKING:
     from .quant_linear import TLQLinear
@@ -38,6 +39,9 @@ __all__ = ["LinearKernel", "Int4PackCPU", "IntMMCPU", "KERNELS", "select_kernel"
 
 logger = logging.getLogger("tlq_hf")
 _logged: set[str] = set()
+
+#: kernels in the order they are tried; a kernel class registers itself with ``@KERNELS.register`` (one instance)
+KERNELS: Registry[LinearKernel] = Registry("kernel", instantiate=True)
 
 
 class LinearKernel(Protocol):
@@ -59,6 +63,7 @@ class LinearKernel(Protocol):
         """The signed int8 codes, recovered exactly from the prepared state (for saving)."""
 
 
+@KERNELS.register
 class Int4PackCPU:
     """torch's CPU int4 weight-packed matmul (``aten._weight_int4pack_mm_for_cpu``)."""
 
@@ -153,6 +158,7 @@ def _inverse_layout(rows: int, cols: int, inner_k_tiles: int) -> torch.Tensor:
     return source.unsqueeze(0)
 
 
+@KERNELS.register
 class IntMMCPU:
     """torch's int8 matmul (``aten._int_mm``) for W8A8, per-channel weight scales, on CPU."""
 
@@ -185,13 +191,10 @@ class IntMMCPU:
         return module._kernel_state[0]
 
 
-KERNELS: list[LinearKernel] = [Int4PackCPU(), IntMMCPU()]
-
-
 def select_kernel(module: TLQLinear) -> LinearKernel | None:
     """The first registered kernel that runs ``module``; logs once why none does."""
     reasons = []
-    for kernel in KERNELS:
+    for kernel in KERNELS.values():
         reason = kernel.unsupported(module)
         if reason is None:
             return kernel

@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import torch
 
-from ..primitives import QParams, compute_qparams, fake_quantize_weight
+from ..primitives import QParams, compute_qparams, fake_quantize_weight, quantize_codes, strided_rows
 from ..qtypes import QuantScheme
+from .registry import Solution, Statistics, layer_solver, smoother
 
-__all__ = ["awq_scale_search", "awq_clip_search", "weighted_output_error"]
+__all__ = ["awq_scale_search", "awq_clip_search", "awq_fold_scales", "solve_awq", "weighted_output_error"]
 
 
 def _subsample(x: torch.Tensor, a: torch.Tensor | None, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.reshape(-1, x.shape[-1]).float()
     a = torch.ones(x.shape[0], device=x.device) if a is None else a.reshape(-1).float().to(x.device)
     keep = a > 0
-    x, a = x[keep], a[keep]
-    if x.shape[0] > max_tokens:  # deterministic stride subsample keeps the objective's shape
-        idx = torch.linspace(0, x.shape[0] - 1, max_tokens, device=x.device).round().long()
-        x, a = x[idx], a[idx]
-    return x, a
+    return strided_rows(x[keep], a[keep], max_tokens)
 
 
 def weighted_output_error(weight: torch.Tensor, qweight: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> float:
@@ -110,3 +107,23 @@ def awq_clip_search(
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)
     return compute_qparams(w, scheme, scale_dtype=scale_dtype, clip=best_ratio)
+
+
+@layer_solver("awq", needs=("inputs",))
+def solve_awq(weights: list[torch.Tensor], group: Statistics, scheme: QuantScheme, cfg, scale_dtype) -> list[Solution]:
+    """Each weight's clipping searched on the group's kept input rows, then rounded to nearest."""
+    x, a = group.stats["inputs"].rows(cfg.max_tokens)
+    out = []
+    for w in weights:
+        w = w.float()
+        qp = awq_clip_search(w, x, a, scheme, scale_dtype=scale_dtype)
+        out.append((quantize_codes(w, qp, scheme), qp))
+    return out
+
+
+@smoother("awq", needs=("inputs",))
+def awq_fold_scales(weights: list[torch.Tensor], group: Statistics, scheme: QuantScheme, cfg) -> torch.Tensor:
+    """The AWQ scale of one fold, searched on the group's kept input rows."""
+    x, a = group.stats["inputs"].rows(cfg.max_tokens)
+    s, _, _ = awq_scale_search(weights, x, a, scheme, grid=cfg.awq_grid, scale_dtype=weights[0].dtype)
+    return s

@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["asymmetric_map", "asymmetric_weights"]
+from ..qtypes import QuantScheme
+from .gptq import gptq_factor, gptq_quantize
+from .registry import Solution, Statistics, layer_solver
+
+__all__ = ["asymmetric_map", "asymmetric_weights", "solve_gptaq"]
 
 
 @torch.no_grad()
@@ -48,3 +52,17 @@ def asymmetric_map(hessian: torch.Tensor, cross: torch.Tensor, *, damp: float = 
 def asymmetric_weights(weights: list[torch.Tensor], mapping: torch.Tensor) -> list[torch.Tensor]:
     """``W* = W M`` for each weight ``[out, in]`` (float32 results; the weights are read as stored)."""
     return [w.float() @ mapping.to(w.device) for w in weights]
+
+
+@layer_solver("gptaq", needs=("hessian", "cross"))
+def solve_gptaq(
+    weights: list[torch.Tensor], group: Statistics, scheme: QuantScheme, cfg, scale_dtype
+) -> list[Solution]:
+    """GPTQ of each ``W* = W M`` against the exposed inputs' Hessian (one factorisation for the group)."""
+    hessian = group.stats.pop("hessian").take_normalized()
+    mapping = asymmetric_map(hessian, group.stats.pop("cross").normalized(), damp=cfg.damp)
+    targets = asymmetric_weights(weights, mapping)
+    del mapping
+    factor = gptq_factor(hessian, damp=cfg.damp, act_order=cfg.act_order, overwrite=True)
+    del hessian
+    return [gptq_quantize(w, factor, scheme, scale_dtype=scale_dtype) for w in targets]

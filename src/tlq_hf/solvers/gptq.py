@@ -14,8 +14,9 @@ import torch
 
 from ..primitives import QParams, compute_qparams
 from ..qtypes import QuantScheme
+from .registry import Solution, Statistics, layer_solver
 
-__all__ = ["GPTQFactor", "gptq", "gptq_factor", "gptq_quantize", "weighted_hessian"]
+__all__ = ["GPTQFactor", "gptq", "gptq_factor", "gptq_quantize", "solve_gptq", "weighted_hessian"]
 
 
 def weighted_hessian(x: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -251,3 +252,12 @@ def gptq_quantize(
 
 _SUB_BLOCK = 16
 _FILL_COLUMNS = 1024
+
+
+@layer_solver("gptq", needs=("hessian",))
+def solve_gptq(weights: list[torch.Tensor], group: Statistics, scheme: QuantScheme, cfg, scale_dtype) -> list[Solution]:
+    """GPTQ of each weight against the group's importance-weighted Hessian (one factorisation for the group)."""
+    hessian = group.stats.pop("hessian").take_normalized()
+    factor = gptq_factor(hessian, damp=cfg.damp, act_order=cfg.act_order, overwrite=True)
+    del hessian
+    return [gptq_quantize(w, factor, scheme, scale_dtype=scale_dtype) for w in weights]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["smoothquant_scales"]
+from ..qtypes import QuantScheme
+from .registry import Statistics, smoother
+
+__all__ = ["smoothquant_scales", "smoothquant_fold_scales"]
 
 
 @torch.no_grad()
@@ -13,3 +16,9 @@ def smoothquant_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], al
     w_absmax = torch.stack([w.float().abs().amax(dim=0) for w in weights]).amax(dim=0)
     s = act_absmax.float().clamp_min(1e-5).pow(alpha) / w_absmax.clamp_min(1e-5).pow(1 - alpha)
     return s.clamp_min(1e-5)
+
+
+@smoother("smoothquant", needs=("absmax",))
+def smoothquant_fold_scales(weights: list[torch.Tensor], group: Statistics, scheme: QuantScheme, cfg) -> torch.Tensor:
+    """The migration scale of one fold from the group's per-channel input absolute maximum."""
+    return smoothquant_scales(group.stats["absmax"].absmax, weights, cfg.smooth_alpha)

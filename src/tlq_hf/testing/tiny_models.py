@@ -31,7 +31,7 @@ from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers, proce
 from tokenizers.models import WordLevel
 from transformers import BatchFeature, PreTrainedTokenizerFast
 
-from .arch import load_auto_class
+from ..arch import load_auto_class
 
 __all__ = [
     "FAMILIES",
@@ -866,7 +866,7 @@ def make_inputs(
     padding side. Images go to the processor per prompt (a list of lists), the batched
     form every processor reads the same way.
     """
-    from .data import rendered_text_kwargs
+    from ..data import rendered_text_kwargs
 
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} image entries for {len(prompts)} prompts")
