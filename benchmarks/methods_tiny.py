@@ -98,8 +98,8 @@ def main() -> None:
         "# Methods on tiny random-weight VLMs",
         "",
         f"`python benchmarks/methods_tiny.py --schemes {' '.join(args.schemes)} --samples {args.samples}`: "
-        f"{args.samples} calibration photo Q/A pairs (`tlq_hf.testing.tiny_models.sample_rows`, seed 0), 24 held-out pairs "
-        "(seed 1); held-out answer-token KL vs FP (lower is better) and top-1 agreement. Random weights, "
+        f"{args.samples} calibration photo Q/A pairs (`tlq_hf.testing.tiny_models.sample_rows`, seed 0), 24 held-out "
+        "pairs (seed 1); held-out answer-token KL vs FP (lower is better) and top-1 agreement. Random weights, "
         "real architectures: a pipeline check, not a quality claim.",
         "",
     ]

@@ -21,8 +21,8 @@ from tlq_hf.calibration.importance import (
     temper_all,
 )
 from tlq_hf.data import build_calibration_set
-from tlq_hf.testing.oracles import reference_importance
 from tlq_hf.nn import TLQLinear
+from tlq_hf.testing.oracles import reference_importance
 from tlq_hf.testing.tiny_models import MOE_FAMILIES, sample_rows
 
 

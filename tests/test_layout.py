@@ -153,7 +153,7 @@ def toy_kernel():
 
     registry = Registry("kernel", instantiate=True)
     registry.register(ToyDequant)
-    for name, kernel in kernels.KERNELS.items():
+    for kernel in kernels.KERNELS.values():
         registry.register(kernel)
     return registry
 

@@ -15,7 +15,7 @@ from transformers import AutoProcessor
 
 from tlq_hf import TLQConfig
 from tlq_hf.arch import decoder_device_map, find_decoder_stack, select_quant_targets, smooth_mappings
-from tlq_hf.calibration import layer_loop
+from tlq_hf.calibration import layer_loop, smoothing
 from tlq_hf.calibration.activations import ActivationStore
 from tlq_hf.calibration.capture import capture_layer_inputs, layer_forward
 from tlq_hf.calibration.offload import onloaded
@@ -382,8 +382,8 @@ def test_smoothing_folds_only_where_the_layer_output_is_unchanged(tiny_vlm_dirs,
         return layer_forward(layer, c.hidden, c.kwargs_for(1))
 
     mappings = smooth_mappings(model, layer)
-    assert layer_loop.weight_offset(names[mappings[0][0]]) == offset
-    verdicts = {p: layer_loop.folds_preserve_output(layer, p, cs, run_one) for p, cs in mappings}
+    assert smoothing.weight_offset(names[mappings[0][0]]) == offset
+    verdicts = {p: smoothing.folds_preserve_output(layer, p, cs, run_one) for p, cs in mappings}
     assert {p for p, ok in verdicts.items() if not ok} == rejected
     reference = run_one()
     gen = torch.Generator().manual_seed(0)
@@ -391,7 +391,7 @@ def test_smoothing_folds_only_where_the_layer_output_is_unchanged(tiny_vlm_dirs,
         for producer, consumers in mappings:
             if verdicts[producer]:
                 s = 0.5 + 1.5 * torch.rand(names[consumers[0]].weight.shape[1], generator=gen)
-                layer_loop._fold(names[producer], [names[n] for n in consumers], s)
+                smoothing.fold(names[producer], [names[n] for n in consumers], s)
         assert torch.allclose(run_one(), reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
 
 

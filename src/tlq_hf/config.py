@@ -261,6 +261,7 @@ class TLQConfig(QuantizationConfigMixin):
             data and config skips the layers already finished there. Never serialised.
     """
 
+    # one keyword argument per field, as transformers' quantization configs take them (documented above)
     def __init__(
         self,
         bits: int = 4,

@@ -78,6 +78,23 @@ def _chart(table: dict[str, dict[str, dict[str, float]]], fp_accuracy: float, pa
     return path
 
 
+def _print_table(
+    model_name: str, millions: float, num_samples: int, held_out: int, fp_accuracy: float, table: dict
+) -> None:
+    print(
+        f"tlq_hf demo: {model_name} (trained LLaVA-architecture VLM, {millions:.1f}M parameters), calibrated on "
+        f"{num_samples} training items, scored on {held_out} held-out items"
+    )
+    print(f"  full precision: accuracy {fp_accuracy:.1%}")
+    print(f"  {'scheme':<11} {'method':<5} {'accuracy':>8} {'kept':>6} {'answer KL':>10} {'flips':>6} {'time':>6}")
+    for scheme, methods in table.items():
+        for method, m in methods.items():
+            print(
+                f"  {scheme:<11} {method:<5} {m['accuracy']:>8.1%} {m['accuracy'] / fp_accuracy:>6.1%} "
+                f"{m['kl']:>10.2e} {1 - m['agreement']:>6.1%} {m['seconds']:>5.1f}s"
+            )
+
+
 def run_demo(
     out: Path,
     benchmarks: Path = BENCHMARKS,
@@ -125,18 +142,7 @@ def run_demo(
     chart = _chart(table, fp_accuracy, out / "tlq-demo.png")
 
     millions = sum(p.numel() for p in fp.parameters()) / 1e6
-    print(
-        f"tlq_hf demo: {model_name} (trained LLaVA-architecture VLM, {millions:.1f}M parameters), calibrated on "
-        f"{num_samples} training items, scored on {held_out} held-out items"
-    )
-    print(f"  full precision: accuracy {fp_accuracy:.1%}")
-    print(f"  {'scheme':<11} {'method':<5} {'accuracy':>8} {'kept':>6} {'answer KL':>10} {'flips':>6} {'time':>6}")
-    for scheme, methods in table.items():
-        for method, m in methods.items():
-            print(
-                f"  {scheme:<11} {method:<5} {m['accuracy']:>8.1%} {m['accuracy'] / fp_accuracy:>6.1%} "
-                f"{m['kl']:>10.2e} {1 - m['agreement']:>6.1%} {m['seconds']:>5.1f}s"
-            )
+    _print_table(model_name, millions, num_samples, held_out, fp_accuracy, table)
     print(
         f"  decoder linears on disk: {q_bytes['stored'] / 1e6:.2f} MB (W4, compressed-tensors) vs "
         f"{fp_bytes['stored'] / 1e6:.2f} MB full precision ({q_bytes['stored'] / fp_bytes['stored']:.3f}x)"

@@ -49,10 +49,6 @@ class Comm:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def owner(self, index: int) -> int:
-        """The rank that solves work item ``index``."""
-        return index % self.world
-
     def _device(self) -> torch.device:
         if dist.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())

@@ -316,6 +316,7 @@ def gradient_importance(
 ) -> GradientPass:
     """Block-wise backward of the answer loss; per-module, per-token raw importance.
 
+    (Ten parameters: the model's parts, then options that each have a default, named at every call.)
     ``batches`` (positions in ``captured``; default: every sample alone) are run through each layer together
     where their lengths and call kwargs stack (:mod:`.batching`).
 
@@ -331,93 +332,137 @@ def gradient_importance(
 
     start = time.perf_counter()
     comm = comm or Comm()
-    spec = loss_spec or AnswerLoss()
-    reduce = _reduce_of(kind)
-    norm, head = find_final_norm(model, stack), model.get_output_embeddings()
-    softcap = logit_softcap(model)
-    n_layers = len(stack.layers)
-    lengths = [s.hidden.shape[1] for s in captured]
-    boundaries = [ActivationStore.of([s.hidden for s in captured], spill_dir, "x0")]
+    run = _BlockwisePass(model, stack, captured, targets, _reduce_of(kind), spill_dir, loss_spec or AnswerLoss())
+    run.plan(batches)
     with torch.no_grad():
-        for i, layer in enumerate(tqdm(stack.layers, desc="tlq importance fwd", unit="layer", leave=False)):
-            out = ActivationStore(spill_dir, f"x{i + 1}")
-            with onloaded(layer) as on:
-                for unit in _units(captured, i, lengths, batches):
-                    h = _gather(boundaries[i], unit.samples).to(on.device, on.compute_dtype)
-                    y = layer_forward(layer, h, to_device(unit.kwargs, on.device, on.compute_dtype))
-                    y = after_layer([captured[j] for j in unit.samples], i, y)  # e.g. deepstack features
-                    for j, row in zip(unit.samples, y.split(1)):
-                        out.put(j, row.to(on.store_dtype))
-            boundaries.append(out)
-    raw: dict[str, list[torch.Tensor | None]] = {n: [None] * len(captured) for n in targets}
-    layer_raw: list[list[torch.Tensor | None]] = [[None] * len(captured) for _ in range(n_layers)]
-    grads = ActivationStore(spill_dir, "g")
-    total = 0.0
+        for i in tqdm(range(len(stack.layers)), desc="tlq importance fwd", unit="layer", leave=False):
+            run.forward(i)
     with _NoParamGrad(model), torch.enable_grad():
-        chunked = isinstance(head, nn.Linear)  # else: plain autograd through the head module
-        if chunked:  # the head is read chunk by chunk from where it lives, never onloaded whole
-            with onloaded(norm) as on:
-                compute = compute_dtype_for(on.device, head.weight.dtype)
-                total += _chunked_head_gradients(
-                    boundaries[-1], captured, norm, head, on.device, compute, grads, softcap, spec
-                )
-        else:
-            with onloaded(norm), onloaded(head) as on:
-                compute = compute_dtype_for(on.device, on.store_dtype)
-                for h, s in zip(boundaries[-1], captured):
-                    total += _module_head_gradients(h, s, norm, head, on.device, compute, grads, softcap, spec)
-        if not keep_boundaries:
-            boundaries[-1].close()
-        for i in tqdm(range(n_layers - 1, -1, -1), desc="tlq importance bwd", unit="layer", leave=False):
-            layer = stack.layers[i]
-            points, source = _grab_points(model, _layer_targets(stack, targets, i))
-            grabber = _OutputGrabber(points)
-            new_grads = ActivationStore(spill_dir, "g")
-            try:
-                with onloaded(layer) as on:
-                    for unit in _units(captured, i, lengths, batches):
-                        h = _gather(boundaries[i], unit.samples).to(on.device, on.compute_dtype)
-                        h = h.detach().requires_grad_(True)
-                        out = layer_forward(layer, h, to_device(unit.kwargs, on.device, on.compute_dtype))
-                        sums: dict[str, torch.Tensor] = {}
-                        at_output = None
-                        for d in range(spec.draws):
-                            slots = [j * spec.draws + d for j in unit.samples]  # grads are sample-major
-                            g = _gather(grads, slots)
-                            part = reduce(g).cpu()
-                            at_output = part if at_output is None else at_output + part
-                            out.backward(g.to(on.device, out.dtype), retain_graph=d + 1 < spec.draws)
-                            for name, output in grabber.outputs.items():
-                                part = reduce(output.grad).cpu()
-                                part = part.view(len(unit.samples), -1)  # experts see the tokens flattened
-                                sums[name] = part if name not in sums else sums[name] + part
-                                output.grad = None
-                            for slot, row in zip(slots, h.grad.split(1)):
-                                new_grads.put(slot, row.float())
-                            h.grad = None
-                        for b, j in enumerate(unit.samples):
-                            layer_raw[i][j] = at_output[b]
-                            for name, src in source.items():
-                                raw[name][j] = sums[src][b]
-                        grabber.outputs.clear()
-            finally:
-                grabber.remove()
-            grads.close()
+        total = run.head()
+        for i in tqdm(range(len(stack.layers), -1, -1), desc="tlq importance bwd", unit="layer", leave=False):
+            if i < len(stack.layers):
+                run.backward(i)
             if not keep_boundaries:
-                boundaries[i].close()
-            grads = new_grads
-    grads.close()
+                run.boundaries[i].close()
+    run.grads.close()
     total, count = comm.sum(total, len(captured))
     loss = total / max(count, 1)
     logger.info("tlq importance: answer loss %.4f over %d samples", loss, int(count))
-    kept = boundaries if keep_boundaries else None
-    raw = {name: _complete(values, name) for name, values in raw.items()}
-    layer_raw = [_complete(values, f"layer {i}") for i, values in enumerate(layer_raw)]
+    raw = {name: _complete(values, name) for name, values in run.raw.items()}
+    layer_raw = [_complete(values, f"layer {i}") for i, values in enumerate(run.layer_raw)]
+    kept = run.boundaries if keep_boundaries else None
     return GradientPass(raw, layer_raw, loss, time.perf_counter() - start, kept)
 
 
-def _units(captured: list[CapturedSample], index: int, lengths: list[int], batches: list[list[int]] | None):
-    return layer_units([s.kwargs_for(index) for s in captured], lengths, batches)
+class _BlockwisePass:
+    """One gradient pass, a layer at a time: the batch plan, the forward that stores the boundaries ``X[0..L]``,
+    the head's gradient at ``X[L]``, then per layer the backward that turns the gradient at ``X[l + 1]`` into the
+    one at ``X[l]`` while accumulating each module's raw importance from the gradient at its output."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stack: DecoderStack,
+        captured: list[CapturedSample],
+        targets: dict[str, nn.Module],
+        reduce: Callable[[torch.Tensor], torch.Tensor],
+        spill_dir: str | None,
+        spec: AnswerLoss,
+    ) -> None:
+        self.model, self.stack, self.captured, self.targets = model, stack, captured, targets
+        self.reduce, self.spill_dir, self.spec = reduce, spill_dir, spec
+        n = len(captured)
+        self.boundaries = [ActivationStore.of([s.hidden for s in captured], spill_dir, "x0")]
+        self.grads = ActivationStore(spill_dir, "g")  # at the current boundary, sample-major over draws
+        self.raw: dict[str, list[torch.Tensor | None]] = {name: [None] * n for name in targets}
+        self.layer_raw: list[list[torch.Tensor | None]] = [[None] * n for _ in stack.layers]
+        self.units: list[list] = []
+
+    def plan(self, batches: list[list[int]] | None) -> None:
+        """The samples that run through each layer together (per layer: their call kwargs must stack)."""
+        lengths = [s.hidden.shape[1] for s in self.captured]
+        for i in range(len(self.stack.layers)):
+            self.units.append(layer_units([s.kwargs_for(i) for s in self.captured], lengths, batches))
+
+    def forward(self, i: int) -> None:
+        """``X[i + 1]`` from ``X[i]`` (no grad)."""
+        layer, out = self.stack.layers[i], ActivationStore(self.spill_dir, f"x{i + 1}")
+        with onloaded(layer) as on:
+            for unit in self.units[i]:
+                h = _gather(self.boundaries[i], unit.samples).to(on.device, on.compute_dtype)
+                y = layer_forward(layer, h, to_device(unit.kwargs, on.device, on.compute_dtype))
+                y = after_layer([self.captured[j] for j in unit.samples], i, y)  # e.g. deepstack features
+                for j, row in zip(unit.samples, y.split(1)):
+                    out.put(j, row.to(on.store_dtype))
+        self.boundaries.append(out)
+
+    def head(self) -> float:
+        """The answer loss's gradient at ``X[L]`` into :attr:`grads`; returns the sum of per-sample gold losses."""
+        model, stack, last = self.model, self.stack, self.boundaries[-1]
+        norm, head = find_final_norm(model, stack), model.get_output_embeddings()
+        softcap, total = logit_softcap(model), 0.0
+        if isinstance(head, nn.Linear):  # the head is read chunk by chunk from where it lives, never onloaded whole
+            with onloaded(norm) as on:
+                at = _Head(norm, head, on.device, compute_dtype_for(on.device, head.weight.dtype), softcap)
+                total += _chunked_head_gradients(last, self.captured, at, self.grads, self.spec)
+        else:  # plain autograd through the head module
+            with onloaded(norm), onloaded(head) as on:
+                at = _Head(norm, head, on.device, compute_dtype_for(on.device, on.store_dtype), softcap)
+                for h, s in zip(last, self.captured):
+                    total += _module_head_gradients(h, s, at, self.grads, self.spec)
+        return total
+
+    def backward(self, i: int) -> None:
+        """The gradient at ``X[i]`` from the one at ``X[i + 1]``, and layer ``i``'s raw importance."""
+        layer = self.stack.layers[i]
+        points, source = _grab_points(self.model, _layer_targets(self.stack, self.targets, i))
+        grabber = _OutputGrabber(points)
+        new_grads = ActivationStore(self.spill_dir, "g")
+        try:
+            with onloaded(layer) as on:
+                for unit in self.units[i]:
+                    h = _gather(self.boundaries[i], unit.samples).to(on.device, on.compute_dtype)
+                    h = h.detach().requires_grad_(True)
+                    out = layer_forward(layer, h, to_device(unit.kwargs, on.device, on.compute_dtype))
+                    at_output, sums = self._draws_backward(unit.samples, h, out, grabber, new_grads)
+                    for b, j in enumerate(unit.samples):
+                        self.layer_raw[i][j] = at_output[b]
+                        for name, src in source.items():
+                            self.raw[name][j] = sums[src][b]
+                    grabber.outputs.clear()
+        finally:
+            grabber.remove()
+        self.grads.close()
+        self.grads = new_grads
+
+    def _draws_backward(
+        self,
+        samples: list[int],
+        h: torch.Tensor,
+        out: torch.Tensor,
+        grabber: _OutputGrabber,
+        new_grads: ActivationStore,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Back-propagate every draw's gradient through one unit's graph; returns the raw importance at the layer
+        output and at each grabbed module output, summed over draws, and puts the input gradients in
+        ``new_grads``."""
+        draws, reduce = self.spec.draws, self.reduce
+        sums: dict[str, torch.Tensor] = {}
+        at_output = None
+        for d in range(draws):
+            slots = [j * draws + d for j in samples]  # grads are sample-major
+            g = _gather(self.grads, slots)
+            part = reduce(g).cpu()
+            at_output = part if at_output is None else at_output + part
+            out.backward(g.to(h.device, out.dtype), retain_graph=d + 1 < draws)
+            for name, output in grabber.outputs.items():
+                part = reduce(output.grad).cpu().view(len(samples), -1)  # experts see the tokens flattened
+                sums[name] = part if name not in sums else sums[name] + part
+                output.grad = None
+            for slot, row in zip(slots, h.grad.split(1)):
+                new_grads.put(slot, row.float())
+            h.grad = None
+        return at_output, sums
 
 
 def _gather(store: ActivationStore, slots: list[int]) -> torch.Tensor:
@@ -434,16 +479,20 @@ def _complete(values: list[torch.Tensor | None], what: str) -> list[torch.Tensor
     return values
 
 
+@dataclass(frozen=True)
+class _Head:
+    """The part of the model after the decoder, as the gradient pass runs it: final norm, output head (soft-capped
+    logits where the model caps them), the device and compute dtype it runs in."""
+
+    norm: nn.Module
+    head: nn.Module
+    device: torch.device
+    compute: torch.dtype
+    softcap: float | None
+
+
 def _chunked_head_gradients(
-    last: ActivationStore,
-    captured: list[CapturedSample],
-    norm: nn.Module,
-    head: nn.Linear,
-    device: torch.device,
-    compute: torch.dtype,
-    grads: ActivationStore,
-    softcap: float | None = None,
-    spec: AnswerLoss | None = None,
+    last: ActivationStore, captured: list[CapturedSample], at: _Head, grads: ActivationStore, spec: AnswerLoss
 ) -> float:
     """``dLoss_s / dX[L]`` of every sample and draw into ``grads`` (sample-major); returns the sum of the
     per-sample gold answer losses.
@@ -453,7 +502,7 @@ def _chunked_head_gradients(
     answer length: the loss of a sample is its mean); then each sample's final norm is re-run with grad and
     back-propagated from its rows' gradient of each draw.
     """
-    spec = spec or AnswerLoss()
+    norm, head, device, compute, softcap = at.norm, at.head, at.device, at.compute, at.softcap
     first = spec.tokens == "first"
     rows, targets, weights = [], [], []
     with torch.no_grad():
@@ -482,18 +531,11 @@ def _chunked_head_gradients(
 
 
 def _module_head_gradients(
-    h: torch.Tensor,
-    sample: CapturedSample,
-    norm: nn.Module,
-    head: nn.Module,
-    device: torch.device,
-    compute: torch.dtype,
-    grads: ActivationStore,
-    softcap: float | None,
-    spec: AnswerLoss,
+    h: torch.Tensor, sample: CapturedSample, at: _Head, grads: ActivationStore, spec: AnswerLoss
 ) -> float:
     """As :func:`_chunked_head_gradients` for one sample, through a head that is not a plain linear layer
     (plain autograd; predictive labels from the full logits)."""
+    norm, head, device, compute, softcap = at.norm, at.head, at.device, at.compute, at.softcap
     h = h.to(device, compute).detach().requires_grad_(True)
     pos, gold = _answer_positions(sample.labels.to(device), spec.tokens == "first")
     logits = _softcapped(head(norm(h)[0, pos]), softcap).float()

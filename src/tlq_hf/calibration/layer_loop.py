@@ -36,22 +36,26 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import DecoderStack, smooth_mappings
+from ..arch import DecoderStack
 from ..experts import every_token_to_every_expert, expert_index, experts_clock, only_experts
 from ..hostmem import release_host_memory
-from ..nn import TLQLinear, dequant_cache
-from ..primitives import QParams
+from ..nn import dequant_cache
 from ..qtypes import QuantScheme
-from ..solvers import LAYER_SOLVERS, SMOOTHERS, Solution, solve_rtn
+from ..solvers import LAYER_SOLVERS, SMOOTHERS, solve_rtn
 from .activations import ActivationStore
 from .capture import CapturedSample, layer_forward, to_device
 from .distributed import Comm
 from .importance import TokenWeighting
+from .install import Installer
 from .journal import ModelEdits
-from .offload import Onloaded, onloaded
+from .offload import onloaded
+from .schedule import SolveScheduler
+from .smoothing import Smoothing
 from .stats import STATISTICS, StatCollector, StatGroup, shared_input_groups
+from .targets import FullPrecisionTargets
 
 __all__ = [
+    "CalibrationData",
     "LayerSettings",
     "LayerReport",
     "LoopState",
@@ -100,6 +104,18 @@ class LayerReport:
 
 
 @dataclass
+class CalibrationData:
+    """This rank's captured samples and where the layer loop keeps their activations."""
+
+    captured: list[CapturedSample]
+    samples: list[int] | None = None  # each captured sample's index in the whole calibration set (this rank's shard)
+    total_samples: int | None = None  # over all ranks
+    comm: Comm | None = None
+    spill_dir: str | None = None  # activations on disk here, else in host memory
+    fp_boundaries: list[ActivationStore] | None = None  # the gradient pass's X[0..L]: targets read, not recomputed
+
+
+@dataclass
 class LoopState:
     """Everything the loop carries from one layer to the next (and what a resumed run restores)."""
 
@@ -112,94 +128,6 @@ class LoopState:
         """Drop the stores (once each: ``x_in`` may be ``x_fp``)."""
         for store in {id(s): s for s in (self.x_fp, self.x_in)}.values():
             store.close()
-
-
-@torch.no_grad()
-def weight_offset(norm: nn.Module) -> float:
-    """``c`` in ``norm(x) = x_hat * (weight + c) (+ bias)``: 0 for LayerNorm / Llama-style RMSNorm, 1 for
-    Gemma's ``x_hat * (1 + weight)``.
-
-    Found by evaluating ``norm`` on a fixed input with its weight set to 0 and to 1 (and bias 0); its tensors are
-    restored afterwards. Raises ``ValueError`` if the output is not of that form (no scale can be folded in).
-    """
-    weight, bias = norm.weight, getattr(norm, "bias", None)
-    saved = [(t, t.detach().clone()) for t in (weight, bias) if t is not None]
-    x = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
-    try:
-        if bias is not None:
-            bias.zero_()
-        weight.zero_()
-        at_zero = norm(x).float()
-        weight.fill_(1.0)
-        unit = norm(x).float() - at_zero  # x_hat
-    finally:
-        for t, value in saved:
-            t.copy_(value)
-    c = float((at_zero * unit).sum() / (unit * unit).sum().clamp_min(1e-30))
-    if abs(c - round(c)) < 1e-2:  # the conventions in use are 0 and 1; half-precision probes land near them
-        c = float(round(c))
-    if not torch.allclose(at_zero, c * unit, rtol=1e-2, atol=1e-3 * float(unit.abs().max())):
-        raise ValueError(f"{type(norm).__name__} is not x_hat * (weight + c): no per-channel scale can be folded in")
-    return c
-
-
-def _fold(producer: nn.Module, consumers: list[nn.Module], s: torch.Tensor) -> None:
-    """``producer`` output / s, consumers' input columns * s: the layer function is unchanged.
-
-    A linear producer's output rows (and bias) are divided by ``s``; a norm's ``weight + c`` (see
-    :func:`weight_offset`) and bias are. Computed in float32 whatever the stored dtype (a half-precision weight
-    is rounded once, after scaling).
-    """
-    s = s.float()
-    with torch.no_grad():
-        w = producer.weight
-        if w.ndim == 2:
-            w.copy_(w.float() / s[:, None])
-        else:
-            c = weight_offset(producer)
-            w.copy_((w.float() + c) / s - c)
-        if getattr(producer, "bias", None) is not None:
-            producer.bias.copy_(producer.bias.float() / s)
-        for consumer in consumers:
-            consumer.weight.copy_(consumer.weight.float() * s[None, :])
-
-
-def _probe_scale(width: int, device: torch.device) -> torch.Tensor:
-    """Per-channel scales of 1/2 or 2 (fixed pattern): multiplying and dividing by them is exact in floating point."""
-    signs = torch.randint(0, 2, (width,), generator=torch.Generator().manual_seed(width))
-    return (2.0 ** (2 * signs - 1).float()).to(device)
-
-
-@torch.no_grad()
-def folds_preserve_output(
-    layer: nn.Module, producer: str, consumers: list[str], run_one: Callable[[], torch.Tensor]
-) -> bool:
-    """Whether folding a per-channel scale from ``producer`` into ``consumers`` (names inside ``layer``) leaves the
-    layer's output unchanged, i.e. the consumers read the producer's output through channel-wise linear steps only.
-
-    The fold is emulated with hooks (the producer's output divided, the consumers' inputs multiplied by a
-    power-of-two probe scale; no weight is touched) around one forward ``run_one()``; with power-of-two scales a
-    valid mapping reproduces the output exactly (accepted up to 1e-3 relative, for kernels that are not
-    deterministic), an invalid one typically moves it by tens of percent. Catches, e.g., a norm applied to a
-    branch output rather than to the consumers' input (Gemma's ``post_attention_layernorm``: the MLP reads
-    ``pre_feedforward_layernorm``).
-    """
-    names = dict(layer.named_modules())
-    reference = run_one().float()
-    width = names[consumers[0]].weight.shape[1]
-    s = _probe_scale(width, reference.device)
-    handles = [names[producer].register_forward_hook(lambda m, args, out: out / s.to(out.dtype))]
-    handles += [
-        names[c].register_forward_pre_hook(lambda m, args: (args[0] * s.to(args[0].dtype), *args[1:]))
-        for c in consumers
-    ]
-    try:
-        folded = run_one().float()
-    finally:
-        for h in handles:
-            h.remove()
-    err = float((folded - reference).norm() / reference.norm().clamp_min(1e-30))
-    return err <= 1e-3
 
 
 def statistic_passes(
@@ -275,28 +203,30 @@ class LayerLoop:
         model: nn.Module,
         stack: DecoderStack,
         targets: dict[str, nn.Linear],
-        captured: list[CapturedSample],
+        data: CalibrationData,
         scheme: QuantScheme,
         settings: LayerSettings,
         weighting: TokenWeighting | None,
         edits: ModelEdits,
-        samples: list[int] | None = None,
-        total_samples: int | None = None,
-        comm: Comm | None = None,
-        spill_dir: str | None = None,
-        fp_boundaries: list[ActivationStore] | None = None,
     ) -> None:
-        self.model, self.stack, self.targets, self.captured = model, stack, targets, captured
+        self.model, self.stack, self.targets, self.captured = model, stack, targets, data.captured
         self.edits = edits  # every swap, in-place write and re-homing goes through it (undo on failure)
         self.scheme, self.cfg, self.weighting = scheme, settings, weighting
-        self.samples = list(range(len(captured))) if samples is None else samples
-        self.total_samples = total_samples or len(captured)
-        self.comm, self.spill_dir = comm or Comm(), spill_dir
-        self.fp_boundaries = fp_boundaries  # X[0..L] of the full-precision model, or None (recompute)
+        self.samples = list(range(len(data.captured))) if data.samples is None else data.samples
+        self.total_samples = data.total_samples or len(data.captured)
+        self.comm, self.spill_dir = data.comm or Comm(), data.spill_dir
+        self.fp_boundaries = data.fp_boundaries  # X[0..L] of the full-precision model, or None (recompute)
         self.solver = LAYER_SOLVERS[settings.solver]
-        self.smoother = SMOOTHERS[settings.smoothing] if settings.smoothing is not None else None
-        # (producer, consumers) names inside a layer -> whether a fold there preserves the layer (checked once)
-        self._fold_checked: dict[tuple[str, tuple[str, ...]], bool] = {}
+        self.scheduler = SolveScheduler(self.comm)
+        self.smoothing = None
+        if settings.smoothing is not None:
+            smoother = SMOOTHERS[settings.smoothing]
+            self.smoothing = Smoothing(model, smoother, scheme, settings, self.comm, edits)
+
+    @property
+    def needs(self) -> set[str]:
+        """The statistics kinds the solver and the smoother read."""
+        return set(self.solver.needs) | set(self.smoothing.smoother.needs if self.smoothing else ())
 
     def initial_state(self) -> LoopState:
         if self.fp_boundaries is not None:
@@ -319,116 +249,17 @@ class LayerLoop:
 
     def step(self, state: LoopState) -> None:
         """Calibrate layer ``state.layer`` and advance ``state`` to the next one."""
-        i, cfg, start = state.layer, self.cfg, time.perf_counter()
-        layer = self.stack.layers[i]
-        prefix = self.stack.layer_prefix(i) + "."
-        modules = {n: m for n, m in self.targets.items() if n.startswith(prefix)}
-        lw = self.weighting.for_layer(i) if self.weighting is not None else [None] * len(self.captured)
-        before, after = _ErrorSum(), _ErrorSum()
-        streamed = self.fp_boundaries is not None
-        y_fp = self.fp_boundaries[i + 1] if streamed else ActivationStore(self.spill_dir, "x_fp")
-        y_in = ActivationStore(self.spill_dir, "x_in") if cfg.exposed else y_fp
-        self.edits.will_rehome(layer)
-        phases = dict.fromkeys(("onload", "statistics", "solve", "output", "settle", "experts_solve"), 0.0)
-        mark = time.perf_counter()
-        with torch.no_grad(), onloaded(layer, keep=True, scratch=True) as on, experts_clock(layer) as in_experts:
-            kwargs = [to_device(s.kwargs_for(i), on.device, on.compute_dtype) for s in self.captured]
-            mark = _lap(phases, "onload", mark)
-
-            def forward(x: torch.Tensor, j: int) -> torch.Tensor:
-                y = layer_forward(layer, x.to(on.device, on.compute_dtype), kwargs[j])
-                return self.captured[j].after_layer(i, y)  # as the next layer gets it (e.g. deepstack added)
-
-            paired = any(STATISTICS[kind].paired for kind in self.solver.needs)
-            fp_in_pass = cfg.exposed and not streamed and paired  # the paired pass runs the FP layer anyway
-            if cfg.exposed and not streamed and not fp_in_pass:
-                for j, x in enumerate(state.x_fp):
-                    y_fp.append(forward(x, j).to(on.store_dtype))
-            live = {n: layer.get_submodule(n[len(prefix) :]) for n in modules}
-            experts = {n: e for n in live if (e := expert_index(n, self.model)) is not None}
-            groups = self._groups(live, lambda: forward(state.x_in[0], 0))
-            passes = [list(range(len(groups)))]
-            if self.smoother is None:  # a fold may touch modules of another pass: smoothing needs one pass
-                footprint = self._footprint(live, len(state.x_in))
-                owner_of = lambda g: experts[g.members[0]][0] if g.members[0] in experts else None  # noqa: E731
-                passes = statistic_passes(groups, footprint, cfg.statistics_budget, owner_of)
-            deferred: dict[str, nn.Module] = {}
-            fallbacks: list[str] = []
-            expert_tokens: dict[str, dict[int, int]] = {}
-            for k, indices in enumerate(passes):
-                part = [groups[g] for g in indices]
-                collector = StatCollector(part, live, self.scheme.act_bits)
-                only = self._only_experts(part, experts, prefix, layer) if k > 0 else contextlib.nullcontext
-                weights = [self.weighting.for_modules(g.members) if self.weighting else None for g in part]
-                try:
-                    for j, x in enumerate(state.x_in):
-                        collector.begin(self.samples[j], [w[j] if w is not None else None for w in weights])
-                        if collector.paired:  # the full-precision inputs of the same tokens, first
-                            y_ref = collector.reference(lambda j=j: forward(state.x_fp[j], j))
-                            if fp_in_pass and k == 0:
-                                y_fp.append(y_ref.to(on.store_dtype))
-                            del y_ref
-                        with every_token_to_every_expert(cfg.expert_all_tokens), only():  # statistics only
-                            y = forward(x, j)
-                        if k > 0:
-                            continue
-                        if cfg.exposed:
-                            before.add(y, y_fp[j], lw[j])
-                        elif not streamed:
-                            y_fp.append(y.to(on.store_dtype))
-                finally:
-                    collector.close()
-                del weights, collector
-                for g in part:
-                    g.reduce(self.comm, cfg.expert_min_tokens if g.members[0] in experts else 0)
-                mark = _lap(phases, "statistics", mark)
-                if self.smoother is not None:
-                    self._smooth(layer, part, prefix, on.compute_dtype, lambda: forward(state.x_in[0], 0))
-                last = k == len(passes) - 1
-                if last:  # no pass needs the full-precision modules any more
-                    self._install(deferred, live, on)
-                deferred.update(self._solve(live, part, on, install=last, phases=phases))
-                for g in part:
-                    if g.fallback:
-                        fallbacks += g.members
-                    if g.members[0] in experts and not g.members[0].endswith(".down_proj"):  # the expert's input
-                        owner, e = experts[g.members[0]]
-                        per_expert = expert_tokens.setdefault(owner, {})
-                        per_expert.setdefault(e, g.tokens)
-                mark = _lap(phases, "solve", mark)
-            del groups, live
-            with dequant_cache(layer):
-                for j, x in enumerate(state.x_in):
-                    y = forward(x, j)
-                    after.add(y, y_fp[j], lw[j])
-                    if cfg.exposed:
-                        y_in.append(y.to(on.store_dtype))
-            mark = _lap(phases, "output", mark)
-        _lap(phases, "settle", mark)
-        phases["experts_forward"] = in_experts.seconds
-        report = LayerReport(i, before.value(self.comm), after.value(self.comm), time.perf_counter() - start)
-        report.phases = {k: round(v, 3) for k, v in phases.items()}
-        report.expert_tokens = {
-            o: [t.get(e, 0) for e in range(len(self.model.get_submodule(o)))] for o, t in expert_tokens.items()
-        }
-        report.fallbacks = sorted(fallbacks)
-        logger.info("tlq layer %d: weighted rel. error %.3e -> %.3e", i, report.error_before, report.error_after)
-        if report.fallbacks:
-            logger.info(
-                "tlq layer %d: %d projections saw fewer than %d tokens and were rounded to nearest: %s",
-                i,
-                len(report.fallbacks),
-                cfg.expert_min_tokens,
-                ", ".join(report.fallbacks),
-            )
+        start = time.perf_counter()
+        step = _LayerStep(self, state)
+        step.run()
+        report = step.report(time.perf_counter() - start)
         state.close()
-        state.layer, state.x_fp, state.x_in = i + 1, y_fp, y_in
+        state.layer, state.x_fp, state.x_in = state.layer + 1, step.targets.store, step.y_in
         state.reports.append(report)
         release_host_memory()
 
     def _groups(self, modules: dict[str, nn.Module], run_one: Callable[[], object]) -> list[StatGroup]:
         """One group per shared input, split where token weights differ between its modules (see :mod:`.stats`)."""
-        needs = set(self.solver.needs) | set(self.smoother.needs if self.smoother else ())
         rows = max(1, -(-self.cfg.max_tokens // self.total_samples))
         groups = []
         with every_token_to_every_expert():  # every expert called once: its projections' shared inputs seen
@@ -436,148 +267,178 @@ class LayerLoop:
         for members in shared:
             split = [members] if self.weighting is None else self.weighting.partition(members)
             for part in split:
-                stats = {k: STATISTICS[k](rows_per_sample=rows) for k in sorted(needs)}
+                stats = {k: STATISTICS[k](rows_per_sample=rows) for k in sorted(self.needs)}
                 groups.append(StatGroup(part, stats, input_of=members[0]))
         return groups
 
-    @staticmethod
-    def _only_experts(
-        part: list[StatGroup], experts: dict[str, tuple[str, int]], prefix: str, layer: nn.Module
-    ) -> Callable[[], contextlib.AbstractContextManager]:
+
+class _LayerStep:
+    """One layer's calibration, read as the algorithm (:meth:`run`): full-precision targets, statistics passes
+    (each solved and installed before the next is collected), the quantized layer's output, the report."""
+
+    def __init__(self, loop: LayerLoop, state: LoopState) -> None:
+        self.loop, self.state, self.cfg = loop, state, loop.cfg
+        self.index = i = state.layer
+        self.layer = loop.stack.layers[i]
+        self.prefix = loop.stack.layer_prefix(i) + "."
+        self.lw = loop.weighting.for_layer(i) if loop.weighting is not None else [None] * len(loop.captured)
+        self.before, self.after = _ErrorSum(), _ErrorSum()
+        self.phases = dict.fromkeys(("onload", "statistics", "solve", "output", "settle", "experts_solve"), 0.0)
+        self.fallbacks: list[str] = []
+        self.expert_tokens: dict[str, dict[int, int]] = {}
+        self._mark = time.perf_counter()
+
+    def _lap(self, phase: str) -> None:
+        self._mark = _lap(self.phases, phase, self._mark)
+
+    def forward(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        """Layer output for sample ``j`` as the next layer gets it (e.g. deepstack features added)."""
+        y = layer_forward(self.layer, x.to(self.on.device, self.on.compute_dtype), self.kwargs[j])
+        return self.loop.captured[j].after_layer(self.index, y)
+
+    def run(self) -> None:
+        loop, cfg, state = self.loop, self.cfg, self.state
+        paired = any(STATISTICS[kind].paired for kind in loop.solver.needs)
+        loop.edits.will_rehome(self.layer)
+        with torch.no_grad(), onloaded(self.layer, keep=True, scratch=True) as on, experts_clock(self.layer) as clock:
+            self.on = on
+            self.kwargs = [to_device(s.kwargs_for(self.index), on.device, on.compute_dtype) for s in loop.captured]
+            self._lap("onload")
+            self.targets = FullPrecisionTargets.for_layer(
+                self.index, loop.fp_boundaries, cfg.exposed, paired, loop.spill_dir, on.store_dtype
+            )
+            self.y_in = ActivationStore(loop.spill_dir, "x_in") if cfg.exposed else self.targets.store
+            self.targets.before_statistics(self.forward, state.x_fp)
+            self.live = {
+                n: self.layer.get_submodule(n[len(self.prefix) :]) for n in loop.targets if n.startswith(self.prefix)
+            }
+            self.experts = {n: e for n in self.live if (e := expert_index(n, loop.model)) is not None}
+            groups = loop._groups(self.live, lambda: self.forward(state.x_in[0], 0))
+            passes = self._passes(groups)
+            installer = Installer(loop.edits, self.live, on)
+            for k, indices in enumerate(passes):
+                part = [groups[g] for g in indices]
+                self.collect(part, first=k == 0)
+                self._lap("statistics")
+                self.solve(part, installer, last=k == len(passes) - 1)
+                self._lap("solve")
+            del groups, installer
+            self.output()
+            self._lap("output")
+        self._lap("settle")
+        self.phases["experts_forward"] = clock.seconds
+        del self.live, self.kwargs
+
+    def _passes(self, groups: list[StatGroup]) -> list[list[int]]:
+        """Group indices per statistics pass (:func:`statistic_passes`); one pass when smoothing (a fold may touch
+        modules of another pass)."""
+        if self.loop.smoothing is not None:
+            return [list(range(len(groups)))]
+        live, samples = self.live, len(self.state.x_in)
+
+        def footprint(group: StatGroup) -> int:
+            width = live[group.members[0]].weight.shape[1]
+            return sum(stat.footprint(width, samples) for stat in group.stats.values())
+
+        def owner_of(group: StatGroup) -> str | None:
+            return self.experts[group.members[0]][0] if group.members[0] in self.experts else None
+
+        return statistic_passes(groups, footprint, self.cfg.statistics_budget, owner_of)
+
+    def collect(self, part: list[StatGroup], first: bool) -> None:
+        """One statistics pass over this rank's samples for the groups ``part``, reduced over ranks. The first pass
+        also measures the error carried in and yields the targets of the sources that come from it; a later pass
+        discards the layer output and runs only its own experts where it can."""
+        loop, cfg, state = self.loop, self.cfg, self.state
+        collector = StatCollector(part, self.live, loop.scheme.act_bits)
+        only = contextlib.nullcontext if first else self._only_experts(part)
+        weights = [loop.weighting.for_modules(g.members) if loop.weighting else None for g in part]
+        try:
+            for j, x in enumerate(state.x_in):
+                collector.begin(loop.samples[j], [w[j] if w is not None else None for w in weights])
+                if collector.paired:  # the full-precision inputs of the same tokens, first
+                    y_ref = collector.reference(lambda j=j: self.forward(state.x_fp[j], j))
+                    if first:
+                        self.targets.from_reference(y_ref)
+                    del y_ref
+                with every_token_to_every_expert(cfg.expert_all_tokens), only():  # statistics only
+                    y = self.forward(x, j)
+                if not first:
+                    continue
+                if cfg.exposed:
+                    self.before.add(y, self.targets.store[j], self.lw[j])
+                else:
+                    self.targets.from_statistics(y)
+        finally:
+            collector.close()
+        del weights, collector
+        for g in part:
+            g.reduce(loop.comm, cfg.expert_min_tokens if g.members[0] in self.experts else 0)
+
+    def _only_experts(self, part: list[StatGroup]) -> Callable[[], contextlib.AbstractContextManager]:
         """The context of each forward of a pass after the first (its layer output is discarded): when the pass's
         groups are all experts of one experts module, only those experts run (the others' inputs and outputs feed
         no statistic of the pass)."""
+        experts = self.experts
         owners = {experts[m][0] if m in experts else None for g in part for m in g.members}
         if len(owners) != 1 or None in owners:
             return contextlib.nullcontext
         (owner,) = owners
         chosen = {experts[m][1] for g in part for m in g.members}
-        return functools.partial(only_experts, layer.get_submodule(owner[len(prefix) :]), chosen)
+        return functools.partial(only_experts, self.layer.get_submodule(owner[len(self.prefix) :]), chosen)
 
-    def _smooth(
-        self,
-        layer: nn.Module,
-        groups: list[StatGroup],
-        prefix: str,
-        compute: torch.dtype,
-        run_one: Callable[[], torch.Tensor],
-    ) -> None:
-        """Fold per-channel scales for every (producer, consumers) mapping whose consumers are all targets and
-        whose fold leaves the layer unchanged (:func:`folds_preserve_output`, checked at the first layer that has
-        the mapping, agreed over ranks; a rejected mapping is logged and skipped everywhere).
+    def solve(self, part: list[StatGroup], installer: Installer, last: bool) -> None:
+        """Smooth (if the method does), then solve each group on its owner rank and install it: at once in the last
+        pass, else once no pass needs the full-precision linears any more."""
+        loop, cfg, dtype = self.loop, self.cfg, self.on.store_dtype
+        if loop.smoothing is not None:
+            run_one = lambda: self.forward(self.state.x_in[0], 0)  # noqa: E731
+            loop.smoothing.apply(self.layer, part, self.prefix, self.on.compute_dtype, run_one)
+        if last:
+            installer.flush()
 
-        The scale is searched on the first consumer's statistics (the consumers share their input); every
-        consumer's statistics are rescaled after the fold.
-        """
-        by_member = {m: g for g in groups for m in g.members}
-        names = dict(layer.named_modules())
-        for k, (producer, consumers) in enumerate(smooth_mappings(self.model, layer)):
-            affected = [by_member.get(prefix + c) for c in consumers]
-            if any(g is None for g in affected) or not self._fold_preserves(layer, producer, consumers, run_one):
-                continue
-            weights = [names[c].weight.to(compute) for c in consumers]
-            owner = self.comm.owner(k)
-            s = torch.empty(weights[0].shape[1], dtype=torch.float32, device=weights[0].device)
-            if self.comm.rank == owner:
-                s = self.smoother.scales(weights, affected[0], self.scheme, self.cfg).float()
-            self.comm.broadcast_(s, owner)
-            touched = [names[producer], *(names[c] for c in consumers)]
-            self.edits.will_write([t for m in touched for t in (m.weight, getattr(m, "bias", None)) if t is not None])
-            _fold(names[producer], [names[c] for c in consumers], s)
-            for group in {id(g): g for g in affected}.values():
-                group.rescale(s)
+        def solve_of(group: StatGroup):
+            solve = solve_rtn if group.fallback else loop.solver.solve
+            return lambda weights, g: solve(weights, g, loop.scheme, cfg, dtype)
 
-    def _fold_preserves(
-        self, layer: nn.Module, producer: str, consumers: list[str], run_one: Callable[[], torch.Tensor]
-    ) -> bool:
-        key = (producer, tuple(consumers))
-        if key not in self._fold_checked:
-            ok = folds_preserve_output(layer, producer, consumers, run_one)
-            (agree,) = self.comm.sum(float(ok))
-            self._fold_checked[key] = agree == self.comm.world
-            if not self._fold_checked[key]:
-                logger.info(
-                    "tlq smoothing: %s -> %s skipped: a scale folded there would change the layer's output",
-                    producer,
-                    ", ".join(consumers),
-                )
-        return self._fold_checked[key]
+        mark = time.perf_counter()
+        for group, packed in loop.scheduler.solve(part, self.live, solve_of, loop.scheme, dtype):
+            (installer.install if last else installer.defer)(packed)
+            now = time.perf_counter()
+            if group.members[0] in self.experts:
+                self.phases["experts_solve"] += now - mark
+            mark = now
+        for g in part:
+            if g.fallback:
+                self.fallbacks += g.members
+            if g.members[0] in self.experts and not g.members[0].endswith(".down_proj"):  # the expert's input
+                owner, e = self.experts[g.members[0]]
+                self.expert_tokens.setdefault(owner, {}).setdefault(e, g.tokens)
 
-    def _footprint(self, live: dict[str, nn.Module], samples: int) -> Callable[[StatGroup], int]:
-        def footprint(group: StatGroup) -> int:
-            width = live[group.members[0]].weight.shape[1]
-            return sum(stat.footprint(width, samples) for stat in group.stats.values())
+    def output(self) -> None:
+        """The quantized layer on the exposed inputs: the error left after it and the next layer's inputs."""
+        with dequant_cache(self.layer):
+            for j, x in enumerate(self.state.x_in):
+                y = self.forward(x, j)
+                self.after.add(y, self.targets.store[j], self.lw[j])
+                if self.cfg.exposed:
+                    self.y_in.append(y.to(self.on.store_dtype))
 
-        return footprint
-
-    def _solve(
-        self,
-        live: dict[str, nn.Module],
-        groups: list[StatGroup],
-        on: Onloaded,
-        install: bool = True,
-        phases: dict[str, float] | None = None,
-    ) -> dict[str, nn.Module]:
-        """Each group solved by its owner rank and broadcast. The packed modules are swapped in at once
-        (``install``: the replaced linears' onloaded copies are released as soon as they are swapped out) or
-        returned, to be installed (:meth:`_install`) once no statistics pass needs the full-precision ones.
-        ``phases["experts_solve"]`` gains the seconds spent on expert projections."""
-        dtype = on.store_dtype
-        owners = self._owners([[live[n] for n in g.members] for g in groups])
-        kept: dict[str, nn.Module] = {}
-        for group, owner in zip(groups, owners):
-            start = time.perf_counter()
-            linears = [live[n] for n in group.members]
-            solve = solve_rtn if group.fallback else self.solver.solve
-            if self.comm.rank == owner:
-                solutions = solve([m.weight.detach() for m in linears], group, self.scheme, self.cfg, dtype)
-            else:
-                solutions = [self._empty_solution(m, dtype) for m in linears]
-            group.stats.clear()
-            packed = {}
-            for name, linear, (codes, qp) in zip(group.members, linears, solutions):
-                for t in (codes, qp.scale, qp.zero):
-                    self.comm.broadcast_(t, owner)
-                packed[name] = TLQLinear.from_codes(codes, qp, self.scheme, bias=linear.bias)
-            del solutions
-            if install:
-                self._install(packed, live, on)
-            else:
-                kept.update(packed)
-            if phases is not None and expert_index(group.members[0], self.model) is not None:
-                phases["experts_solve"] += time.perf_counter() - start
-        return kept
-
-    def _install(self, packed: dict[str, nn.Module], live: dict[str, nn.Module], on: Onloaded) -> None:
-        """Swap the packed modules in and release the replaced linears' onloaded copies."""
-        for name, module in packed.items():
-            self.edits.swap(name, module)
-            on.release(live[name])
-        packed.clear()
-
-    def _owners(self, groups: list[list[nn.Module]]) -> list[int]:
-        """Owner rank of each group: largest solve first to the least-loaded rank (same on every rank).
-
-        Cost model of a GPTQ-style solve: factorising ``in x in`` plus sweeping every member's columns.
-        """
-        costs = [
-            float(ms[0].weight.shape[1]) ** 3 / 3 + sum(float(m.weight.numel()) * 128 for m in ms) for ms in groups
-        ]
-        load = [0.0] * self.comm.world
-        owners = [0] * len(groups)
-        for k in sorted(range(len(groups)), key=lambda k: (-costs[k], k)):
-            owners[k] = min(range(self.comm.world), key=lambda r: (load[r], r))
-            load[owners[k]] += costs[k]
-        return owners
-
-    def _empty_solution(self, linear: nn.Module, dtype: torch.dtype) -> Solution:
-        out_f, in_f = linear.weight.shape
-        n_groups = self.scheme.groups(in_f)
-        device = linear.weight.device
-        return (
-            torch.empty(out_f, in_f, dtype=torch.int8, device=device),
-            QParams(
-                scale=torch.empty(out_f, n_groups, dtype=dtype, device=device),
-                zero=torch.zeros(out_f, n_groups, dtype=torch.int8, device=device),
-            ),
-        )
+    def report(self, seconds: float) -> LayerReport:
+        loop, i = self.loop, self.index
+        report = LayerReport(i, self.before.value(loop.comm), self.after.value(loop.comm), seconds)
+        report.phases = {k: round(v, 3) for k, v in self.phases.items()}
+        report.expert_tokens = {
+            o: [t.get(e, 0) for e in range(len(loop.model.get_submodule(o)))] for o, t in self.expert_tokens.items()
+        }
+        report.fallbacks = sorted(self.fallbacks)
+        logger.info("tlq layer %d: weighted rel. error %.3e -> %.3e", i, report.error_before, report.error_after)
+        if report.fallbacks:
+            logger.info(
+                "tlq layer %d: %d projections saw fewer than %d tokens and were rounded to nearest: %s",
+                i,
+                len(report.fallbacks),
+                self.cfg.expert_min_tokens,
+                ", ".join(report.fallbacks),
+            )
+        return report

@@ -168,6 +168,8 @@ def onloaded(layer: nn.Module, keep: bool = False, upcast: bool = True, scratch:
     With ``scratch`` (no-grad passes) the weights of its ``nn.Linear`` modules keep their stored dtype and
     are cast per call, a band of rows at a time, into one small shared float32 buffer (:class:`_ScratchUpcast`):
     the layer never holds a float32 copy of any whole weight (0.5x the float32 layer, for a bf16 layer).
+
+    (One context manager on purpose: every way out, exceptions included, must put the layer back as it was.)
     """
     device = module_device(layer)
     saved: list[tuple[nn.Module, str, bool, torch.Tensor]] = []  # (module, name, is_param, original tensor)

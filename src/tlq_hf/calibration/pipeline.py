@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import find_decoder_stack, select_quant_targets
+from ..arch import DecoderStack, find_decoder_stack, select_quant_targets
 from ..coverage import Coverage, decoder_coverage
 from ..experts import expert_owner, unfuse_experts
 from ..formats import FORMATS
@@ -30,13 +30,13 @@ from ..qtypes import QuantScheme
 from ..solvers import rtn
 from .activations import spill_root
 from .batching import assign_batches, plan_batches
-from .capture import capture_layer_inputs
+from .capture import CapturedSample, capture_layer_inputs
 from .distributed import Comm, init_from_env
 from .importance import AnswerLoss, Tempering, TokenWeighting, gradient_importance
 from .importance_kinds import IMPORTANCE_KINDS
 from .io_clock import io_seconds
 from .journal import ModelEdits
-from .layer_loop import LayerLoop, LayerReport, LayerSettings
+from .layer_loop import CalibrationData, LayerLoop, LayerReport, LayerSettings
 from .offload import offload_unfused_experts, onloaded
 from .resume import LayerCheckpoint, fingerprint
 
@@ -213,6 +213,8 @@ def quantize_model(model: nn.Module, config, undo: bool = False) -> Quantization
 
 
 def _calibrate(model: nn.Module, config, scheme: QuantScheme, recipe: Recipe, targets: dict, edits: ModelEdits):
+    """The run: round to nearest (no data), or capture -> gradient importance (if the recipe weighs tokens by
+    gradients) -> the layer loop, checkpointed per layer when ``checkpoint_dir`` is set."""
     start, io_start = time.perf_counter(), io_seconds()
     report = QuantizationReport(config.method, scheme.name, recipe=recipe)
     if recipe.solver == "rtn" and recipe.smoothing is None:
@@ -220,69 +222,114 @@ def _calibrate(model: nn.Module, config, scheme: QuantScheme, recipe: Recipe, ta
         report.seconds = time.perf_counter() - start
         logger.info("tlq_hf: %s", report.summary())
         return report
-
-    stack = find_decoder_stack(model)
-    in_stack = {n: m for n, m in targets.items() if n.startswith(stack.path + ".")}
-    outside = {n: m for n, m in targets.items() if n not in in_stack}
-    init_from_env()
-    map_large_allocations()
-    comm = Comm.current()
-    t0 = time.perf_counter()
-    samples = _load_samples(model, config)  # every row encoded (or refused) before any weight changes
-    if outside:  # e.g. a vision tower the user chose to quantize: no decoder-layer objective there
-        logger.info("tlq_hf: %d linears outside the decoder stack are rounded to nearest", len(outside))
-        report.modules = _round_to_nearest(model, outside, scheme, edits)
-    # batches of equal-length samples for the gradient pass, planned over all samples; ranks take whole batches
-    plan = plan_batches([s.num_tokens for s in samples], model.get_input_embeddings().embedding_dim)
-    shard, batches = assign_batches(plan, comm.world, comm.rank)
-    logger.info("tlq_hf: capture: decoder inputs of %d samples", len(shard))
-    captured = capture_layer_inputs(model, stack, [samples[i] for i in shard])
-    report.samples = len(samples)
-    counts = comm.sum(
-        sum(c.hidden.shape[1] for c in captured),
-        sum(int(c.vision_mask.sum()) for c in captured),
-        sum(int(c.answer_mask.sum()) for c in captured),
-    )
-    report.tokens, report.vision_tokens, report.answer_tokens = (int(t) for t in counts)
-    report.phases["capture"] = time.perf_counter() - t0
-
-    spill = spill_root(config.offload_dir)
+    run = _Run(model, config, scheme, recipe, edits, report)
+    run.capture(targets)
+    run.spill = spill_root(config.offload_dir)
     try:
-        checkpoint, done = None, 0
         if config.checkpoint_dir is not None:
-            digest = fingerprint(config.to_dict(), model, stack, captured)
-            checkpoint = LayerCheckpoint(config.checkpoint_dir, digest, comm)
-            done = checkpoint.open()
+            digest = fingerprint(config.to_dict(), model, run.stack, run.captured)
+            run.checkpoint = LayerCheckpoint(config.checkpoint_dir, digest, run.comm)
+            run.done = run.checkpoint.open()
         weighting = None
         if recipe.importance is not None and IMPORTANCE_KINDS[recipe.importance].from_gradient:
-            t0 = time.perf_counter()
-            logger.info("tlq_hf: importance: %s token importance over %d layers", recipe.importance, len(stack.layers))
-            if checkpoint is not None and checkpoint.has_importance():
-                grad = checkpoint.load_importance(len(captured))
-            else:
-                keep = _keep_boundaries(captured, len(stack.layers), spill)
-                spec = AnswerLoss(config.importance_labels, config.importance_topk, config.answer_tokens)
-                grad = gradient_importance(
-                    model, stack, captured, in_stack, recipe.importance, spill, comm, keep, spec, batches
-                )
-                if checkpoint is not None:
-                    checkpoint.save_importance(grad)
-            lo, hi = config.importance_clip
-            weighting = TokenWeighting(
-                grad,
-                recipe.importance,
-                Tempering(config.gamma, lo, hi, config.uniform_mix),
-                config.token_fraction,
-                [s.vision_mask for s in captured],
-                shard,
-                comm,
-                scope=config.importance_scope,
-                layer_of=stack.layer_index,
-            )
-            report.answer_loss = grad.loss
-            report.phases["importance"] = time.perf_counter() - t0
+            weighting = run.importance()
+        report.layers = run.layers(weighting)
+    finally:
+        if run.spill is not None:
+            shutil.rmtree(run.spill, ignore_errors=True)
+    report.seconds = time.perf_counter() - start
+    report.io_seconds = io_seconds() - io_start
+    logger.info("tlq_hf: %s\n%s", report.summary(), report.table())
+    return report
 
+
+@dataclass
+class _Run:
+    """One data-driven calibration run: what it was given, then what each step leaves for the next (capture:
+    the decoder stack and its targets, every encoded row, this rank's share in gradient-pass batches and their
+    decoder inputs; the activation folder; the per-layer checkpoint and how many layers it holds)."""
+
+    model: nn.Module
+    config: object
+    scheme: QuantScheme
+    recipe: Recipe
+    edits: ModelEdits
+    report: QuantizationReport
+    stack: DecoderStack | None = None
+    in_stack: dict[str, nn.Module] = field(default_factory=dict)
+    samples: list = field(default_factory=list)
+    shard: list[int] = field(default_factory=list)
+    batches: list[list[int]] = field(default_factory=list)
+    captured: list[CapturedSample] = field(default_factory=list)
+    comm: Comm | None = None
+    spill: str | None = None
+    checkpoint: LayerCheckpoint | None = None
+    done: int = 0
+
+    def capture(self, targets: dict[str, nn.Module]) -> None:
+        """Encode every row (or refuse, before any weight changes), round linears outside the decoder, plan the
+        gradient pass's batches, shard them over ranks and capture this rank's decoder inputs."""
+        model, report = self.model, self.report
+        self.stack = find_decoder_stack(model)
+        self.in_stack = {n: m for n, m in targets.items() if n.startswith(self.stack.path + ".")}
+        outside = {n: m for n, m in targets.items() if n not in self.in_stack}
+        init_from_env()
+        map_large_allocations()
+        self.comm = comm = Comm.current()
         t0 = time.perf_counter()
+        self.samples = _load_samples(model, self.config)  # every row encoded (or refused) before any weight changes
+        if outside:  # e.g. a vision tower the user chose to quantize: no decoder-layer objective there
+            logger.info("tlq_hf: %d linears outside the decoder stack are rounded to nearest", len(outside))
+            report.modules = _round_to_nearest(model, outside, self.scheme, self.edits)
+        # batches of equal-length samples for the gradient pass, planned over all samples; ranks take whole batches
+        plan = plan_batches([s.num_tokens for s in self.samples], model.get_input_embeddings().embedding_dim)
+        self.shard, self.batches = assign_batches(plan, comm.world, comm.rank)
+        logger.info("tlq_hf: capture: decoder inputs of %d samples", len(self.shard))
+        self.captured = captured = capture_layer_inputs(model, self.stack, [self.samples[i] for i in self.shard])
+        report.samples = len(self.samples)
+        counts = comm.sum(
+            sum(c.hidden.shape[1] for c in captured),
+            sum(int(c.vision_mask.sum()) for c in captured),
+            sum(int(c.answer_mask.sum()) for c in captured),
+        )
+        report.tokens, report.vision_tokens, report.answer_tokens = (int(t) for t in counts)
+        report.phases["capture"] = time.perf_counter() - t0
+
+    def importance(self) -> TokenWeighting:
+        """The gradient pass (or its checkpointed result) and the token weights it gives."""
+        t0 = time.perf_counter()
+        config, kind, captured, stack = self.config, self.recipe.importance, self.captured, self.stack
+        logger.info("tlq_hf: importance: %s token importance over %d layers", kind, len(stack.layers))
+        if self.checkpoint is not None and self.checkpoint.has_importance():
+            grad = self.checkpoint.load_importance(len(captured))
+        else:
+            keep = _keep_boundaries(captured, len(stack.layers), self.spill)
+            spec = AnswerLoss(config.importance_labels, config.importance_topk, config.answer_tokens)
+            grad = gradient_importance(
+                self.model, stack, captured, self.in_stack, kind, self.spill, self.comm, keep, spec, self.batches
+            )
+            if self.checkpoint is not None:
+                self.checkpoint.save_importance(grad)
+        lo, hi = config.importance_clip
+        weighting = TokenWeighting(
+            grad,
+            kind,
+            Tempering(config.gamma, lo, hi, config.uniform_mix),
+            config.token_fraction,
+            [s.vision_mask for s in captured],
+            self.shard,
+            self.comm,
+            scope=config.importance_scope,
+            layer_of=stack.layer_index,
+        )
+        self.report.answer_loss = grad.loss
+        self.report.phases["importance"] = time.perf_counter() - t0
+        return weighting
+
+    def layers(self, weighting: TokenWeighting | None) -> list[LayerReport]:
+        """The layer loop from layer 0 (or from the checkpoint's next layer), committing a checkpoint after each."""
+        t0 = time.perf_counter()
+        config, recipe, stack, checkpoint = self.config, self.recipe, self.stack, self.checkpoint
         logger.info("tlq_hf: layers: %s calibration of %d decoder layers", recipe.solver, len(stack.layers))
         settings = LayerSettings(
             solver=recipe.solver,
@@ -294,35 +341,23 @@ def _calibrate(model: nn.Module, config, scheme: QuantScheme, recipe: Recipe, ta
             expert_min_tokens=config.expert_min_tokens,
             expert_all_tokens=config.expert_all_tokens,
         )
-        loop = LayerLoop(
-            model,
-            stack,
-            in_stack,
-            captured,
-            scheme,
-            settings,
-            weighting,
-            edits=edits,
-            samples=shard,
-            total_samples=len(samples),
-            comm=comm,
-            spill_dir=spill,
-            fp_boundaries=None if done or weighting is None else weighting.grad.boundaries,
+        data = CalibrationData(
+            self.captured,
+            samples=self.shard,
+            total_samples=len(self.samples),
+            comm=self.comm,
+            spill_dir=self.spill,
+            fp_boundaries=None if self.done or weighting is None else weighting.grad.boundaries,
         )
-        if done:
-            state = checkpoint.restore(model, stack, scheme, done, spill, edits)
+        loop = LayerLoop(self.model, stack, self.in_stack, data, self.scheme, settings, weighting, self.edits)
+        if self.done:
+            state = checkpoint.restore(self.model, stack, self.scheme, self.done, self.spill, self.edits)
         else:
             state = loop.initial_state()
         on_done = None
         if checkpoint is not None:
             on_done = lambda st: checkpoint.commit(st, stack.layers[st.layer - 1])  # noqa: E731
-        report.layers = loop.run(state, on_done)
+        layers = loop.run(state, on_done)
         state.close()
-        report.phases["layers"] = time.perf_counter() - t0
-    finally:
-        if spill is not None:
-            shutil.rmtree(spill, ignore_errors=True)
-    report.seconds = time.perf_counter() - start
-    report.io_seconds = io_seconds() - io_start
-    logger.info("tlq_hf: %s\n%s", report.summary(), report.table())
-    return report
+        self.report.phases["layers"] = time.perf_counter() - t0
+        return layers

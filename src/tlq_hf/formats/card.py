@@ -106,8 +106,6 @@ def model_card(model: nn.Module, repo_id: str | None = None, tags: list[str] | N
     config = model.hf_quantizer.quantization_config
     report = getattr(model, "tlq_report", None)
     base = base_model_id(model)
-    scheme = config.scheme
-    name = repo_id or "path/to/this-folder"
     data = ModelCardData(
         base_model=base,
         base_model_relation="quantized" if base else None,
@@ -116,9 +114,8 @@ def model_card(model: nn.Module, repo_id: str | None = None, tags: list[str] | N
         pipeline_tag="image-text-to-text",
     )
     source = base or Path(str(getattr(model.config, "_name_or_path", "") or "a local checkpoint")).name
-    recipe = getattr(report, "recipe", None)
     lines = [
-        f"# {source} - {scheme.name} ({config.method.upper()})",
+        f"# {source} - {config.scheme.name} ({config.method.upper()})",
         "",
         f"Quantized with tlq_hf {__version__}: "
         + (
@@ -132,6 +129,21 @@ def model_card(model: nn.Module, repo_id: str | None = None, tags: list[str] | N
         "| | |",
         "|---|---|",
         f"| base model | {base or source} |",
+        *_quantization_rows(model, config, report),
+    ]
+    table = _layers_table(report)
+    if table:
+        lines += ["", "## Calibration error per layer", "", *table]
+    lines += ["", "## Use", "", *FORMATS[config.save_format].usage(repo_id or "path/to/this-folder", config.scheme)]
+    lines += _recreate_lines(config, base)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _quantization_rows(model: nn.Module, config: Any, report: Any) -> list[str]:
+    """The card's quantization table below its base-model row: scheme, coverage, experts, format, method, settings
+    and calibration data."""
+    scheme, recipe = config.scheme, getattr(report, "recipe", None)
+    rows = [
         f"| scheme | {scheme.name}: {scheme.bits}-bit {'symmetric' if scheme.sym else 'asymmetric'} weights, "
         + ("per output channel" if scheme.group_size == -1 else f"groups of {scheme.group_size}")
         + (f", dynamic per-token int{scheme.act_bits} activations" if scheme.act_bits else ", 16-bit activations")
@@ -157,7 +169,7 @@ def model_card(model: nn.Module, repo_id: str | None = None, tags: list[str] | N
         f"| GPTQ settings | damp {config.damp}, act_order {config.act_order} |",
     ]
     if recipe is not None and recipe.importance is not None and IMPORTANCE_KINDS[recipe.importance].from_gradient:
-        lines.append(
+        rows.append(
             f"| token importance | `{recipe.importance}` at the `{config.importance_labels}` labels of "
             f"{config.answer_tokens} answer tokens, per {config.importance_scope}; tempering gamma {config.gamma}, "
             f"clip {tuple(config.importance_clip)}, uniform mix {config.uniform_mix}, token fraction "
@@ -165,33 +177,33 @@ def model_card(model: nn.Module, repo_id: str | None = None, tags: list[str] | N
         )
     if report is not None and report.samples:
         text = report.tokens - report.vision_tokens
-        lines.append(
+        rows.append(
             f"| calibration data | {report.samples} rows, {report.tokens} tokens: {report.vision_tokens} image "
             f"({report.vision_tokens / max(report.tokens, 1):.0%}), {text} text, of which {report.answer_tokens} "
             f"answer tokens; max_length {config.max_length}, seed {config.seed} |"
         )
         if report.answer_loss is not None:
-            lines.append(f"| full-precision answer loss | {report.answer_loss:.4f} |")
-    table = _layers_table(report)
-    if table:
-        lines += ["", "## Calibration error per layer", "", *table]
-    lines += ["", "## Use", ""]
-    lines += FORMATS[config.save_format].usage(name, scheme)
-    lines += [
+            rows.append(f"| full-precision answer loss | {report.answer_loss:.4f} |")
+    return rows
+
+
+def _recreate_lines(config: Any, base: str | None) -> list[str]:
+    """How to make the same checkpoint again with tlq_hf (the config fields that differ from the defaults)."""
+    changed = _changed_fields(config)
+    return [
         "",
         "Re-create it with tlq_hf:",
         "",
         "```python",
         "from transformers import AutoModelForImageTextToText",
         "from tlq_hf import TLQConfig",
-        f"config = TLQConfig({', '.join(f'{k}={v!r}' for k, v in _changed_fields(config).items())}"
-        + (", " if _changed_fields(config) else "")
+        f"config = TLQConfig({', '.join(f'{k}={v!r}' for k, v in changed.items())}"
+        + (", " if changed else "")
         + "dataset=my_rows)",
         f'model = AutoModelForImageTextToText.from_pretrained("{base or "BASE_MODEL"}", quantization_config=config)',
         "```",
         "",
     ]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
 def _changed_fields(config: Any) -> dict[str, Any]:
@@ -227,7 +239,8 @@ def push_to_hub(
     """Save the quantized model (weights, config, card; ``processor`` too when given) into a temporary folder
     and upload it to ``repo_id`` in one commit; ``tags`` are added to the card's. Returns ``HfApi.upload_folder``'s
     commit info. ``api``: the Hub client (default ``HfApi(token=token)``; e.g. one for another endpoint). Other
-    keywords go to ``save_pretrained`` (e.g. ``max_shard_size``)."""
+    keywords go to ``save_pretrained`` (e.g. ``max_shard_size``). (Its parameters mirror transformers'
+    ``push_to_hub``.)"""
     save_kwargs.pop("use_temp_dir", None)  # transformers' push_to_hub option: a temporary folder is always used
     tags = [tags] if isinstance(tags, str) else tags
     scheme_name = model.hf_quantizer.quantization_config.scheme.name

@@ -86,7 +86,9 @@ def awq_clip_search(
     scale_dtype: torch.dtype | None = None,
     row_chunk: int = 256,
 ) -> QParams:
-    """Per (row, group) clip ratio in ``[min_ratio, 1]`` minimising the weighted output error of that group."""
+    """Per (row, group) clip ratio in ``[min_ratio, 1]`` minimising the weighted output error of that group.
+
+    (Nine parameters: the data, then the search's knobs, keyword-only with defaults.)"""
     x, a = _subsample(x, token_weights, max_tokens)
     w = weight.float()
     out_features, in_features = w.shape

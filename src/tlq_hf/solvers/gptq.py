@@ -183,7 +183,10 @@ def gptq_quantize(
     block_size: int = 128,
     scale_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, QParams]:
-    """GPTQ column sweep of ``weight [out, in]`` against a precomputed :class:`GPTQFactor`."""
+    """GPTQ column sweep of ``weight [out, in]`` against a precomputed :class:`GPTQFactor`.
+
+    (One function of ~70 lines on purpose: the blocked sweep is the solver's hot loop; its steps share the block's
+    error and update buffers, which read best in one place.)"""
     scale_dtype = scale_dtype or weight.dtype
     act_order = factor.act_order
     out_features, in_features = weight.shape

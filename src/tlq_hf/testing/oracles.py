@@ -64,5 +64,3 @@ def reference_importance(
     finally:
         grabber.remove()
     return raw
-
-

@@ -456,27 +456,24 @@ class _FamilySpec:
     min_major: int = 4
 
 
+_QWEN2_VL = _FamilySpec(
+    model_class="Qwen2VLForConditionalGeneration",
+    processor_class="Qwen2VLProcessor",
+    image_processor=("Qwen2VLImageProcessor", _QWEN_PIXELS),
+    video_processor=("Qwen2VLVideoProcessor", _QWEN_PIXELS),
+    special_tokens=_QWEN_SPECIAL,
+    roles=_QWEN_ROLES,
+    token_id_fields=_QWEN_TOKEN_FIELDS,
+    chat_template=_QWEN_CHAT_TEMPLATE,
+    model_config=_qwen2_vl_config,
+)
+
 _FAMILY_SPECS: dict[str, _FamilySpec] = {
-    "qwen2_vl": _FamilySpec(
-        model_class="Qwen2VLForConditionalGeneration",
-        processor_class="Qwen2VLProcessor",
-        image_processor=("Qwen2VLImageProcessor", _QWEN_PIXELS),
-        video_processor=("Qwen2VLVideoProcessor", _QWEN_PIXELS),
-        special_tokens=_QWEN_SPECIAL,
-        roles=_QWEN_ROLES,
-        token_id_fields=_QWEN_TOKEN_FIELDS,
-        chat_template=_QWEN_CHAT_TEMPLATE,
-        model_config=_qwen2_vl_config,
-    ),
-    "qwen2_5_vl": _FamilySpec(
+    "qwen2_vl": _QWEN2_VL,
+    "qwen2_5_vl": dataclasses.replace(
+        _QWEN2_VL,
         model_class="Qwen2_5_VLForConditionalGeneration",
         processor_class="Qwen2_5_VLProcessor",
-        image_processor=("Qwen2VLImageProcessor", _QWEN_PIXELS),
-        video_processor=("Qwen2VLVideoProcessor", _QWEN_PIXELS),
-        special_tokens=_QWEN_SPECIAL,
-        roles=_QWEN_ROLES,
-        token_id_fields=_QWEN_TOKEN_FIELDS,
-        chat_template=_QWEN_CHAT_TEMPLATE,
         model_config=_qwen2_5_vl_config,
     ),
     "llava": _FamilySpec(
