@@ -39,7 +39,7 @@ def _setup(tiny_vlm_dirs, family, n=3):
 def test_blockwise_importance_equals_full_graph_autograd(tiny_vlm_dirs, family, kind):
     model, stack, captured, targets = _setup(tiny_vlm_dirs, family)
     block = gradient_importance(model, stack, captured, targets, kind=kind)
-    full = reference_importance(model, stack, captured, targets, kind=kind)
+    full = reference_importance(model, captured, targets, kind=kind)
     assert set(block.raw) == set(full) == set(targets)
     for name in targets:
         for b, f in zip(block.raw[name], full[name]):
@@ -278,7 +278,7 @@ def test_blockwise_answer_loss_variants_equal_full_graph(tiny_vlm_dirs, family, 
     if wrapped:
         model.lm_head = _WrappedHead(model.lm_head)
     block = gradient_importance(model, stack, captured, targets, loss_spec=spec)
-    full = reference_importance(model, stack, captured, targets, loss_spec=spec)
+    full = reference_importance(model, captured, targets, loss_spec=spec)
     gold = gradient_importance(model, stack, captured, targets)
     differs = False
     for name in targets:

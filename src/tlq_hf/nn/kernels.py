@@ -44,6 +44,15 @@ _logged: set[str] = set()
 KERNELS: Registry[LinearKernel] = Registry("kernel", instantiate=True)
 
 
+def _cpu_op_missing(kernel: str, op: str, module: TLQLinear) -> str | None:
+    """Why a CPU kernel built on ``torch.<op>`` cannot run ``module`` here (``None`` if it can, so far)."""
+    if not hasattr(torch, op):
+        return f"this torch has no {op}"
+    if module.weight_scale.device.type != "cpu":
+        return f"{kernel} runs on CPU; the layer is on {module.weight_scale.device.type}"
+    return None
+
+
 class LinearKernel(Protocol):
     """What a kernel provides. State it needs lives on the module (``module._kernel_state``)."""
 
@@ -76,10 +85,8 @@ class Int4PackCPU:
 
     def unsupported(self, module: TLQLinear) -> str | None:
         s = module.scheme
-        if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
-            return "this torch has no _weight_int4pack_mm_for_cpu"
-        if module.weight_scale.device.type != "cpu":
-            return f"int4pack-cpu runs on CPU; the layer is on {module.weight_scale.device.type}"
+        if (reason := _cpu_op_missing(self.name, "_weight_int4pack_mm_for_cpu", module)) is not None:
+            return reason
         if s.bits != 4 or s.act_bits is not None:
             return f"int4pack-cpu takes W4 weight-only; the scheme is {s.name}"
         if s.group_size not in self.GROUPS:
@@ -166,10 +173,8 @@ class IntMMCPU:
 
     def unsupported(self, module: TLQLinear) -> str | None:
         s = module.scheme
-        if not hasattr(torch, "_int_mm"):
-            return "this torch has no _int_mm"
-        if module.weight_scale.device.type != "cpu":
-            return f"int-mm-cpu runs on CPU; the layer is on {module.weight_scale.device.type}"
+        if (reason := _cpu_op_missing(self.name, "_int_mm", module)) is not None:
+            return reason
         if s.bits != 8 or s.act_bits != 8:
             return f"int-mm-cpu takes W8A8 (int8 weights and activations); the scheme is {s.name}"
         if s.group_size != -1 or not s.sym:

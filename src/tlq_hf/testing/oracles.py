@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import DecoderStack, find_final_norm
+from ..arch import find_decoder_stack, find_final_norm
 from ..calibration.capture import CapturedSample, layer_forward
 
 # the building blocks the block-wise pass uses too; the oracle differs in running one full graph per sample
@@ -26,15 +28,12 @@ __all__ = ["reference_importance"]
 
 
 def reference_importance(
-    model: nn.Module,
-    stack: DecoderStack,
-    captured: list[CapturedSample],
-    targets: dict[str, nn.Module],
-    kind: str = "fisher",
-    loss_spec: AnswerLoss | None = None,
+    model: nn.Module, captured: list[CapturedSample], targets: dict[str, nn.Module], **options: Any
 ) -> dict[str, list[torch.Tensor]]:
-    """The same raw importance from full-graph backwards, one per draw (for testing the block-wise pass)."""
-    spec = loss_spec or AnswerLoss()
+    """The same raw importance from full-graph backwards through the whole decoder, one per draw (for testing the
+    block-wise pass). ``options``: ``kind`` (default ``"fisher"``) and ``loss_spec`` (default gold labels)."""
+    stack = find_decoder_stack(model)
+    kind, spec = options.get("kind", "fisher"), options.get("loss_spec") or AnswerLoss()
     reduce = _reduce_of(kind)
     norm, head = find_final_norm(model, stack), model.get_output_embeddings()
     softcap = logit_softcap(model)

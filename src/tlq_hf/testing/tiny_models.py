@@ -250,19 +250,26 @@ def _qwen2_vl_config(text: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _qwen_vision(depth: int, text: dict[str, Any]) -> dict[str, Any]:
+    """The vision tower every tiny Qwen-VL shares (Qwen2.5-VL and Qwen3-VL add their own keys)."""
+    return {
+        "depth": depth,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_heads": 4,
+        "out_hidden_size": text["hidden_size"],
+        "patch_size": _QWEN_PATCH,
+        "spatial_merge_size": _QWEN_MERGE,
+        "temporal_patch_size": 2,
+    }
+
+
 def _qwen2_5_vl_config(text: dict[str, Any]) -> dict[str, Any]:
     depth = 2
     return {
         "text_config": _qwen_text_config(text),
         "vision_config": {
-            "depth": depth,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_heads": 4,
-            "out_hidden_size": text["hidden_size"],
-            "patch_size": _QWEN_PATCH,
-            "spatial_merge_size": _QWEN_MERGE,
-            "temporal_patch_size": 2,
+            **_qwen_vision(depth, text),
             # 32px windows = 2x2 merged tokens, so a 64x64 image has 4 windows;
             # the last block uses full attention as in the released models.
             "window_size": 2 * _QWEN_FACTOR,
@@ -281,14 +288,7 @@ def _qwen3_vl_moe_config(text: dict[str, Any]) -> dict[str, Any]:
     return {
         "text_config": _qwen_text_config(text),
         "vision_config": {
-            "depth": 2,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_heads": 4,
-            "out_hidden_size": text["hidden_size"],
-            "patch_size": _QWEN_PATCH,
-            "spatial_merge_size": _QWEN_MERGE,
-            "temporal_patch_size": 2,
+            **_qwen_vision(2, text),
             "num_position_embeddings": 64,
             "deepstack_visual_indexes": [1],  # adds tower layer 1's features to the text after decoder layer 0
         },
@@ -706,6 +706,13 @@ def _set_generation_ids(model: Any, tokenizer: PreTrainedTokenizerFast) -> None:
     generation_config.pad_token_id = tokenizer.pad_token_id
 
 
+def _spec(family: str) -> _FamilySpec:
+    try:
+        return _FAMILY_SPECS[family]
+    except KeyError:
+        raise ValueError(f"Unknown tiny VLM family {family!r}; valid families: {', '.join(_BUILDABLE)}") from None
+
+
 def build_tiny_vlm(family: str, path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float32) -> str:
     """Build a tiny random VLM of ``family`` and save model + processor to ``path``.
 
@@ -716,10 +723,7 @@ def build_tiny_vlm(family: str, path: str | os.PathLike, seed: int = 0, dtype: t
     Raises:
         ValueError: if ``family`` is not one of :data:`FAMILIES`.
     """
-    try:
-        spec = _FAMILY_SPECS[family]
-    except KeyError:
-        raise ValueError(f"Unknown tiny VLM family {family!r}; valid families: {', '.join(_BUILDABLE)}") from None
+    spec = _spec(family)
 
     tokenizer = _build_tokenizer(spec)
     processor = _build_processor(spec, tokenizer)
@@ -777,10 +781,7 @@ def build_vlm(
     Raises:
         ValueError: if ``family`` is not one of :data:`FAMILIES`.
     """
-    try:
-        spec = _FAMILY_SPECS[family]
-    except KeyError:
-        raise ValueError(f"Unknown tiny VLM family {family!r}; valid families: {', '.join(_BUILDABLE)}") from None
+    spec = _spec(family)
     image_overrides = dict(image_processor or {})
     image_cls, image_kwargs = spec.image_processor
     video = spec.video_processor
