@@ -193,7 +193,7 @@ def test_sigkill_while_writing_a_checkpoint_file_then_resume_equals_uninterrupte
     path, ckpt = tiny_vlm_dirs[FAMILY], tmp_path / "ckpt"
     killed = _run_kill_script(tmp_path, path, ckpt, tmp_path / "never", kill="2")
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert list(ckpt.glob("layer-00001.safetensors.tmp-*"))  # the torn write is there, under its temporary name
+    assert list(ckpt.glob(".layer-00001.safetensors.tmp-*"))  # the torn write is there, under its temporary name
     assert not (ckpt / "layer-00001.safetensors").exists()
     assert '"layers_done": 1' in (ckpt / "manifest.json").read_text()
     resumed = _run_kill_script(tmp_path, path, ckpt, tmp_path / "out", kill=False)
