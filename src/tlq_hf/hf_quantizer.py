@@ -25,7 +25,7 @@ from transformers.quantizers.base import HfQuantizer
 from .calibration import quantize_model
 from .calibration.offload import with_disk_layers_loaded
 from .config import TLQConfig
-from .formats import FORMATS, swap_in_packed_modules, validate_checkpoint, validate_packed_modules
+from .formats import FORMATS, format_of
 from .formats.card import attach_card_writer
 from .nn import prepare_kernels
 from .version import __version__
@@ -73,20 +73,18 @@ class TLQHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
         if self.pre_quantized:
-            dtype = kwargs.get("dtype") or model.dtype
             cfg = self.quantization_config
-            self._packed_names = swap_in_packed_modules(model, cfg.scheme, cfg.ignore, dtype=dtype)
             files = kwargs.get("checkpoint_files") or _resolve_checkpoint_files(model.config)
-            if files:
-                validate_checkpoint([str(f) for f in files], model, self._packed_names)
-            else:
-                logger.warning("tlq_hf: could not locate the checkpoint files to validate before loading.")
+            dtype = kwargs.get("dtype") or model.dtype
+            # a checkpoint reaches this quantizer through its quant_method ("tlq"): its format's loader hooks
+            fmt = format_of(cfg.quant_method)
+            self._packed_names = fmt.prepare_load(model, cfg, dtype, [str(f) for f in files])
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         cfg = self.quantization_config
         if self.pre_quantized:
-            validate_packed_modules(model, self._packed_names)
+            format_of(cfg.quant_method).check_loaded(model, self._packed_names)
             logger.info("tlq_hf: packed layers per kernel: %s", prepare_kernels(model))  # repack once, at load
             attach_card_writer(model)
             return model

@@ -70,6 +70,16 @@ class CheckpointFormat(ABC):
         """The tensors to save under in-memory names, or ``None`` for the model's own state dict."""
         return None
 
+    def prepare_load(self, model: nn.Module, config: Any, dtype: torch.dtype, files: list[str]) -> list[str]:
+        """Loading a checkpoint of this format through tlq_hf's quantizer: before the weights arrive, put the
+        modules that receive them in place (and check ``files``, when known, against them); returns their names.
+        A format that transformers loads by itself (no ``import tlq_hf`` needed) never gets here."""
+        raise NotImplementedError(f"{self.name} checkpoints are loaded by transformers itself, not by tlq_hf")
+
+    def check_loaded(self, model: nn.Module, names: list[str]) -> None:
+        """After the weights arrived: raise if any module in ``names`` holds missing or insane tensors."""
+        raise NotImplementedError(f"{self.name} checkpoints are loaded by transformers itself, not by tlq_hf")
+
     @abstractmethod
     def scheme_of(self, quantization_config: dict) -> QuantScheme:
         """The scheme a saved ``quantization_config`` describes; raises ``UnsupportedSchemeError`` for one that

@@ -8,6 +8,8 @@ every packed module is validated: buffers present, shapes and dtypes right, scal
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -26,6 +28,8 @@ __all__ = [
     "validate_packed_modules",
     "CorruptCheckpointError",
 ]
+
+logger = logging.getLogger(__name__)
 
 NATIVE_BUFFERS = ("weight_packed", "weight_scale", "weight_zero_point")
 
@@ -58,6 +62,17 @@ class NativeFormat(CheckpointFormat):
     quant_method = "tlq"
     tag = "tlq-native"
     needs_plugin = True
+
+    def prepare_load(self, model: nn.Module, config, dtype: torch.dtype, files: list[str]) -> list[str]:
+        names = swap_in_packed_modules(model, config.scheme, config.ignore, dtype=dtype)
+        if files:
+            validate_checkpoint(files, model, names)
+        else:
+            logger.warning("tlq_hf: could not locate the checkpoint files to validate before loading.")
+        return names
+
+    def check_loaded(self, model: nn.Module, names: list[str]) -> None:
+        validate_packed_modules(model, names)
 
     def scheme_of(self, quantization_config: dict) -> QuantScheme:
         from ..config import TLQConfig  # the config module reads FORMATS: imported when first needed
