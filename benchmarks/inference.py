@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import scale  # noqa: E402  (the random-weight checkpoint writer)
+from provenance import Measurement  # noqa: E402
 
 scale.MODELS["llava-1b-v32k"] = dict(family="llava", text=scale.LLAMA_1B, vocab=32000, image=224)
 RESULTS = HERE / "results"
@@ -136,6 +136,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    measured = Measurement("python benchmarks/inference.py " + " ".join(sys.argv[1:]))
     if args.child:
         return _child(args)
 
@@ -152,13 +153,11 @@ def main() -> None:
     for r in records.values():
         r["memory_vs_bf16"] = r["resident_mb"] / base["resident_mb"]
         r["decode_vs_bf16"] = r["decode_tok_s"] / base["decode_tok_s"]
-    result = dict(
+    result = measured.record() | dict(
         model=args.model,
         threads=args.threads,
         new_tokens=args.new_tokens,
         prompt_tokens=args.prompt_tokens,
-        machine=platform.processor() or platform.machine(),
-        command="python benchmarks/inference.py " + " ".join(sys.argv[1:]),
         variants=records,
     )
     RESULTS.mkdir(exist_ok=True)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from provenance import Measurement  # the script's own folder is on sys.path
 from transformers import AutoProcessor
 
 from tlq_hf import TLQConfig
@@ -56,6 +58,7 @@ def main() -> None:
     )
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "methods_tiny"))
     args = p.parse_args()
+    measured = Measurement("python benchmarks/methods_tiny.py " + " ".join(sys.argv[1:]))
     auto, records = load_auto_class(), []
     root = Path(tempfile.mkdtemp())
     for family in FAMILIES:
@@ -92,6 +95,8 @@ def main() -> None:
                     f"{seconds:5.1f}s {rec['phases']}",
                     flush=True,
                 )
+    prov = measured.record()
+    records = [r | prov for r in records]
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(records, indent=1))
     lines = [

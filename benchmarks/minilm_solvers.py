@@ -68,6 +68,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from provenance import Measurement  # the script's own folder is on sys.path
 from torch import nn  # noqa: E402
 
 from tlq_hf.primitives import dequantize_codes, quantize_codes  # noqa: E402
@@ -579,6 +580,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "results" / "minilm_solvers"), help="output path without suffix")
     args = p.parse_args(argv)
+    measured = Measurement("python benchmarks/minilm_solvers.py " + " ".join(sys.argv[1:] if argv is None else argv))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -637,6 +639,7 @@ def main(argv: list[str] | None = None) -> dict:
             del qmodel
     res["notes"] = below_rtn(res["rows"])
     res["total_seconds"] = time.perf_counter() - t0
+    res.update(measured.record())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")

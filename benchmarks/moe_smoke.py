@@ -22,7 +22,7 @@ import transformers
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the tiny MoE builders of the tests
 
-from provenance import now, provenance  # noqa: E402
+from provenance import Measurement  # noqa: E402
 from test_moe import IDS, KINDS, _build, _loader  # noqa: E402
 
 from tlq_hf import TLQConfig  # noqa: E402
@@ -121,14 +121,10 @@ def vlm_methods(root: Path) -> list[dict]:
 
 
 def main() -> None:
-    started = now()
+    measured = Measurement("python benchmarks/moe_smoke.py")
     root = Path(tempfile.mkdtemp())
-    record = {
-        **provenance("python benchmarks/moe_smoke.py", started),
-        "text_models": text_models(root),
-        "qwen3_vl_moe_methods": vlm_methods(root),
-    }
-    record["finished"] = now()
+    record = {"text_models": text_models(root), "qwen3_vl_moe_methods": vlm_methods(root)}
+    record = {**measured.record(), **record}
     record["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = HERE / "results" / "moe_smoke.json"
     out.write_text(json.dumps(record, indent=1))

@@ -42,6 +42,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from provenance import Measurement  # noqa: E402
 from train_vqa import RECIPES, TASKS  # noqa: E402
 
 from tlq_hf.config import TLQConfig  # noqa: E402
@@ -248,6 +249,7 @@ def _worker_llmc(job: dict) -> dict:
 
 def _run_worker(python: str, job: dict, timeout: int = 3600) -> dict:
     env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    measured = Measurement(" ".join(["python benchmarks/quality.py", *sys.argv[1:]]))
     proc = subprocess.run(
         [python, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -256,7 +258,8 @@ def _run_worker(python: str, job: dict, timeout: int = 3600) -> dict:
             "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}",
             "stderr": proc.stderr[-4000:],
         }
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # the record of the job's whole run (a worker that shared the cores with another is marked contended)
+    return json.loads(proc.stdout.strip().splitlines()[-1]) | {"provenance": measured.record()}
 
 
 # ----------------------------------------------------------------------------- evaluation (parent)
@@ -486,6 +489,7 @@ def _evaluate_job(
             rec["expert_tokens"] = result["expert_tokens"][str(seed)]
         if reload_error:
             rec["reload_error"] = reload_error
+        rec.update(result.get("provenance", {}))
         records.append(rec)
         print(
             f"{rec['model']:12s} {rec['scheme']:11s} {rec['method']:24s} seed {seed}: acc {m['accuracy']:.1%} "

@@ -47,7 +47,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from provenance import now, provenance  # noqa: E402
+from provenance import Measurement, now  # noqa: E402
+
+#: the start of this command: records of one invocation share it (ratios are taken only between those)
+INVOCATION = now()
 
 RESULTS = HERE / "results"
 MODELS_DIR = Path(os.environ.get("TLQ_SCALE_MODELS", Path(tempfile.gettempdir()) / "tlq-scale-models"))
@@ -493,7 +496,7 @@ def run_row(
     """
     path = build_model(model, layers)
     stats = _checkpoint_stats(path)
-    started = now()
+    measured = Measurement("python benchmarks/scale.py --rows " + name)
     with contextlib.ExitStack() as stack:
         if resumable:
             work = str(MODELS_DIR / "runs" / name)
@@ -537,8 +540,8 @@ def run_row(
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     main = next(r for r in results if r["rank"] == 0)
     record = {
-        **provenance("python benchmarks/scale.py --rows " + name, started),
-        "finished": now(),
+        **measured.record(),
+        "invocation": INVOCATION,
         "name": name,
         "library": library,
         "model": model if layers is None else f"{model}-L{layers}",
@@ -639,13 +642,30 @@ ROWS = {
 }
 
 
+MOE_BEGIN, MOE_END = "<!-- moe-scale -->", "<!-- /moe-scale -->"
+
+
 def write(records: list[dict]) -> None:
+    """Merge ``records`` into ``results/scale.json`` (a row's new record replaces its old one) and regenerate
+    ``results/SCALE.md`` and the README's MoE block from all records."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "scale.json"
     old = json.loads(path.read_text())["runs"] if path.exists() else []
     names = {r["name"] for r in records}
     runs = [r for r in old if r["name"] not in names] + records
     path.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    (RESULTS / "SCALE.md").write_text(scale_markdown(runs))
+    moe = moe_sweep_block(runs)
+    if moe:
+        readme = HERE.parent / "README.md"
+        text = readme.read_text()
+        if MOE_BEGIN in text:
+            head, rest = text.split(MOE_BEGIN, 1)
+            readme.write_text(f"{head}{MOE_BEGIN}\n{moe}\n{MOE_END}{rest.split(MOE_END, 1)[1]}")
+
+
+def scale_markdown(runs: list[dict]) -> str:
+    """``results/SCALE.md`` for the records ``runs``."""
     gib = 1 << 30
     lines = [
         "# Scale benchmark",
@@ -681,15 +701,12 @@ def write(records: list[dict]) -> None:
         lines += ["", "Notes:", "", *notes]
     for name in dict.fromkeys(r["sweep"] for r in runs if r.get("sweep")):
         lines += ["", sweep_growth(name, runs)]
-    (RESULTS / "SCALE.md").write_text("\n".join(lines) + "\n")
-    moe = moe_sweep_block(runs)
-    if moe:
-        readme = HERE.parent / "README.md"
-        text = readme.read_text()
-        begin, end = "<!-- moe-scale -->", "<!-- /moe-scale -->"
-        if begin in text:
-            head, rest = text.split(begin, 1)
-            readme.write_text(f"{head}{begin}\n{moe}\n{end}{rest.split(end, 1)[1]}")
+    return "\n".join(lines) + "\n"
+
+
+def _invocation(record: dict) -> object:
+    """Which command run made ``record`` (older records: their command at their commit)."""
+    return record.get("invocation") or (record.get("command"), record.get("commit"))
 
 
 def _sweep(name: str, runs: list[dict]) -> list[dict]:
@@ -710,6 +727,8 @@ def sweep_growth(name: str, runs: list[dict]) -> str:
     sweep = _sweep(name, runs)
     if len(sweep) < 2:
         return ""
+    if len({_invocation(r) for r in sweep}) > 1:
+        return f"Depth sweep {name}: its records come from different invocations, so no growth is computed."
     a, b = sweep[0], sweep[-1]
     one = a["layer_bf16_bytes"]
 
@@ -749,7 +768,8 @@ def moe_sweep_block(runs: list[dict]) -> str:
         ph, lp = r["phases"], _mean_phases(r)
         per_layer = sum(r["layer_seconds"]) / len(r["layer_seconds"]) if r.get("layer_seconds") else ph["layers"]
         rows.append(
-            f"| {r['layers']} | {r['bf16_bytes'] / gb:.1f} GB | {r['wall_s']:.0f} s | {ph.get('importance', 0):.0f} s "
+            f"| {r['layers']} | {r['bf16_bytes'] / gb:.1f} GB | {r['wall_s']:.0f} s{'*' if r.get('contended') else ''} "
+            f"| {ph.get('importance', 0):.0f} s "
             f"| {ph['layers']:.0f} s | {per_layer:.0f} s | {lp['statistics']:.0f} s ({lp['experts_forward']:.0f} s) "
             f"| {lp['solve']:.0f} s ({lp['experts_solve']:.0f} s) | {lp['output']:.0f} s "
             f"| {r['phase_peak_rss_bytes']['load'] / gb:.2f} GB "
@@ -777,6 +797,15 @@ def moe_sweep_block(runs: list[dict]) -> str:
             f"mapped shards, whose pages the kernel keeps resident until it needs them (up to {load / gb:.2f} GB "
             f"here; reclaimable page cache, not allocations). {sweep_growth('qwen3vlmoe-30b-width', runs)}",
             *_limited_line(runs),
+            *(
+                [
+                    "",
+                    "\\* other processes used more than 5 % of the CPU time during this row (`contended` in its "
+                    "record).",
+                ]
+                if any(r.get("contended") for r in sweep)
+                else []
+            ),
         ]
     )
 

@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 
 import transformers
@@ -26,7 +25,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import arch_sweep  # noqa: E402
-from provenance import now, provenance  # noqa: E402
+from provenance import Measurement  # noqa: E402
 
 MAJOR = transformers.__version__.split(".")[0]
 BEGIN, END = f"<!-- arch-sweep: transformers {MAJOR} -->", f"<!-- /arch-sweep: transformers {MAJOR} -->"
@@ -63,13 +62,12 @@ def readme_statuses(text: str, major: str = MAJOR) -> dict[str, str]:
 
 
 def main() -> None:
-    start = datetime.now(timezone.utc)
+    measured = Measurement("python benchmarks/support_table.py")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         rows = arch_sweep.sweep(work, progress=lambda r: print(f"{r.status:14s} {r.model_type} {r.reason}", flush=True))
     record = {
-        **provenance("python benchmarks/support_table.py", start.isoformat(timespec="seconds")),
-        "finished": now(),
+        **measured.record(),
         "wall_s": round(time.perf_counter() - t0, 1),
         "rows": [asdict(r) for r in rows],
     }

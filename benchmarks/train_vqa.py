@@ -29,7 +29,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -44,9 +43,9 @@ import transformers
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import reading_task  # noqa: E402
 import vqa_task  # noqa: E402
+from provenance import Measurement  # noqa: E402
 
 from tlq_hf.data import build_calibration_set  # noqa: E402
 from tlq_hf.testing.tiny_models import build_vlm, load_auto_class  # noqa: E402
@@ -670,6 +669,7 @@ def train(recipe: Recipe, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     torch.manual_seed(recipe.seed)
     wall = time.time()
+    measured = Measurement("python benchmarks/train_vqa.py " + " ".join(sys.argv[1:]))
     model, processor = build_vlm(
         recipe.family,
         extra_words=_task(recipe).vocabulary(),
@@ -706,6 +706,7 @@ def train(recipe: Recipe, threads: int) -> dict[str, Any]:
     prior = _task(recipe).TextPrior(stream.rows)
     prior_correct = [prior.predict(item) == item["answer"] for item in heldout]
     record = {
+        **measured.record(),
         "model": recipe.name,
         "architecture": recipe.architecture,
         "path": str(path.relative_to(BENCH_DIR.parent)),
@@ -715,11 +716,6 @@ def train(recipe: Recipe, threads: int) -> dict[str, Any]:
         "saved_dtype": recipe.save_dtype,
         "image_tokens": _num_cells(),
         "torch_threads": threads,
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
         "wall_s": {
             "pretrain": pretrain["wall_s"],
             "encode": vqa["encode_s"],

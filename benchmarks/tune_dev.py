@@ -37,8 +37,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-
 import quality  # noqa: E402
+from provenance import Measurement  # noqa: E402
 
 import tlq_hf  # noqa: E402,F401  registers quant_method "tlq"
 from tlq_hf import TLQConfig  # noqa: E402
@@ -201,6 +201,7 @@ def main() -> None:
         ev = quality.Evaluator(str(path), DEV_ITEMS, quality.task_of(model_name), seed=DEV_SEED, split="train")
         ref = ev.logprobs(load_auto_class().from_pretrained(path, dtype=torch.float32))
         records = []
+        measured = Measurement("python benchmarks/tune_dev.py " + " ".join(sys.argv[1:]))
         for scheme, (label, overrides) in itertools.product(args.schemes, points):
             cfg = TLQConfig(dataset=rows, num_samples=quality.NUM_SAMPLES, **quality.SCHEMES[scheme], **overrides)
             model = load_auto_class().from_pretrained(path, quantization_config=cfg, dtype=torch.float32)
@@ -208,7 +209,8 @@ def main() -> None:
             point = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
             records.append(dict(model=model_name, scheme=scheme, point=label, **point, **m))
             print(f"{model_name} {scheme} {label}: KL {m['kl']:.3e} flips {1 - m['agreement']:.2%}", flush=True)
-        merged = merge_records(previous, records, replace_model=not args.combine)
+        prov = measured.record()
+        merged = merge_records(previous, [r | prov for r in records], replace_model=not args.combine)
     schemes = list(dict.fromkeys(r["scheme"] for r in merged))
     print(write_markdown(merged, schemes, (time.time() - start) / 60))
 

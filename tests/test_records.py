@@ -1,0 +1,56 @@
+"""Benchmark records: the figures generated from them are the ones committed, and a record says whether other
+work shared the cores while it was measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import provenance  # noqa: E402
+import scale  # noqa: E402
+
+RESULTS = BENCHMARKS / "results"
+README = BENCHMARKS.parent / "README.md"
+
+
+def test_scale_markdown_and_the_readme_moe_block_are_the_ones_generated_from_scale_json():
+    runs = json.loads((RESULTS / "scale.json").read_text())["runs"]
+    assert (RESULTS / "SCALE.md").read_text() == scale.scale_markdown(runs), (
+        "run: python -c 'import scale; scale.write([])'"
+    )
+    block = README.read_text().split(scale.MOE_BEGIN, 1)[1].split(scale.MOE_END, 1)[0]
+    assert block.strip() == scale.moe_sweep_block(runs).strip()
+
+
+def test_moe_sweep_records_carry_their_provenance():
+    runs = [r for r in json.loads((RESULTS / "scale.json").read_text())["runs"] if r["name"].startswith("moe-")]
+    assert len(runs) >= 4
+    for r in runs:
+        assert {"command", "commit", "started", "finished", "versions", "cpu", "cpus", "threads"} <= set(r), r["name"]
+        assert not r["commit"].endswith("+dirty") and len(r["commit"]) == 40
+
+
+def _spin(seconds: float) -> list[str]:
+    return [sys.executable, "-c", f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"]
+
+
+def test_a_measurement_counts_other_processes_cpu_and_not_its_own_childrens():
+    measured = provenance.Measurement("own child")
+    subprocess.run(_spin(1.5), check=True)  # this process's child: its CPU time is the measurement's own
+    own = measured.record()
+    assert own["other_cpu_s"] < 0.75 and {"load_start", "load_end", "finished"} <= set(own)
+
+    other = subprocess.Popen(_spin(3.0))  # not waited for before the record: someone else's work
+    try:
+        measured = provenance.Measurement("beside a busy process")
+        time.sleep(2.0)
+        shared = measured.record()
+    finally:
+        other.wait()
+    assert shared["other_cpu_s"] > 1.0 and shared["contended"]
