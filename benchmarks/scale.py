@@ -311,6 +311,7 @@ def _worker(job: dict) -> dict:
         kwargs["device_map"] = decoder_device_map(meta, decoder=job["offload"], rest=job["offload"])
         kwargs["offload_folder"] = str(work / "weights")
     cfg = TLQConfig(
+        method=job.get("method", "tlq"),
         bits=4,
         group_size=128,
         dataset=sample_rows(job["samples"], size=job["image"]),
@@ -347,7 +348,8 @@ def _worker(job: dict) -> dict:
 
 
 def _worker_llmc(job: dict) -> dict:
-    """llm-compressor GPTQ W4A16 through ``oneshot`` on the same rows, sequential decoder layers, bf16 model."""
+    """llm-compressor GPTQ W4A16 through ``oneshot`` on the same rows, sequential decoder layers, the model loaded in
+    ``job["dtype"]`` (bf16 by default; its layers compute in that dtype)."""
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
@@ -367,7 +369,7 @@ def _worker_llmc(job: dict) -> dict:
     def collate(batch):
         return {k: torch.tensor(v, dtype=dtypes[k]) for k, v in batch[0].items()}
 
-    model = load_auto_class().from_pretrained(job["path"], dtype=torch.bfloat16)
+    model = load_auto_class().from_pretrained(job["path"], dtype=getattr(torch, job.get("dtype", "bfloat16")))
     ignore = ["re:.*lm_head", "re:.*visual.*", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
     layer_class = type(find_decoder_stack(model).layers[0]).__name__
     t0 = time.perf_counter()
@@ -481,6 +483,8 @@ def run_row(
     resumable: bool = False,
     threads: int | None = None,
     memory_limit: int | None = None,
+    method: str = "tlq",
+    dtype: str = "bfloat16",
 ) -> dict:
     """Run one row in its own process(es) and return its record.
 
@@ -489,6 +493,9 @@ def run_row(
     continues from the last finished layer. Each run of it is a segment; the row's wall time and phase times
     are summed over segments (from the progress file each segment rewrites every few seconds), its peaks
     are the largest of any segment.
+
+    ``method`` is tlq_hf's method (``"tlq"``, ``"gptq"``, ...); ``dtype`` the dtype an llm-compressor row loads
+    and computes in (``"bfloat16"`` or ``"float32"``; tlq_hf loads bf16 and computes each layer in fp32).
 
     With ``memory_limit`` (bytes) the row's processes run in a cgroup-v1 memory group of that limit: the kernel
     reclaims page cache to stay under it and kills the row if its allocations alone do not fit. The record then
@@ -506,7 +513,7 @@ def run_row(
         else:
             work = stack.enter_context(tempfile.TemporaryDirectory(prefix="tlq-scale-"))
         job = {"path": str(path), "work": work, "offload": offload, "samples": samples, "image": MODELS[model]["image"]}
-        job["library"] = library
+        job["library"], job["method"], job["dtype"] = library, method, dtype
         if resumable:
             job["progress"] = str(Path(work) / f"progress-{segment:03d}.json")
         script = [str(Path(__file__).resolve()), "--worker", json.dumps(job)]
@@ -544,6 +551,8 @@ def run_row(
         "invocation": INVOCATION,
         "name": name,
         "library": library,
+        "method": method if library == "tlq_hf" else "gptq",
+        "dtype": dtype if library == "llm-compressor" else "bfloat16 (fp32 per layer)",
         "model": model if layers is None else f"{model}-L{layers}",
         "layers": stats["layers"],
         "params": stats["params"],
@@ -631,6 +640,21 @@ ROWS = {
             "command": MOE_SWEEP_CMD,
         }
         for n in (2, 4, 8)
+    ],
+    # peers at their best, side by side on the 2-layer llava-1b (128k vocabulary): llm-compressor GPTQ computing in
+    # bf16 and in fp32, tlq_hf TLQ and plain GPTQ disk-offloaded, TLQ in RAM (issue 28, item 3)
+    "peers-l2": lambda: [
+        {
+            **run_row(name, "llava-1b", offload, 1, 16, layers=2, **kw),
+            "command": "python benchmarks/scale.py --rows peers-l2",
+        }
+        for name, offload, kw in (
+            ("peers-l2-llmc-bf16", "none", dict(library="llm-compressor", dtype="bfloat16")),
+            ("peers-l2-llmc-fp32", "none", dict(library="llm-compressor", dtype="float32")),
+            ("peers-l2-tlq-disk", "disk", dict(method="tlq")),
+            ("peers-l2-gptq-disk", "disk", dict(method="gptq")),
+            ("peers-l2-tlq-ram", "none", dict(method="tlq")),
+        )
     ],
     # the deepest sweep row again, in a 6 GB memory group: does calibration need the page cache the load leaves?
     "moe-limited": lambda: [
