@@ -63,6 +63,20 @@ def versions() -> dict[str, str]:
     return out
 
 
+#: CPU features that decide which dtype computes fastest (bf16 matmuls are slow without avx512_bf16 / amx)
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`CPU_FLAGS` this CPU has."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return []
+    return [flag for flag in CPU_FLAGS if flag in flags]
+
+
 def provenance(command: str, started: str | None = None) -> dict:
     """The record fields every results file carries (``started``: when the measurement began; default now)."""
     import torch
@@ -73,6 +87,7 @@ def provenance(command: str, started: str | None = None) -> dict:
         "started": started or now(),
         "versions": versions(),
         "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
     }

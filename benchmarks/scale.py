@@ -667,6 +667,8 @@ ROWS = {
 
 
 MOE_BEGIN, MOE_END = "<!-- moe-scale -->", "<!-- /moe-scale -->"
+#: README blocks scale.py writes from its records
+BLOCKS = {"moe": (MOE_BEGIN, MOE_END), "peers": ("<!-- peers-l2 -->", "<!-- /peers-l2 -->")}
 
 
 def write(records: list[dict]) -> None:
@@ -679,13 +681,54 @@ def write(records: list[dict]) -> None:
     runs = [r for r in old if r["name"] not in names] + records
     path.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     (RESULTS / "SCALE.md").write_text(scale_markdown(runs))
-    moe = moe_sweep_block(runs)
-    if moe:
-        readme = HERE.parent / "README.md"
+    readme = HERE.parent / "README.md"
+    for (begin, end), block in ((BLOCKS["moe"], moe_sweep_block(runs)), (BLOCKS["peers"], peers_block(runs))):
         text = readme.read_text()
-        if MOE_BEGIN in text:
-            head, rest = text.split(MOE_BEGIN, 1)
-            readme.write_text(f"{head}{MOE_BEGIN}\n{moe}\n{MOE_END}{rest.split(MOE_END, 1)[1]}")
+        if block and begin in text:
+            head, rest = text.split(begin, 1)
+            readme.write_text(f"{head}{begin}\n{block}\n{end}{rest.split(end, 1)[1]}")
+
+
+def peers_block(runs: list[dict]) -> str:
+    """The README's side-by-side table of the ``peers-l2`` invocation ("" when it has not run): each row's time
+    and memory, and ratios to the fastest llm-compressor row and to tlq_hf's plain GPTQ of the same invocation."""
+    rows = [r for r in runs if r["name"].startswith("peers-l2-")]
+    if not rows or len({_invocation(r) for r in rows}) > 1:
+        return ""
+    gb = 1e9
+    peer = min((r for r in rows if r["library"] == "llm-compressor"), key=lambda r: r["wall_s"])
+    gptq = next(r for r in rows if r["name"] == "peers-l2-gptq-disk")
+    first = rows[0]
+    lines = [
+        f"`{first['command']}` (records `peers-l2-*` in `benchmarks/results/scale.json`, commit {first['commit'][:7]}, "
+        f"{first['cpu']}{' with ' + ', '.join(first['cpu_flags']) if first.get('cpu_flags') else ''}, "
+        f"{first['cpus']} cores, one invocation, "
+        f"each row in its own process{', none contended' if not any(r.get('contended') for r in rows) else ''}): "
+        f"the 2-layer slice of the 1B LLaVA (its 128k vocabulary), {first['samples']} rows / {first['tokens']} tokens, "
+        "W4 g128, bf16 checkpoint.",
+        "",
+        "| row | library, method | compute | offload | wall | phases | x fastest peer | x plain GPTQ | peak RSS "
+        "(x fastest peer's) | peak anon |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        phases = " / ".join(f"{k} {v:.0f}" for k, v in r["phases"].items())
+        lines.append(
+            f"| `{r['name']}` | {r['library']} {r['method']} | {r['dtype']} | {r['offload']} | {r['wall_s']:.1f} s "
+            f"| {phases} | {r['wall_s'] / peer['wall_s']:.2f}x | {r['wall_s'] / gptq['wall_s']:.2f}x "
+            f"| {r['peak_rss_bytes'] / gb:.2f} GB ({r['peak_rss_bytes'] / peer['peak_rss_bytes']:.2f}x) "
+            f"| {r['peak_anon_rss_bytes'] / gb:.2f} GB |"
+        )
+    tlq = next(r for r in rows if r["name"] == "peers-l2-tlq-disk")
+    lines += [
+        "",
+        f"Against llm-compressor's fastest configuration here ({peer['dtype']} compute): TLQ (gradient pass included, "
+        f"disk-offloaded) takes {tlq['wall_s'] / peer['wall_s']:.2f}x its time (target <= 1.0x) and plain GPTQ "
+        f"{gptq['wall_s'] / peer['wall_s']:.2f}x (target <= 0.7x), at "
+        f"{tlq['peak_rss_bytes'] / peer['peak_rss_bytes']:.2f}x its peak RSS (target <= 0.6x); TLQ / plain GPTQ = "
+        f"{tlq['wall_s'] / gptq['wall_s']:.2f}x (target <= 1.3x).",
+    ]
+    return "\n".join(lines)
 
 
 def scale_markdown(runs: list[dict]) -> str:

@@ -19,18 +19,21 @@ RESULTS = BENCHMARKS / "results"
 README = BENCHMARKS.parent / "README.md"
 
 
-def test_scale_markdown_and_the_readme_moe_block_are_the_ones_generated_from_scale_json():
+def test_scale_markdown_and_the_readme_blocks_are_the_ones_generated_from_scale_json():
     runs = json.loads((RESULTS / "scale.json").read_text())["runs"]
-    assert (RESULTS / "SCALE.md").read_text() == scale.scale_markdown(runs), (
-        "run: python -c 'import scale; scale.write([])'"
-    )
-    block = README.read_text().split(scale.MOE_BEGIN, 1)[1].split(scale.MOE_END, 1)[0]
-    assert block.strip() == scale.moe_sweep_block(runs).strip()
+    fix = "in benchmarks/: python -c 'import scale; scale.write([])'"
+    assert (RESULTS / "SCALE.md").read_text() == scale.scale_markdown(runs), fix
+    text = README.read_text()
+    for key, render in (("moe", scale.moe_sweep_block), ("peers", scale.peers_block)):
+        begin, end = scale.BLOCKS[key]
+        assert text.split(begin, 1)[1].split(end, 1)[0].strip() == render(runs).strip(), (key, fix)
 
 
-def test_moe_sweep_records_carry_their_provenance():
-    runs = [r for r in json.loads((RESULTS / "scale.json").read_text())["runs"] if r["name"].startswith("moe-")]
-    assert len(runs) >= 4
+def test_records_of_this_format_carry_their_provenance():
+    runs = [
+        r for r in json.loads((RESULTS / "scale.json").read_text())["runs"] if r["name"].startswith(("moe-", "peers-"))
+    ]
+    assert len(runs) >= 9
     for r in runs:
         assert {"command", "commit", "started", "finished", "versions", "cpu", "cpus", "threads"} <= set(r), r["name"]
         assert not r["commit"].endswith("+dirty") and len(r["commit"]) == 40
