@@ -12,7 +12,7 @@ KL(FP || quantized), flip rate (1 - top-1 agreement with FP), held-out accuracy;
 peak RSS of the calibrating process; per model and scheme, KL ratios (TLQ / GPTQ, TLQ / llm-compressor) and
 flip differences with paired-bootstrap intervals over held-out items.
 
-Writes benchmarks/results/quality.json (``{"records": [...], "ratios": [...]}``: one record per
+Writes (into ``--out``, default benchmarks/results; ``--quick``: a temporary folder) quality.json (``{"records": [...], "ratios": [...]}``: one record per
 model/library/method/scheme/seed, plus one `method: "fp"` record per model with `text_prior_accuracy`),
 benchmarks/results/RESULTS.md and benchmarks/results/quality.png; the per-item metrics of the last table go
 to benchmarks/results/quality_items.pt (not committed; `--peers-only` pairs with them).
@@ -533,11 +533,14 @@ def _timing_jobs(args) -> list[dict]:
     return [_job(model, label, "W4A16-g128") for model in models for label in labels]
 
 
-ITEMS_PATH = HERE / "results" / "quality_items.pt"  # per-item metrics of the last table (not committed)
+#: where a run writes (``--out``); committed results live here, a ``--quick`` run writes elsewhere by default
+RESULTS = HERE / "results"
+QUICK_RESULTS = Path(tempfile.gettempdir()) / "tlq-quality-quick"
+ITEMS_NAME = "quality_items.pt"  # per-item metrics of the last table (not committed)
 
 
-def _old_records() -> list[dict]:
-    data = json.loads((HERE / "results" / "quality.json").read_text())
+def _old_records(out: Path) -> list[dict]:
+    data = json.loads((out / "quality.json").read_text())
     return data["records"] if isinstance(data, dict) else data
 
 
@@ -546,8 +549,8 @@ def run(args) -> tuple[list[dict], ItemMetrics]:
 
     With ``--timing-only`` the table records come from the existing quality.json and only the time-alone
     pass is re-run (its records replace the old ones); ``--peers-only`` keeps every tlq_hf record and the
-    per-item metrics of the last table (``ITEMS_PATH``) and re-runs the llm-compressor jobs."""
-    items = ItemMetrics() if not (args.timing_only or args.peers_only) else ItemMetrics.load(ITEMS_PATH)
+    per-item metrics of the last table (``--out``/``quality_items.pt``) and re-runs the llm-compressor jobs."""
+    items = ItemMetrics() if not (args.timing_only or args.peers_only) else ItemMetrics.load(args.out / ITEMS_NAME)
     threads = 1 if args.jobs > 1 else args.threads  # per table worker
     torch.set_num_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="tlq-quality-"))
@@ -559,13 +562,13 @@ def run(args) -> tuple[list[dict], ItemMetrics]:
         rerun = {(m, s) for m in args.models for s in args.schemes}
         records += [
             r
-            for r in _old_records()
+            for r in _old_records(args.out)
             if (r["method"] == "fp" and r["model"] not in args.models)
             or (r["method"] != "fp" and r.get("phase") != "timing" and (r["model"], r["scheme"]) not in rerun)
             or (r.get("phase") == "timing" and (args.no_timing or args.quick))
         ]
     if args.timing_only or args.peers_only:  # keep the old records that are not re-run
-        old = _old_records()
+        old = _old_records(args.out)
         if args.timing_only:
             records, table_jobs = [r for r in old if r.get("phase") != "timing"], []
         else:  # every llm-compressor job, table and time-alone pass
@@ -587,7 +590,7 @@ def run(args) -> tuple[list[dict], ItemMetrics]:
             ev, ref = evaluators[job["model_name"]], refs[job["model_name"]]
             records += _evaluate_job(job, _run_worker(python, job), ev, ref, "timing", items)
     shutil.rmtree(work, ignore_errors=True)
-    items.save(ITEMS_PATH)
+    items.save(args.out / ITEMS_NAME)
     return records, items
 
 
@@ -766,8 +769,8 @@ def _targets_section(records: list[dict], ratios: list[dict], args) -> list[str]
 
 
 def write_results(records: list[dict], ratios: list[dict], args, wall: float) -> None:
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
+    results = args.out
+    results.mkdir(parents=True, exist_ok=True)
     (results / "quality.json").write_text(json.dumps({"records": records, "ratios": ratios}, indent=1))
     meta_path = results / "quality_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -921,6 +924,12 @@ def main() -> None:
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one model, W3A16-g128, one seed, no ablations")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"folder of quality.json / RESULTS.md / quality.png (default {RESULTS}; with --quick {QUICK_RESULTS}, "
+        "so a quick run never overwrites the committed results)",
+    )
     p.add_argument("--models", nargs="*", default=list(MODELS))
     p.add_argument("--schemes", nargs="*", default=list(SCHEMES))
     p.add_argument("--methods", nargs="*", help="only these method / ablation / peer labels (default: all)")
@@ -941,6 +950,8 @@ def main() -> None:
     )
     args = p.parse_args()
     args.argv = sys.argv[1:]
+    args.out = Path(args.out) if args.out else (QUICK_RESULTS if args.quick else RESULTS)
+    args.out.mkdir(parents=True, exist_ok=True)
     missing = [m for m in args.models if m not in MODELS]
     if missing:
         recipes = {r.name: key for key, r in RECIPES.items()}
@@ -955,7 +966,7 @@ def main() -> None:
     ratios = items.ratios(args.models, args.schemes)
     if args.merge or args.timing_only:  # the old ratios of every (model, scheme) not re-run here
         fresh = {(r["model"], r["scheme"]) for r in ratios}
-        old = json.loads((HERE / "results" / "quality.json").read_text()).get("ratios", [])
+        old = json.loads((args.out / "quality.json").read_text()).get("ratios", [])
         ratios = [r for r in old if (r["model"], r["scheme"]) not in fresh] + ratios
     args.rerun_schemes = list(args.schemes)
     if args.merge:  # the written table covers every model and scheme it holds
@@ -964,7 +975,7 @@ def main() -> None:
         order = {(m, s): k for k, (m, s) in enumerate((m, s) for m in args.models for s in args.schemes)}
         ratios.sort(key=lambda r: order.get((r["model"], r["scheme"]), len(order)))
     write_results(records, ratios, args, time.perf_counter() - start)
-    print(f"wrote {HERE / 'results' / 'RESULTS.md'} in {(time.perf_counter() - start) / 60:.1f} min")
+    print(f"wrote {args.out / 'RESULTS.md'} in {(time.perf_counter() - start) / 60:.1f} min")
 
 
 if __name__ == "__main__":
