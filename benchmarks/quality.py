@@ -12,10 +12,10 @@ KL(FP || quantized), flip rate (1 - top-1 agreement with FP), held-out accuracy;
 peak RSS of the calibrating process; per model and scheme, KL ratios (TLQ / GPTQ, TLQ / llm-compressor) and
 flip differences with paired-bootstrap intervals over held-out items.
 
-Writes (into ``--out``, default benchmarks/results; ``--quick``: a temporary folder) quality.json (``{"records": [...], "ratios": [...]}``: one record per
-model/library/method/scheme/seed, plus one `method: "fp"` record per model with `text_prior_accuracy`),
-benchmarks/results/RESULTS.md and benchmarks/results/quality.png; the per-item metrics of the last table go
-to benchmarks/results/quality_items.pt (not committed; `--peers-only` pairs with them).
+Writes into ``--out`` (default benchmarks/results; with ``--quick`` a temporary folder): quality.json
+(``{"records": [...], "ratios": [...]}``: one record per model/library/method/scheme/seed, plus one
+`method: "fp"` record per model with `text_prior_accuracy`), RESULTS.md and quality.png; the per-item metrics of
+the last table go to quality_items.pt there (not committed; `--peers-only` pairs with them).
 """
 
 from __future__ import annotations
