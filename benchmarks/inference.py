@@ -3,7 +3,8 @@
 Not a test. One run, one machine, every variant in its own fresh process (sequentially), so the ratios
 compare like with like:
 
-- ``bf16``: the random-weight bf16 checkpoint (``benchmarks/scale.py`` writes it, tensor by tensor);
+- ``fp32`` and ``bf16``: the random-weight bf16 checkpoint (``benchmarks/scale.py`` writes it, tensor by tensor)
+  loaded in float32 and in bf16 (dense baselines);
 - ``native``: tlq_hf's native W4A16-g128 checkpoint (RTN; the solver does not change speed), reloaded with
   tlq_hf: the packed layers run the kernel ``tlq_hf.nn.kernels`` picks (int4pack on CPU for bf16);
 - ``compressed-tensors``: the default-format checkpoint of the same model, reloaded by transformers
@@ -14,12 +15,14 @@ compare like with like:
 Memory is the growth of the process's resident set (VmRSS, anonymous + file-backed: a bf16 checkpoint is
 memory-mapped, so its pages count once read) from before ``from_pretrained`` to after decoding, with Python's
 and malloc's free memory released first; decode speed is ``(n - 1) / (t(n new tokens) - t(1 new token))``
-for greedy generation from a text prompt, best of 3. Writes ``benchmarks/results/inference.json`` and ``INFERENCE.md``.
+for greedy generation from a text prompt, best of 3 within a process; every variant runs in ``--runs`` fresh
+processes (default 3), reported as the median run with every run's speed beside it. Writes
+``benchmarks/results/inference.json`` and ``INFERENCE.md``.
 
 Usage::
 
-    python benchmarks/inference.py                      # llava-1b-v32k (Llama-3.2-1B text shapes, vocab 32000)
-    python benchmarks/inference.py --model llava-1b     # vocab 128256: the embedding is 1/5 of the weights
+    python benchmarks/inference.py                          # llava-1b: Llama-3.2-1B text shapes, vocab 128256
+    python benchmarks/inference.py --model llava-1b-v32k    # the same with a 32000 vocabulary
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ def _settled_rss_kb() -> dict[str, int]:
     return {k: _rss_kb(k) for k in ("VmRSS", "RssAnon", "RssFile")}
 
 
-def measure(folder: str, threads: int, new_tokens: int, prompt_tokens: int) -> dict:
-    """In this process: load ``folder`` in bf16, then time greedy decoding. Returns the record."""
+def measure(folder: str, threads: int, new_tokens: int, prompt_tokens: int, dtype: str = "bfloat16") -> dict:
+    """In this process: load ``folder`` in ``dtype``, then time greedy decoding. Returns the record."""
     import torch
 
     import tlq_hf  # noqa: F401  (registers the quantizer for the native format)
@@ -67,7 +70,7 @@ def measure(folder: str, threads: int, new_tokens: int, prompt_tokens: int) -> d
 
     torch.set_num_threads(threads)
     before = _settled_rss_kb()
-    model = load_auto_class().from_pretrained(folder, dtype=torch.bfloat16)
+    model = load_auto_class().from_pretrained(folder, dtype=getattr(torch, dtype))
     loaded_mb = (_settled_rss_kb()["VmRSS"] - before["VmRSS"]) / 1024
     kernels = sorted({m.kernel_name for m in model.modules() if isinstance(m, TLQLinear)})
     dense = sum(
@@ -100,7 +103,7 @@ def measure(folder: str, threads: int, new_tokens: int, prompt_tokens: int) -> d
 
 
 def _child(args: argparse.Namespace) -> None:
-    print(json.dumps(measure(args.child, args.threads, args.new_tokens, args.prompt_tokens)))
+    print(json.dumps(measure(args.child, args.threads, args.new_tokens, args.prompt_tokens, args.dtype)))
 
 
 #: variant -> (folder suffix, TLQConfig arguments); RTN: the solver does not change speed or memory.
@@ -121,16 +124,29 @@ def _quantize(src: Path, out: Path, kwargs: dict) -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def _in_child(folder: Path, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(folder), "--threads", str(args.threads)]
+def _in_child(folder: Path, args: argparse.Namespace, dtype: str = "bfloat16") -> dict:
+    cmd = [sys.executable, __file__, "--child", str(folder), "--threads", str(args.threads), "--dtype", dtype]
     cmd += ["--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _runs(folder: Path, args: argparse.Namespace, dtype: str) -> dict:
+    """``args.runs`` fresh processes of one variant: the median run's figures, and every run's decode speed and
+    resident memory (the spread)."""
+    runs = [_in_child(folder, args, dtype) for _ in range(args.runs)]
+    median = sorted(runs, key=lambda r: r["decode_tok_s"])[len(runs) // 2]
+    return median | {
+        "runs_decode_tok_s": [round(r["decode_tok_s"], 3) for r in runs],
+        "runs_resident_mb": [round(r["resident_mb"], 1) for r in runs],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llava-1b-v32k", choices=sorted(scale.MODELS))
+    p.add_argument("--model", default="llava-1b", choices=sorted(scale.MODELS))
+    p.add_argument("--runs", type=int, default=3, help="fresh processes per variant (median and spread reported)")
+    p.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)  # a child's load dtype
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=32)
@@ -141,14 +157,16 @@ def main() -> None:
         return _child(args)
 
     src = scale.build_model(args.model)
-    variants = {"bf16": src}
+    variants = {"fp32": src, "bf16": src}  # the same bf16 checkpoint, loaded in float32 and in bf16
     for name, (suffix, kwargs) in QUANTIZED.items():
         out = src.parent / f"{src.name}-{suffix}"
         if not (out / "DONE").exists():  # a save killed half-way is redone, never measured
             _quantize(src, out, kwargs)
             (out / "DONE").touch()
         variants[name] = out
-    records = {name: _in_child(folder, args) for name, folder in variants.items()}
+    records = {
+        name: _runs(folder, args, "float32" if name == "fp32" else "bfloat16") for name, folder in variants.items()
+    }
     base = records["bf16"]
     for r in records.values():
         r["memory_vs_bf16"] = r["resident_mb"] / base["resident_mb"]
@@ -163,18 +181,20 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "inference.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
-        f"# Inference: {args.model}, {args.threads} threads, decode {args.new_tokens} tokens",
+        f"# Inference: {args.model}, {args.threads} threads, decode {args.new_tokens} tokens, median of {args.runs} "
+        "fresh processes per variant (spread: every run's decode tok/s)",
         "",
         f"`{result['command']}`",
         "",
-        "| variant | kernels | resident MB (anon + file) | memory vs bf16 | decode tok/s | decode vs bf16 |",
+        "| variant | kernels | resident MB (anon + file) | memory vs bf16 | decode tok/s (runs) | decode vs bf16 |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for name, r in records.items():
         lines.append(
             f"| {name} | {', '.join(r['kernels']) or 'dense'} | {r['resident_mb']:.0f} ({r['anon_mb']:.0f} + "
             f"{r['file_mb']:.0f}) | {r['memory_vs_bf16']:.2f}x "
-            f"| {r['decode_tok_s']:.2f} | {r['decode_vs_bf16']:.2f}x |"
+            f"| {r['decode_tok_s']:.2f} ({' / '.join(f'{v:.2f}' for v in r['runs_decode_tok_s'])}) "
+            f"| {r['decode_vs_bf16']:.2f}x |"
         )
     (RESULTS / "INFERENCE.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
