@@ -142,6 +142,40 @@ def _runs(folder: Path, args: argparse.Namespace, dtype: str) -> dict:
     }
 
 
+README_BEGIN, README_END = "<!-- inference -->", "<!-- /inference -->"
+LABELS = {
+    "fp32": ("fp32", "dense"),
+    "bf16": ("bf16", "dense"),
+    "native": ('native W4A16-g128 (`save_format="tlq"`)', None),
+    "compressed-tensors": ("compressed-tensors W4A16-g128 (default)", "dense (transformers decompresses)"),
+    "native-w8a8": ("native W8A8 (per-channel)", None),
+}
+
+
+def readme_block(result: dict) -> str:
+    """The README's inference table, from the ``inference.json`` record."""
+    flags = ", ".join(result.get("cpu_flags") or [])
+    lines = [
+        f"`{result['command'].strip()}` (record `benchmarks/results/inference.json`, commit {result['commit'][:7]}, "
+        f"{result['cpu']}{' with ' + flags if flags else ''}, {result['threads']} threads"
+        f"{', contended' if result.get('contended') else ''}): model `{result['model']}`, greedy decode of "
+        f"{result['new_tokens']} tokens after a {result['prompt_tokens']}-token prompt; each variant in "
+        f"{len(next(iter(result['variants'].values()))['runs_decode_tok_s'])} fresh processes, the median run shown "
+        "with every run's speed.",
+        "",
+        "| variant | kernel | resident MB | memory vs bf16 | decode tok/s (runs) | decode vs bf16 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, r in result["variants"].items():
+        label, kernel = LABELS.get(name, (name, None))
+        runs = " / ".join(f"{v:.2f}" for v in r["runs_decode_tok_s"])
+        lines.append(
+            f"| {label} | {kernel or ', '.join(r['kernels']) or 'dense'} | {r['resident_mb']:.0f} "
+            f"| {r['memory_vs_bf16']:.2f}x | {r['decode_tok_s']:.2f} ({runs}) | {r['decode_vs_bf16']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llava-1b", choices=sorted(scale.MODELS))
@@ -180,6 +214,11 @@ def main() -> None:
     )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "inference.json").write_text(json.dumps(result, indent=1) + "\n")
+    readme = HERE.parent / "README.md"
+    text = readme.read_text()
+    if README_BEGIN in text:
+        head, rest = text.split(README_BEGIN, 1)
+        readme.write_text(f"{head}{README_BEGIN}\n{readme_block(result)}\n{README_END}{rest.split(README_END, 1)[1]}")
     lines = [
         f"# Inference: {args.model}, {args.threads} threads, decode {args.new_tokens} tokens, median of {args.runs} "
         "fresh processes per variant (spread: every run's decode tok/s)",

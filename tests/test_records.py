@@ -12,6 +12,7 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import inference  # noqa: E402
 import provenance  # noqa: E402
 import scale  # noqa: E402
 
@@ -27,6 +28,13 @@ def test_scale_markdown_and_the_readme_blocks_are_the_ones_generated_from_scale_
     for key, render in (("moe", scale.moe_sweep_block), ("peers", scale.peers_block)):
         begin, end = scale.BLOCKS[key]
         assert text.split(begin, 1)[1].split(end, 1)[0].strip() == render(runs).strip(), (key, fix)
+
+
+def test_the_readme_inference_table_is_the_one_generated_from_its_record():
+    result = json.loads((RESULTS / "inference.json").read_text())
+    block = README.read_text().split(inference.README_BEGIN, 1)[1].split(inference.README_END, 1)[0]
+    assert block.strip() == inference.readme_block(result).strip()
+    assert len(result["variants"]["native"]["runs_decode_tok_s"]) >= 3 and not result["contended"]
 
 
 def test_records_of_this_format_carry_their_provenance():
