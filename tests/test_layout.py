@@ -130,6 +130,8 @@ def test_a_format_registered_later_is_accepted_and_asked_by_the_card(toy_format,
     model = auto_class().from_pretrained(tiny_vlm_dirs["qwen2_vl"], quantization_config=config, dtype=torch.float32)
     card = str(model_card(model, repo_id="me/toy"))
     assert "toy-format" in card and "toy loader for me/toy" in card and "| format | toy |" in card
+    with pytest.raises(TypeError, match="'toy'.* defines prepare_load and check_loaded"):  # no loader hooks written
+        toy_format().prepare_load(model, config, torch.float32, [])
 
 
 @pytest.fixture

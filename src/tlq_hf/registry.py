@@ -38,9 +38,9 @@ class Registry(Mapping[str, T], Generic[T]):
         name = getattr(stored, self.key, None)
         if not isinstance(name, str) or not name:
             raise ValueError(f"a {self.concept} needs a non-empty string {self.key!r} to be registered: {entry!r}")
-        old = self._entries.get(name, stored)
-        same_class = self.instantiate and type(old) is type(stored)  # a class registered again: one instance
-        if old is not stored and not same_class:
+        old = self._entries.get(name)
+        again = old is stored or (self.instantiate and type(old) is type(stored))  # the same entry, once more
+        if old is not None and not again:
             raise ValueError(f"{self.concept} {name!r} is registered twice ({old!r} and {entry!r})")
         self._entries[name] = stored
         return entry

@@ -296,6 +296,10 @@ class _LayerStep:
         y = layer_forward(self.layer, x.to(self.on.device, self.on.compute_dtype), self.kwargs[j])
         return self.loop.captured[j].after_layer(self.index, y)
 
+    def run_one(self) -> torch.Tensor:
+        """The layer on the first sample (probes: which modules share an input, whether a fold keeps the output)."""
+        return self.forward(self.state.x_in[0], 0)
+
     def run(self) -> None:
         loop, cfg, state = self.loop, self.cfg, self.state
         paired = any(STATISTICS[kind].paired for kind in loop.solver.needs)
@@ -313,7 +317,7 @@ class _LayerStep:
                 n: self.layer.get_submodule(n[len(self.prefix) :]) for n in loop.targets if n.startswith(self.prefix)
             }
             self.experts = {n: e for n in self.live if (e := expert_index(n, loop.model)) is not None}
-            groups = loop._groups(self.live, lambda: self.forward(state.x_in[0], 0))
+            groups = loop._groups(self.live, self.run_one)
             passes = self._passes(groups)
             installer = Installer(loop.edits, self.live, on)
             for k, indices in enumerate(passes):
@@ -392,8 +396,7 @@ class _LayerStep:
         pass, else once no pass needs the full-precision linears any more."""
         loop, cfg, dtype = self.loop, self.cfg, self.on.store_dtype
         if loop.smoothing is not None:
-            run_one = lambda: self.forward(self.state.x_in[0], 0)  # noqa: E731
-            loop.smoothing.apply(self.layer, part, self.prefix, self.on.compute_dtype, run_one)
+            loop.smoothing.apply(self.layer, part, self.prefix, self.on.compute_dtype, self.run_one)
         if last:
             installer.flush()
 

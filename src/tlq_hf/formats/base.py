@@ -44,6 +44,13 @@ class TensorSpec:
     shape: tuple[int, ...] | None
     dtypes: tuple[str, ...]
 
+    def accepts(self, shape: tuple[int, ...], dtype: str | None) -> bool:
+        """Whether a tensor of ``shape`` and safetensors dtype name ``dtype`` is this one."""
+        return (self.shape is None or tuple(shape) == self.shape) and dtype in self.dtypes
+
+    def __str__(self) -> str:
+        return f"{self.shape or '(any shape)'} {'/'.join(self.dtypes)}"
+
 
 class CheckpointFormat(ABC):
     """How a quantized model is stored. Subclasses set the class facts and implement the abstract methods."""
@@ -73,12 +80,19 @@ class CheckpointFormat(ABC):
     def prepare_load(self, model: nn.Module, config: Any, dtype: torch.dtype, files: list[str]) -> list[str]:
         """Loading a checkpoint of this format through tlq_hf's quantizer: before the weights arrive, put the
         modules that receive them in place (and check ``files``, when known, against them); returns their names.
-        A format that transformers loads by itself (no ``import tlq_hf`` needed) never gets here."""
-        raise NotImplementedError(f"{self.name} checkpoints are loaded by transformers itself, not by tlq_hf")
+        A format that transformers loads by itself (``needs_plugin = False``) never gets here; one that needs
+        tlq_hf to load must override this and :meth:`check_loaded`."""
+        raise TypeError(self._no_loader())
 
     def check_loaded(self, model: nn.Module, names: list[str]) -> None:
         """After the weights arrived: raise if any module in ``names`` holds missing or insane tensors."""
-        raise NotImplementedError(f"{self.name} checkpoints are loaded by transformers itself, not by tlq_hf")
+        raise TypeError(self._no_loader())
+
+    def _no_loader(self) -> str:
+        return (
+            f"{type(self).__name__} ({self.name!r}) has no loader hooks: its checkpoints are loaded by transformers "
+            "itself; a format that needs tlq_hf to load defines prepare_load and check_loaded"
+        )
 
     @abstractmethod
     def scheme_of(self, quantization_config: dict) -> QuantScheme:

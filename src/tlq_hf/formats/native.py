@@ -166,11 +166,8 @@ def validate_checkpoint(files: list[str], model: nn.Module, names: list[str]) ->
                 spec = specs.get(f"{disk}.{buf}")
                 if spec is None:
                     problems.append(f"{disk}.{buf}: missing from the checkpoint")
-                elif spec[0] != want.shape or spec[1] not in want.dtypes:
-                    problems.append(
-                        f"{disk}.{buf}: {spec[0]} {spec[1]} in the checkpoint, expected {want.shape} "
-                        f"{'/'.join(want.dtypes)}"
-                    )
+                elif not want.accepts(*spec):
+                    problems.append(f"{disk}.{buf}: {spec[0]} {spec[1]} in the checkpoint, expected {want}")
     if len(disk_modules) != len(names):
         problems.append(f"the checkpoint has {len(disk_modules)} packed modules, the config selects {len(names)}")
     _raise_if(problems)
@@ -198,10 +195,8 @@ def validate_packed_modules(model: nn.Module, names: list[str]) -> None:
             t = getattr(module, buf, None)
             if t is None or t.device.type == "meta":
                 problems.append(f"{name}.{buf}: missing from the checkpoint")
-            elif tuple(t.shape) != want.shape or _SAFETENSORS_DTYPES.get(t.dtype) not in want.dtypes:
-                problems.append(
-                    f"{name}.{buf}: {tuple(t.shape)} {t.dtype}, expected {want.shape} {'/'.join(want.dtypes)}"
-                )
+            elif not want.accepts(tuple(t.shape), _SAFETENSORS_DTYPES.get(t.dtype)):
+                problems.append(f"{name}.{buf}: {tuple(t.shape)} {t.dtype}, expected {want}")
             elif buf == "weight_scale" and not (torch.isfinite(t).all() and (t != 0).all()):
                 problems.append(f"{name}.{buf}: non-finite or zero scales")
     _raise_if(problems)
