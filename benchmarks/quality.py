@@ -135,7 +135,8 @@ def _worker_tlq(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     out, experts = {}, {}
-    config = dict(job["config"])
+    config = {**job["config"], "calibration_dtype": job.get("calibration_dtype", "auto")}
+    load_dtype = getattr(torch, job.get("load_dtype", "float32"))
     if (
         job["scheme"].get("act_bits")
         and "moe" in json.loads((Path(job["model"]) / "config.json").read_text())["model_type"]
@@ -146,7 +147,7 @@ def _worker_tlq(job: dict) -> dict:
             dataset=calibration_rows(seed, job["model_name"]), num_samples=NUM_SAMPLES, **job["scheme"], **config
         )
         start = time.perf_counter()
-        model = load_auto_class().from_pretrained(job["model"], quantization_config=cfg, dtype=torch.float32)
+        model = load_auto_class().from_pretrained(job["model"], quantization_config=cfg, dtype=load_dtype)
         seconds = time.perf_counter() - start
         model.save_pretrained(Path(job["out"]) / f"seed{seed}")
         out[seed] = seconds
@@ -521,6 +522,8 @@ def _prepare(job: dict, args, work: Path, seeds: list[int], threads: int, tag: s
         threads=threads,
         held_out=args.held_out,
         out=str(work / f"{tag}-{job['model_name']}-{job['label']}-{job['scheme_name']}".replace(" ", "_")),
+        load_dtype=args.load_dtype,
+        calibration_dtype=args.calibration_dtype,
     )
     return (args.peers_python if job["kind"] == "llmc" else sys.executable), job
 
@@ -940,6 +943,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads of a worker when --jobs 1 and when timing")
     p.add_argument("--jobs", type=int, default=2, help="calibration workers at a time (one thread each if > 1)")
     p.add_argument("--no-timing", action="store_true", help="skip the time-alone pass")
+    p.add_argument(
+        "--load-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="dtype tlq_hf's workers load the full-precision model in before quantizing (the reference is float32)",
+    )
+    p.add_argument(
+        "--calibration-dtype",
+        default="auto",
+        choices=["auto", "float32"],
+        help="TLQConfig(calibration_dtype=...) of tlq_hf's workers (what a bf16 model's layers compute in)",
+    )
     p.add_argument("--timing-models", nargs="*", help="models of the time-alone pass (default: --models)")
     p.add_argument("--timing-only", action="store_true", help="re-run only the time-alone pass (keeps the table)")
     p.add_argument("--peers-only", action="store_true", help="re-run only the llm-compressor jobs (with --peers)")

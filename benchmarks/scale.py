@@ -329,6 +329,7 @@ def _worker(job: dict) -> dict:
         model.save_pretrained(work / "out")
     return {
         "rank": rank,
+        "compute_dtype": report.compute_dtype,
         "wall_s": wall,
         "calibration_s": report.seconds,
         "io_s": report.io_seconds,
@@ -568,7 +569,7 @@ def run_row(
         "name": name,
         "library": library,
         "method": method if library == "tlq_hf" else "gptq",
-        "dtype": dtype if library == "llm-compressor" else "bfloat16 (fp32 per layer)",
+        "dtype": dtype if library == "llm-compressor" else f"bfloat16 ({main.get('compute_dtype')} per layer)",
         "model": model if layers is None else f"{model}-L{layers}",
         "layers": stats["layers"],
         "params": stats["params"],
@@ -631,6 +632,31 @@ def _segments(work: Path) -> dict:
     return out
 
 
+#: (suffix, offload, run_row keywords) of the side-by-side rows (issue 28, item 3): llm-compressor GPTQ computing in
+#: bf16 and in fp32 in RAM, and in bf16 from its own offloading (512 MiB of CPU, the rest on disk); tlq_hf TLQ and
+#: plain GPTQ disk-offloaded, TLQ in RAM
+PEER_VARIANTS = (
+    ("llmc-bf16", "none", dict(library="llm-compressor", dtype="bfloat16")),
+    ("llmc-fp32", "none", dict(library="llm-compressor", dtype="float32")),
+    ("llmc-bf16-disk", "disk", dict(library="llm-compressor", dtype="bfloat16")),
+    ("tlq-disk", "disk", dict(method="tlq")),
+    ("gptq-disk", "disk", dict(method="gptq")),
+    ("tlq-ram", "none", dict(method="tlq")),
+)
+
+
+def _peer_rows(prefix: str, layers: int | None, variants) -> list[dict]:
+    """The side-by-side rows ``prefix-<suffix>`` on the 1B LLaVA (``layers`` of it; its 128k vocabulary), each in its
+    own process, back to back in this invocation."""
+    return [
+        {
+            **run_row(f"{prefix}-{suffix}", "llava-1b", offload, 1, 16, layers=layers, **kw),
+            "command": f"python benchmarks/scale.py --rows {prefix}",
+        }
+        for suffix, offload, kw in variants
+    ]
+
+
 THREADS_CMD = "python benchmarks/scale.py --rows threads"
 SWEEP_CMD = "python benchmarks/scale.py --rows sweep"
 MOE_SWEEP_CMD = "python benchmarks/scale.py --rows moe-sweep"
@@ -660,20 +686,10 @@ ROWS = {
     # peers at their best, side by side on the 2-layer llava-1b (128k vocabulary): llm-compressor GPTQ computing in
     # bf16 and in fp32 in RAM, and in bf16 from its own offloading (512 MiB of CPU, the rest on disk), tlq_hf TLQ and
     # plain GPTQ disk-offloaded, TLQ in RAM (issue 28, item 3)
-    "peers-l2": lambda: [
-        {
-            **run_row(name, "llava-1b", offload, 1, 16, layers=2, **kw),
-            "command": "python benchmarks/scale.py --rows peers-l2",
-        }
-        for name, offload, kw in (
-            ("peers-l2-llmc-bf16", "none", dict(library="llm-compressor", dtype="bfloat16")),
-            ("peers-l2-llmc-fp32", "none", dict(library="llm-compressor", dtype="float32")),
-            ("peers-l2-llmc-bf16-disk", "disk", dict(library="llm-compressor", dtype="bfloat16")),
-            ("peers-l2-tlq-disk", "disk", dict(method="tlq")),
-            ("peers-l2-gptq-disk", "disk", dict(method="gptq")),
-            ("peers-l2-tlq-ram", "none", dict(method="tlq")),
-        )
-    ],
+    "peers-l2": lambda: _peer_rows("peers-l2", 2, PEER_VARIANTS),
+    # the full 16-layer 1B model: llm-compressor's fastest configuration of peers-l2 beside tlq_hf's TLQ and plain GPTQ
+    # disk-offloaded, and TLQ in RAM (the like-for-like memory comparison with an in-RAM peer)
+    "peers-1b": lambda: _peer_rows("peers-1b", None, [v for v in PEER_VARIANTS if v[0] != "llmc-fp32"]),
     # the deepest sweep row again, in a 6 GB memory group: does calibration need the page cache the load leaves?
     "moe-limited": lambda: [
         {
@@ -686,7 +702,11 @@ ROWS = {
 
 MOE_BEGIN, MOE_END = "<!-- moe-scale -->", "<!-- /moe-scale -->"
 #: README blocks scale.py writes from its records
-BLOCKS = {"moe": (MOE_BEGIN, MOE_END), "peers": ("<!-- peers-l2 -->", "<!-- /peers-l2 -->")}
+BLOCKS = {
+    "moe": (MOE_BEGIN, MOE_END),
+    "peers-l2": ("<!-- peers-l2 -->", "<!-- /peers-l2 -->"),
+    "peers-1b": ("<!-- peers-1b -->", "<!-- /peers-1b -->"),
+}
 
 
 def write(records: list[dict]) -> None:
@@ -700,29 +720,38 @@ def write(records: list[dict]) -> None:
     path.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     (RESULTS / "SCALE.md").write_text(scale_markdown(runs))
     readme = HERE.parent / "README.md"
-    for (begin, end), block in ((BLOCKS["moe"], moe_sweep_block(runs)), (BLOCKS["peers"], peers_block(runs))):
+    for key, block in readme_blocks(runs).items():
+        begin, end = BLOCKS[key]
         text = readme.read_text()
         if block and begin in text:
             head, rest = text.split(begin, 1)
             readme.write_text(f"{head}{begin}\n{block}\n{end}{rest.split(end, 1)[1]}")
 
 
-def peers_block(runs: list[dict]) -> str:
-    """The README's side-by-side table of the ``peers-l2`` invocation ("" when it has not run): each row's time
-    and memory, and ratios to the fastest llm-compressor row and to tlq_hf's plain GPTQ of the same invocation."""
-    rows = [r for r in runs if r["name"].startswith("peers-l2-")]
+def readme_blocks(runs: list[dict]) -> dict[str, str]:
+    """The text of every README block (:data:`BLOCKS`) generated from the records ``runs`` ("" before its rows ran)."""
+    return {"moe": moe_sweep_block(runs), **{key: peers_block(runs, key) for key in ("peers-l2", "peers-1b")}}
+
+
+def peers_block(runs: list[dict], prefix: str = "peers-l2") -> str:
+    """The README's side-by-side table of the ``prefix`` invocation (``peers-l2``, ``peers-1b``; "" when it has not
+    run): each row's time and memory, and ratios to the fastest llm-compressor row and to tlq_hf's plain GPTQ of
+    the same invocation."""
+    rows = [r for r in runs if r["name"].startswith(prefix + "-")]
     if not rows or len({_invocation(r) for r in rows}) > 1:
         return ""
     gb = 1e9
     peer = min((r for r in rows if r["library"] == "llm-compressor"), key=lambda r: r["wall_s"])
-    gptq = next(r for r in rows if r["name"] == "peers-l2-gptq-disk")
+    gptq = next(r for r in rows if r["name"] == f"{prefix}-gptq-disk")
     first = rows[0]
     lines = [
-        f"`{first['command']}` (records `peers-l2-*` in `benchmarks/results/scale.json`, commit {first['commit'][:7]}, "
+        f"`{first['command']}` (records `{prefix}-*` in `benchmarks/results/scale.json`, commit {first['commit'][:7]}, "
         f"{first['cpu']}{' with ' + ', '.join(first['cpu_flags']) if first.get('cpu_flags') else ''}, "
         f"{first['cpus']} cores, one invocation, "
         f"each row in its own process{', none contended' if not any(r.get('contended') for r in rows) else ''}): "
-        f"the 2-layer slice of the 1B LLaVA (its 128k vocabulary), {first['samples']} rows / {first['tokens']} tokens, "
+        f"{'the full' if prefix == 'peers-1b' else 'the ' + str(first['layers']) + '-layer slice of the'} 1B LLaVA "
+        f"({'16 layers, ' if prefix == 'peers-1b' else ''}its 128k vocabulary), {first['samples']} rows / "
+        f"{first['tokens']} tokens, "
         "W4 g128, bf16 checkpoint.",
         "",
         "| row | library, method | compute | offload | wall | phases | x fastest peer | x plain GPTQ | peak RSS "
@@ -737,7 +766,7 @@ def peers_block(runs: list[dict]) -> str:
             f"| {r['peak_rss_bytes'] / gb:.2f} GB ({r['peak_rss_bytes'] / peer['peak_rss_bytes']:.2f}x) "
             f"| {r['peak_anon_rss_bytes'] / gb:.2f} GB |"
         )
-    tlq = next(r for r in rows if r["name"] == "peers-l2-tlq-disk")
+    tlq = next(r for r in rows if r["name"] == f"{prefix}-tlq-disk")
     lines += [
         "",
         f"Against llm-compressor's fastest configuration here ({peer['dtype']} compute): TLQ (gradient pass included, "

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# the suite's results must not depend on the machine: half-precision layers calibrate in float32 on every CPU
+# (tests of the native-bf16 path set TLQ_CPU_BF16=1 themselves; see tlq_hf.calibration.offload.cpu_has_native_bf16)
+os.environ["TLQ_CPU_BF16"] = "0"
 from _helpers import PROMPTS
 
 from tlq_hf.testing.tiny_models import build_tiny_vlm, make_inputs, sample_images

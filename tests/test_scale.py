@@ -18,7 +18,7 @@ from tlq_hf.arch import decoder_device_map, find_decoder_stack, select_quant_tar
 from tlq_hf.calibration import layer_loop, smoothing
 from tlq_hf.calibration.activations import ActivationStore
 from tlq_hf.calibration.capture import capture_layer_inputs, layer_forward
-from tlq_hf.calibration.offload import onloaded
+from tlq_hf.calibration.offload import calibration_precision, compute_dtype_for, onloaded
 from tlq_hf.calibration.resume import CheckpointMismatchError
 from tlq_hf.calibration.stats import STATISTICS, HessianStatistic, StatGroup, shared_input_groups
 from tlq_hf.data import build_calibration_set
@@ -127,6 +127,58 @@ def test_bf16_model_calibrates_in_float32_on_cpu_and_keeps_its_dtype(tiny_vlm_di
     dtypes = {t.dtype for t in stack.layers.state_dict().values() if t.is_floating_point()}
     assert dtypes == {torch.bfloat16}
     assert all(r.error_after < 0.05 for r in model.tlq_report.layers)
+
+
+def test_compute_dtype_follows_the_calibration_precision(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    monkeypatch.setenv("TLQ_CPU_BF16", "0")  # an AVX2 CPU: half precision computes in float32
+    assert [compute_dtype_for(cpu, d) for d in (bf16, fp16, fp32)] == [fp32, fp32, fp32]
+    assert compute_dtype_for(gpu, bf16) == bf16 and compute_dtype_for(gpu, fp16) == fp16
+    monkeypatch.setenv("TLQ_CPU_BF16", "1")  # AVX512-BF16 / AMX: bf16 stays (fp16 has no native CPU matmul)
+    assert [compute_dtype_for(cpu, d) for d in (bf16, fp16, fp32)] == [bf16, fp32, fp32]
+    with calibration_precision("float32"):
+        assert compute_dtype_for(cpu, bf16) == fp32 and compute_dtype_for(gpu, bf16) == fp32
+    assert compute_dtype_for(cpu, bf16) == bf16  # the block ended
+    with pytest.raises(ValueError, match="auto"), calibration_precision("bfloat16"):
+        pass
+    with pytest.raises(ValueError, match=r"calibration_dtype='bf16'.*'auto', 'float32'"):
+        TLQConfig(calibration_dtype="bf16")
+
+
+def test_bf16_model_calibrates_in_bf16_on_a_cpu_with_native_bf16(tiny_vlm_dirs, tmp_path, monkeypatch):
+    """Where the CPU has native bf16 matmuls (forced here) a bf16 model's layers calibrate in bf16, close to the
+    float32 result; ``calibration_dtype="float32"`` there reproduces the float32 checkpoint bit for bit."""
+    seen = []
+    real = layer_loop.layer_forward
+
+    def spy(layer, x, kwargs):
+        seen.append((x.dtype, *sorted({str(p.dtype) for p in layer.parameters()})))
+        return real(layer, x, kwargs)
+
+    monkeypatch.setattr(layer_loop, "layer_forward", spy)
+
+    def run(name, **kw):
+        seen.clear()
+        model = auto_class().from_pretrained(
+            tiny_vlm_dirs[FAMILY], dtype=torch.bfloat16, quantization_config=_config(**kw)
+        )
+        model.save_pretrained(tmp_path / name)
+        return model.tlq_report, set(seen)
+
+    fp32, fp32_seen = run("fp32")
+    monkeypatch.setenv("TLQ_CPU_BF16", "1")
+    bf16, bf16_seen = run("bf16")
+    forced, forced_seen = run("forced", calibration_dtype="float32")
+    assert (fp32.compute_dtype, bf16.compute_dtype, forced.compute_dtype) == ("float32", "bfloat16", "float32")
+    # float32: norms upcast, linears' bf16 weights cast per call (scratch bands); bf16: nothing upcast
+    assert fp32_seen == forced_seen == {(torch.float32, "torch.bfloat16", "torch.float32")}
+    assert bf16_seen == {(torch.bfloat16, "torch.bfloat16")}
+    _assert_same_checkpoint(tmp_path / "fp32", tmp_path / "forced")
+    x, y = _saved(tmp_path / "fp32"), _saved(tmp_path / "bf16")
+    assert any(not torch.equal(x[k], y[k]) for k in x if k.endswith("weight_packed"))
+    for a, b in zip(fp32.layers, bf16.layers):
+        assert b.error_after < 0.05 and abs(b.error_after - a.error_after) <= 0.25 * a.error_after + 1e-4
 
 
 _KILL_SCRIPT = textwrap.dedent(
@@ -467,6 +519,10 @@ def test_statistic_passes_keep_shared_inputs_together_and_put_the_largest_last()
     bins = lambda g: "experts" if g.members[0] in ("gate", "up", "down") else None  # noqa: E731
     assert layer_loop.statistic_passes(groups, footprint, budget=0, bin_of=bins) == [[4, 5], [0, 1, 2, 3], [6]]
     assert layer_loop.statistic_passes(groups, footprint, budget=1000, bin_of=bins) == [list(range(7))]
+    # everything within ONE_PASS_SLACK of the largest input: one pass whatever the budget (a dense layer's down_proj)
+    size.update(q=3, k=3, v=3, o=3, gate=3, up=3)
+    assert 100 * layer_loop.ONE_PASS_SLACK >= sum(size.values())
+    assert layer_loop.statistic_passes(groups, footprint, budget=0) == [list(range(7))]
 
 
 def test_statistics_collected_in_several_passes_give_the_same_checkpoint(

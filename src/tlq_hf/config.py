@@ -13,6 +13,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .calibration.importance_kinds import IMPORTANCE_KINDS
+from .calibration.offload import CALIBRATION_DTYPES
 from .formats.base import FORMATS
 from .methods import METHODS as METHOD_REGISTRY
 from .qtypes import SUPPORTED_ACT_BITS, SUPPORTED_WEIGHT_BITS, QuantScheme
@@ -66,6 +67,7 @@ CHOICES: Mapping[str, tuple] = _Choices(
         "answer_tokens": lambda: ANSWER_TOKENS,
         "importance_scope": lambda: IMPORTANCE_SCOPES,
         "save_format": FORMATS.names,
+        "calibration_dtype": lambda: CALIBRATION_DTYPES,
     }
 )
 
@@ -182,6 +184,7 @@ _SERIALIZED = (
     "smooth_alpha",
     "expert_min_tokens",
     "expert_all_tokens",
+    "calibration_dtype",
 )
 
 
@@ -254,6 +257,10 @@ class TLQConfig(QuantizationConfigMixin):
         expert_all_tokens: MoE experts: collect every expert's statistics from every token (the forward keeps
             the router's choice), as llm-compressor's ``calibrate_all_experts``; ``False`` (default): each
             expert is calibrated on the tokens its router sends it.
+        calibration_dtype: the dtype half-precision layers compute in while calibrating: ``"auto"`` (default)
+            their own dtype where the device has native matmuls for it (GPUs; bfloat16 on a CPU with AVX512-BF16
+            or AMX, about 4x float32's speed there), float32 elsewhere; ``"float32"`` always upcasts (slower,
+            the statistics see float32 forwards). Statistics, solves and errors are float32 either way.
         offload_dir: folder for calibration activations (layer boundaries, gradients, targets), one file
             per sample, so host memory holds one layer's worth; ``None`` keeps them in host memory.
             Never serialised.
@@ -292,6 +299,7 @@ class TLQConfig(QuantizationConfigMixin):
         smooth_alpha: float = 0.5,
         expert_min_tokens: int = 32,
         expert_all_tokens: bool = False,
+        calibration_dtype: str = "auto",
         offload_dir: str | os.PathLike | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         **kwargs: Any,
@@ -314,6 +322,7 @@ class TLQConfig(QuantizationConfigMixin):
         self.answer_tokens, self.importance_scope = answer_tokens, importance_scope
         self.damp, self.act_order, self.smooth_alpha = damp, act_order, smooth_alpha
         self.expert_min_tokens, self.expert_all_tokens = expert_min_tokens, expert_all_tokens
+        self.calibration_dtype = calibration_dtype
         self.offload_dir, self.checkpoint_dir = offload_dir, checkpoint_dir
         self.post_init()
         self.offload_dir = os.fspath(offload_dir) if offload_dir is not None else None

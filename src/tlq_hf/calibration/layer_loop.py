@@ -61,6 +61,7 @@ __all__ = [
     "LoopState",
     "LayerLoop",
     "statistic_passes",
+    "ONE_PASS_SLACK",
 ]
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,10 @@ class LoopState:
             store.close()
 
 
+#: one statistics pass whenever all of a layer's statistics fit in this multiple of its largest shared input's
+ONE_PASS_SLACK = 1.25
+
+
 def statistic_passes(
     groups: list[StatGroup],
     footprint: Callable[[StatGroup], int],
@@ -142,7 +147,9 @@ def statistic_passes(
     Groups that read the same input (same ``input_of``) stay in one pass: their input hook is shared. Inputs
     are packed largest first into the first pass with room; passes are returned smallest first (the largest
     statistic, solved last, then overlaps only with the packed forms of the others). Group order within a pass
-    is call order. One pass when everything fits. When several are needed, groups of different ``bin_of`` (the
+    is call order. One pass when everything fits, or when everything is within :data:`ONE_PASS_SLACK` of the
+    largest shared input's statistics (a dense layer's down projection: another pass would cost one more forward
+    of the layer to cut the peak by less than a fifth). When several are needed, groups of different ``bin_of`` (the
     experts module a group belongs to, ``None`` for other modules) never share a pass, so a pass over some
     experts of a layer needs to run only those experts (:func:`tlq_hf.experts.only_experts`).
     """
@@ -151,7 +158,7 @@ def statistic_passes(
         units.setdefault(g.input_of or g.members[0], []).append(k)
     size = {key: sum(footprint(groups[k]) for k in ks) for key, ks in units.items()}
     capacity = max([budget, *size.values()])
-    if sum(size.values()) <= capacity:
+    if sum(size.values()) <= max(capacity, ONE_PASS_SLACK * max(size.values())):
         return [list(range(len(groups)))]
     binned = bin_of or (lambda g: None)
     passes: list[list[str]] = []

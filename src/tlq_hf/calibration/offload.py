@@ -3,9 +3,11 @@
 ``from_pretrained(..., device_map=...)`` may leave a layer's weights on ``"meta"`` with an accelerate hook
 that loads them from the CPU or the offload folder at every forward. Calibration runs the same layer many
 times, so :func:`onloaded` materialises every tensor of the layer once on its execution device for the
-whole block (and keeps the hooks from offloading in between). On a CPU, half-precision layers compute in
-float32 inside the block (CPU bf16 matmuls in the backward layout are two orders of magnitude slower);
-activations stay stored in the model dtype.
+whole block (and keeps the hooks from offloading in between). The dtype a layer computes in is the calibration
+precision's (:func:`calibration_precision`, ``TLQConfig.calibration_dtype``): with ``"auto"`` a half-precision
+layer computes in its own dtype where the device has native matmuls for it (accelerators; a CPU with AVX512-BF16
+or AMX for bfloat16) and in float32 elsewhere (on an AVX2 CPU bf16 matmuls in the backward layout are two orders
+of magnitude slower); ``"float32"`` upcasts everywhere. Activations stay stored in the model dtype.
 
 On exit the layer is put back exactly as it was (``keep=False``: full-precision passes), or, after
 calibration swapped packed modules in (``keep=True``), settled: every remaining tensor returns to its
@@ -22,6 +24,7 @@ import itertools
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,8 +43,11 @@ from .capture import module_device
 from .io_clock import timed_io
 
 __all__ = [
+    "CALIBRATION_DTYPES",
     "ExpertSlices",
     "Onloaded",
+    "calibration_precision",
+    "cpu_has_native_bf16",
     "all_hooks",
     "PackedLayerFile",
     "offload_unfused_experts",
@@ -52,11 +58,59 @@ __all__ = [
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
+#: the values of ``TLQConfig.calibration_dtype``
+CALIBRATION_DTYPES = ("auto", "float32")
+_PRECISION: ContextVar[str] = ContextVar("tlq_calibration_precision", default="auto")
+#: CPU flags of native bfloat16 matmuls (oneDNN uses them for bf16 GEMMs, forward and backward layouts)
+_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def _cpuinfo_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has native bfloat16 matmuls (AVX512-BF16 or AMX, read from ``/proc/cpuinfo``; ``False``
+    where that cannot be read). ``TLQ_CPU_BF16=0`` / ``=1`` in the environment overrides the answer (the test
+    suite sets 0, so its results do not depend on the machine)."""
+    forced = os.environ.get("TLQ_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return bool(_cpuinfo_flags() & _BF16_FLAGS)
+
+
+@contextmanager
+def calibration_precision(dtype: str) -> Iterator[None]:
+    """Within the block, layers onloaded for calibration compute as ``dtype`` says (one of
+    :data:`CALIBRATION_DTYPES`; see :func:`compute_dtype_for`)."""
+    if dtype not in CALIBRATION_DTYPES:
+        raise ValueError(f"calibration dtype {dtype!r}: use one of {CALIBRATION_DTYPES}")
+    token = _PRECISION.set(dtype)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
 
 
 def compute_dtype_for(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a layer stored in ``dtype`` computes in on ``device`` during calibration."""
-    return torch.float32 if device.type == "cpu" and dtype in _HALF else dtype
+    """The dtype a layer stored in ``dtype`` computes in on ``device`` during calibration: float32 for half
+    precision under ``calibration_precision("float32")``; under ``"auto"`` (the default) its own dtype on an
+    accelerator and for bfloat16 on a CPU with native bf16 matmuls (:func:`cpu_has_native_bf16`), else float32."""
+    if dtype not in _HALF:
+        return dtype
+    if _PRECISION.get() == "float32":
+        return torch.float32
+    if device.type != "cpu":
+        return dtype
+    return dtype if dtype == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
 
 
 @dataclass(frozen=True)

@@ -30,14 +30,14 @@ from ..qtypes import QuantScheme
 from ..solvers import rtn
 from .activations import spill_root
 from .batching import assign_batches, plan_batches
-from .capture import CapturedSample, capture_layer_inputs
+from .capture import CapturedSample, capture_layer_inputs, module_device
 from .distributed import Comm, init_from_env
 from .importance import AnswerLoss, Tempering, TokenWeighting, gradient_importance
 from .importance_kinds import IMPORTANCE_KINDS
 from .io_clock import io_seconds
 from .journal import ModelEdits
 from .layer_loop import CalibrationData, LayerLoop, LayerReport, LayerSettings
-from .offload import offload_unfused_experts, onloaded
+from .offload import calibration_precision, compute_dtype_for, offload_unfused_experts, onloaded
 from .resume import LayerCheckpoint, fingerprint
 
 __all__ = ["ModuleReport", "QuantizationReport", "quantize_model"]
@@ -72,6 +72,7 @@ class QuantizationReport:
     answer_tokens: int = 0  # of ``tokens``: answer tokens (the ones the importance loss is taken on)
     io_seconds: float = 0.0  # of ``seconds``: reading/writing spilled activations and loading offloaded layers
     coverage: Coverage | None = None  # decoder weights quantized / kept in full precision, and why
+    compute_dtype: str | None = None  # what the decoder layers computed in while calibrating (e.g. "bfloat16")
 
     def summary(self, timing: bool = True) -> str:
         """One line: what was quantized, errors, data; with ``timing``, the seconds per phase (the only part of
@@ -92,6 +93,8 @@ class QuantizationReport:
             parts.append(f"{fallbacks} expert projections rounded to nearest (too few tokens)")
         if self.samples:
             parts.append(f"{self.samples} samples / {self.tokens} tokens")
+        if self.compute_dtype is not None:
+            parts.append(f"layers computed in {self.compute_dtype}")
         if self.answer_loss is not None:
             parts.append(f"FP answer loss {self.answer_loss:.3f}")
         if timing:
@@ -222,12 +225,28 @@ def _calibrate(model: nn.Module, config, scheme: QuantScheme, recipe: Recipe, ta
         report.seconds = time.perf_counter() - start
         logger.info("tlq_hf: %s", report.summary())
         return report
+    with calibration_precision(config.calibration_dtype):
+        _calibrate_with_data(model, config, scheme, recipe, targets, edits, report)
+    report.seconds = time.perf_counter() - start
+    report.io_seconds = io_seconds() - io_start
+    logger.info("tlq_hf: %s\n%s", report.summary(), report.table())
+    return report
+
+
+def _calibrate_with_data(
+    model: nn.Module, config, scheme: QuantScheme, recipe: Recipe, targets: dict, edits: ModelEdits, report
+) -> None:
+    """Capture, the gradient pass where the recipe needs it, the layer loop (see :func:`_calibrate`)."""
     run = _Run(model, config, scheme, recipe, edits, report)
     run.capture(targets)
+    first = run.stack.layers[0]
+    stored = next((p.dtype for p in first.parameters() if p.is_floating_point()), torch.float32)
+    report.compute_dtype = str(compute_dtype_for(module_device(first), stored)).removeprefix("torch.")
     run.spill = spill_root(config.offload_dir)
     try:
         if config.checkpoint_dir is not None:
-            digest = fingerprint(config.to_dict(), model, run.stack, run.captured)
+            settings = {**config.to_dict(), "compute_dtype": report.compute_dtype}  # "auto" as resolved here
+            digest = fingerprint(settings, model, run.stack, run.captured)
             run.checkpoint = LayerCheckpoint(config.checkpoint_dir, digest, run.comm)
             run.done = run.checkpoint.open()
         weighting = None
@@ -237,10 +256,6 @@ def _calibrate(model: nn.Module, config, scheme: QuantScheme, recipe: Recipe, ta
     finally:
         if run.spill is not None:
             shutil.rmtree(run.spill, ignore_errors=True)
-    report.seconds = time.perf_counter() - start
-    report.io_seconds = io_seconds() - io_start
-    logger.info("tlq_hf: %s\n%s", report.summary(), report.table())
-    return report
 
 
 @dataclass
