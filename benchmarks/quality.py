@@ -163,7 +163,7 @@ def _worker_llmc(job: dict) -> dict:
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-    from llmcompressor.modifiers.transform.awq import AWQMapping, AWQModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
     from transformers import AutoProcessor
 
     from tlq_hf.arch import find_decoder_stack
@@ -201,25 +201,7 @@ def _worker_llmc(job: dict) -> dict:
 
         model = load_auto_class().from_pretrained(job["model"], dtype=torch.float32)
         if job["modifier"] == "AWQModifier":  # a transform: scales, then a quantization modifier rounds
-            # llm-compressor's default mappings also match the CLIP tower's q/k/v and fail to resolve a
-            # single smoothing layer: scope them to the language model, as a user of a VLM has to
-            lm = r"re:.*language_model\.layers\.\d+\."
-            # MoE: llm-compressor's own MoE mappings (router and every expert's gate/up behind the norm, each
-            # expert's up before its down), scoped the same way
-            moe = any(n.endswith("mlp.experts") for n, _ in model.named_modules())
-            mlp = "mlp\\.experts\\.\\d+\\." if moe else "mlp\\."
-            mappings = [
-                AWQMapping(
-                    lm + "input_layernorm$",
-                    [lm + "self_attn\\.q_proj$", lm + "self_attn\\.k_proj$", lm + "self_attn\\.v_proj$"],
-                ),
-                AWQMapping(lm + "self_attn\\.v_proj$", [lm + "self_attn\\.o_proj$"]),
-                AWQMapping(
-                    lm + "post_attention_layernorm$",
-                    ([lm + "mlp\\.gate$"] if moe else []) + [lm + mlp + "gate_proj$", lm + mlp + "up_proj$"],
-                ),
-                AWQMapping(lm + mlp + "up_proj$", [lm + mlp + "down_proj$"]),
-            ]
+            mappings = _peer_awq_mappings(model)
             recipe = [
                 AWQModifier(mappings=mappings),
                 QuantizationModifier(targets="Linear", scheme=scheme, ignore=ignore),
@@ -246,6 +228,34 @@ def _worker_llmc(job: dict) -> dict:
         torch.save(evaluator.logprobs(model), Path(job["out"]) / f"seed{seed}.pt")
         model.save_pretrained(Path(job["out"]) / f"seed{seed}", save_compressed=True)
     return {"calib_seconds": out, "oneshot_seconds": oneshot_seconds, "peak_rss_mb": _peak_rss_mb()}
+
+
+#: a VLM's language-model decoder layers, as llm-compressor's own VLM mappings scope them (Qwen2.5-VL, Muse)
+_LM_LAYERS = r"re:.*language_model\.layers\.\d+\."
+
+
+def _peer_awq_mappings(model) -> list:
+    """llm-compressor's own AWQ mappings for ``model``'s architecture, as its ``AWQModifier()`` without mappings would
+    pick them (its registry by class name, else its MoE or dense default), each pattern scoped to the language
+    model's decoder layers: its unscoped ``re:.*q_proj$`` also matches the vision tower's projections, and the
+    resolution then fails to find one smoothing layer for them (a VLM user has to scope them; patterns that name
+    ``language_model`` already are kept). Gemma 3 thus gets its own mappings: the MLP behind
+    ``pre_feedforward_layernorm``, no input-norm -> q/k/v smoothing."""
+    from llmcompressor.modifiers.transform.awq import mappings as peer
+
+    registered = peer.AWQ_MAPPING_REGISTRY.get(type(model).__name__)
+    moe = any(n.endswith("mlp.experts") for n, _ in model.named_modules())
+    chosen = registered or (peer._moe_default_mappings if moe else peer.default_mappings)
+
+    def scoped(pattern: str) -> str:
+        if "language_model" in pattern or not pattern.startswith("re:.*"):
+            return pattern
+        return _LM_LAYERS + "(?:.*\\.)?" + pattern[len("re:.*") :]
+
+    return [
+        peer.AWQMapping(scoped(m.smooth_layer), [scoped(b) for b in m.balance_layers], m.activation_hook_target)
+        for m in chosen
+    ]
 
 
 def _run_worker(python: str, job: dict, timeout: int = 3600) -> dict:
