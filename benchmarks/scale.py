@@ -767,6 +767,7 @@ def peers_block(runs: list[dict], prefix: str = "peers-l2") -> str:
             f"| {r['peak_anon_rss_bytes'] / gb:.2f} GB |"
         )
     tlq = next(r for r in rows if r["name"] == f"{prefix}-tlq-disk")
+    lines += ["", "Per layer, means over layers (seconds): " + "; ".join(_per_layer(r) for r in (gptq, tlq)) + "."]
     lines += [
         "",
         f"Against llm-compressor's fastest configuration here ({peer['dtype']} compute): TLQ (gradient pass included, "
@@ -776,6 +777,19 @@ def peers_block(runs: list[dict], prefix: str = "peers-l2") -> str:
         f"{tlq['wall_s'] / gptq['wall_s']:.2f}x (target <= 1.3x).",
     ]
     return "\n".join(lines)
+
+
+def _per_layer(record: dict) -> str:
+    """``name`` total = statistics + solves + output (means over layers), and its gradient pass if it has one."""
+    m = _mean_phases(record)
+    total = sum(m.get(k, 0.0) for k in ("onload", "statistics", "solve", "output", "settle"))
+    text = (
+        f"`{record['name']}` {total:.1f} = statistics {m['statistics']:.1f} + solves {m['solve']:.1f} + "
+        f"output {m['output']:.1f}"
+    )
+    if "importance" in record["phases"]:
+        text += f", plus the gradient pass {record['phases']['importance']:.0f} for all {record['layers']} layers"
+    return text
 
 
 def scale_markdown(runs: list[dict]) -> str:
