@@ -706,6 +706,7 @@ BLOCKS = {
     "moe": (MOE_BEGIN, MOE_END),
     "peers-l2": ("<!-- peers-l2 -->", "<!-- /peers-l2 -->"),
     "peers-1b": ("<!-- peers-1b -->", "<!-- /peers-1b -->"),
+    "sweep": ("<!-- sweep -->", "<!-- /sweep -->"),
 }
 
 
@@ -730,7 +731,23 @@ def write(records: list[dict]) -> None:
 
 def readme_blocks(runs: list[dict]) -> dict[str, str]:
     """The text of every README block (:data:`BLOCKS`) generated from the records ``runs`` ("" before its rows ran)."""
-    return {"moe": moe_sweep_block(runs), **{key: peers_block(runs, key) for key in ("peers-l2", "peers-1b")}}
+    blocks = {"moe": moe_sweep_block(runs), **{key: peers_block(runs, key) for key in ("peers-l2", "peers-1b")}}
+    return {**blocks, "sweep": sweep_block(runs)}
+
+
+def sweep_block(runs: list[dict]) -> str:
+    """The README's dense depth sweep (``sweep``: the llava-1b width at 2, 4, 8 layers, disk-offloaded)."""
+    rows = _sweep("llava-1b-width", runs)
+    if len(rows) < 2 or "commit" not in rows[0]:
+        return ""
+    gib = 1 << 30
+    peaks = " / ".join(f"{r['peak_rss_bytes'] / gib:.2f}" for r in rows)
+    return (
+        f"`{rows[0]['command']}` (records `sweep-L*`, commit {rows[0]['commit'][:7]}, one invocation"
+        f"{', none contended' if not any(r.get('contended') for r in rows) else ''}): the llava-1b width at "
+        f"{', '.join(str(r['layers']) for r in rows)} layers, disk offload, {rows[0]['samples']} rows, TLQ: peak RSS "
+        f"{peaks} GiB. {sweep_growth('llava-1b-width', runs)} (target <= 0.35x)"
+    )
 
 
 def peers_block(runs: list[dict], prefix: str = "peers-l2") -> str:
