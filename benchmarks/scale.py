@@ -761,13 +761,14 @@ def peers_block(runs: list[dict], prefix: str = "peers-l2") -> str:
     peer = min((r for r in rows if r["library"] == "llm-compressor"), key=lambda r: r["wall_s"])
     gptq = next(r for r in rows if r["name"] == f"{prefix}-gptq-disk")
     first = rows[0]
+    sliced = first["model"] != "llava-1b"  # run_row names a model cut to fewer layers "<model>-L<layers>"
     lines = [
         f"`{first['command']}` (records `{prefix}-*` in `benchmarks/results/scale.json`, commit {first['commit'][:7]}, "
         f"{first['cpu']}{' with ' + ', '.join(first['cpu_flags']) if first.get('cpu_flags') else ''}, "
         f"{first['cpus']} cores, one invocation, "
         f"each row in its own process{', none contended' if not any(r.get('contended') for r in rows) else ''}): "
-        f"{'the full' if prefix == 'peers-1b' else 'the ' + str(first['layers']) + '-layer slice of the'} 1B LLaVA "
-        f"({'16 layers, ' if prefix == 'peers-1b' else ''}its 128k vocabulary), {first['samples']} rows / "
+        f"{'the ' + str(first['layers']) + '-layer slice of the' if sliced else 'the full'} 1B LLaVA "
+        f"({'' if sliced else str(first['layers']) + ' layers, '}its 128k vocabulary), {first['samples']} rows / "
         f"{first['tokens']} tokens, "
         "W4 g128, bf16 checkpoint.",
         "",

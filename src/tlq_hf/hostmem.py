@@ -67,8 +67,10 @@ def map_large_allocations(threshold: int = 16 << 20) -> None:
     heap and fragment it: on a LLaVA-1B layer loop about 330 MB of the peak anonymous memory was freed-but-held
     heap. A lower threshold costs time instead: every mapped allocation is page-faulted and zeroed afresh, and at
     1 MiB (each per-sample activation of a 1B layer) calibration of the 2-layer 1B slice took 1.15x (plain GPTQ)
-    to 1.12x (TLQ) its time at 16 MiB, for 0.13 GB less peak RSS. Process-wide and lasting (glibc cannot restore
-    its adaptive threshold); skipped when the user set ``MALLOC_MMAP_THRESHOLD_`` and on other C libraries.
+    to 1.12x (TLQ) its time at 16 MiB. The price is held heap: 0.13 GB more peak RSS for that slice in memory,
+    and TLQ on the disk-offloaded full 1B model peaked at 2.24 GB instead of 1.82 GB (still flat in depth).
+    Process-wide and lasting (glibc cannot restore its adaptive threshold); skipped when the user set
+    ``MALLOC_MMAP_THRESHOLD_`` and on other C libraries.
     """
     mallopt = libc_function("mallopt")
     if mallopt is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:

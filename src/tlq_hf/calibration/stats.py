@@ -84,9 +84,10 @@ _PRODUCTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 def _product_buffers(numel: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A float32 and a float64 buffer per device, reused by every Hessian block update: the block's float32 product
     is written into the first, widened into the second and added to the float64 block. Fresh tensors per block and
-    sample (the product, and the float64 copy a mixed-dtype ``add_`` makes) would be fresh memory mappings each
-    time (calibration maps allocations >= 1 MiB), whose page faults and zeroing doubled the time of a 1B model's
-    down_proj Hessian. At most :attr:`HessianStatistic.ROW_BLOCK` elements and a little more: 24 MiB."""
+    sample (the product, and the float64 copy a mixed-dtype ``add_`` makes: 8 and 16 MiB at a 1B down_proj) are
+    large allocations that calibration serves from fresh memory mappings (:func:`tlq_hf.hostmem.map_large_allocations`),
+    whose page faults and zeroing doubled the time of a 1B model's down_proj Hessian. At most
+    :attr:`HessianStatistic.ROW_BLOCK` elements and a little more: 24 MiB."""
     buffers = _PRODUCTS.get(device)
     if buffers is None or buffers[0].numel() < numel:
         _PRODUCTS.pop(device, None)  # release before the larger ones are allocated
