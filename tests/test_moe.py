@@ -380,8 +380,8 @@ def test_an_experts_gate_and_up_share_one_statistic_under_token_importance(moe_v
     groups_seen: list[list[str]] = []
     real_groups = layer_loop.LayerLoop._groups
 
-    def spy(self, modules, run_one):
-        out = real_groups(self, modules, run_one)
+    def spy(self, modules, run_one, calls):
+        out = real_groups(self, modules, run_one, calls)
         groups_seen.extend(g.members for g in out)
         return out
 

@@ -525,13 +525,81 @@ def test_statistic_passes_keep_shared_inputs_together_and_put_the_largest_last()
     assert layer_loop.statistic_passes(groups, footprint, budget=0) == [list(range(7))]
 
 
+def test_a_collector_that_needs_no_output_stops_the_forward_once_its_hooks_fired_as_often_as_probed():
+    from tlq_hf.calibration.stats import StatCollector
+
+    gen = torch.Generator().manual_seed(0)
+    a, b, tail = (torch.nn.Linear(4, 4) for _ in range(3))
+    ran = []
+    tail.register_forward_pre_hook(lambda m, args: ran.append("tail"))
+
+    def forward(x):  # ``a`` reads twice, then ``b``, then the part no statistic reads
+        return tail(b(a(a(x))))
+
+    modules = {"a": a, "b": b, "tail": tail}
+    calls: dict[str, int] = {}
+    assert shared_input_groups(modules, lambda: forward(torch.randn(2, 4, generator=gen)), calls) == [
+        ["a"],
+        ["b"],
+        ["tail"],
+    ]
+    assert calls == {"a": 2, "b": 1, "tail": 1}
+    ran.clear()
+
+    def collected(complete: bool, calls: dict[str, int] | None) -> tuple[object, torch.Tensor]:
+        groups = [StatGroup(["a"], {"hessian": HessianStatistic()}), StatGroup(["b"], {"hessian": HessianStatistic()})]
+        collector = StatCollector(groups, modules, None, calls=calls)
+        collector.begin(0, [None, None])
+        out = collector.run(lambda: forward(torch.ones(3, 4)), complete=complete)
+        collector.close()
+        return out, groups[0].stats["hessian"].sum
+
+    whole, h_whole = collected(True, calls)
+    assert whole is not None and ran == ["tail"]
+    ran.clear()
+    stopped, h_stopped = collected(False, calls)
+    assert stopped is None and ran == []  # ``tail`` never ran
+    assert torch.equal(h_stopped, h_whole)  # both calls of ``a`` were seen before the stop
+    unknown, _ = collected(False, None)  # no probe counts: the forward runs to its end
+    assert unknown is not None and ran == ["tail"]
+
+
 def test_statistics_collected_in_several_passes_give_the_same_checkpoint(
     tiny_vlm_dirs, reference, tmp_path, monkeypatch
 ):
-    """A layer whose statistics exceed the budget is calibrated in passes (largest input last): same codes."""
+    """A layer whose statistics exceed the budget is calibrated in passes (largest input last): same codes. Only the
+    pass reading the layer's last input (the down projection's) runs the whole layer: the others stop once their
+    inputs were seen, so the down projection runs as often as in the one-pass run."""
     import functools
 
     from tlq_hf.calibration import pipeline
+
+    def down_calls(monkeypatch, budget: int | None) -> tuple[int, object]:
+        calls = [0]
+        real_forward = torch.nn.Linear.forward
+
+        def counting(self, x):
+            calls[0] += getattr(self, "_is_down", False)
+            return real_forward(self, x)
+
+        real_groups = layer_loop.LayerLoop._groups
+
+        def marking(self, modules, run_one, calls_out):
+            for name, m in modules.items():
+                m._is_down = name.endswith("mlp.down_proj")
+            return real_groups(self, modules, run_one, calls_out)
+
+        with monkeypatch.context() as m:
+            if budget is not None:
+                settings = functools.partial(layer_loop.LayerSettings, statistics_budget=budget)
+                m.setattr(pipeline, "LayerSettings", settings)
+                m.setattr(layer_loop, "statistic_passes", spy)
+            m.setattr(torch.nn.Linear, "forward", counting)
+            m.setattr(layer_loop.LayerLoop, "_groups", marking)
+            model = auto_class().from_pretrained(
+                tiny_vlm_dirs[FAMILY], dtype=torch.float32, quantization_config=_config()
+            )
+        return calls[0], model
 
     seen = []
     real = layer_loop.statistic_passes
@@ -541,11 +609,11 @@ def test_statistics_collected_in_several_passes_give_the_same_checkpoint(
         seen.append([sum(footprint(groups[k]) for k in p) for p in passes])
         return passes
 
-    monkeypatch.setattr(pipeline, "LayerSettings", functools.partial(layer_loop.LayerSettings, statistics_budget=0))
-    monkeypatch.setattr(layer_loop, "statistic_passes", spy)
-    model = auto_class().from_pretrained(tiny_vlm_dirs[FAMILY], dtype=torch.float32, quantization_config=_config())
+    one_pass_calls, _ = down_calls(monkeypatch, None)
+    calls, model = down_calls(monkeypatch, 0)
     assert seen and all(len(p) > 1 for p in seen)
     assert all(max(p) == p[-1] for p in seen)  # the largest pass last
+    assert one_pass_calls > 0 and calls == one_pass_calls
     model.save_pretrained(tmp_path / "out")
     _assert_same_checkpoint(reference, tmp_path / "out")
 

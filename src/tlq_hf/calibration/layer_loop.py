@@ -11,7 +11,9 @@ exposed input ``X_in[l]`` (what the already-quantized layers ``0..l-1`` produce;
    the same input (:mod:`.stats`), weighted by token importance; statistics are reduced over ranks. When
    one layer's statistics would exceed ``LayerSettings.statistics_budget`` they are collected in several
    passes (:func:`statistic_passes`, the largest last), each solved before the next is collected, so only
-   one pass's statistics are ever alive (one extra forward per extra pass; same result);
+   one pass's statistics are ever alive (same result). The pass whose inputs come last in the layer runs the
+   whole layer (its output measures the error carried in); every other pass stops each forward once its own
+   inputs have been seen (a dense layer's attention-side pass skips the MLP);
 4. smoothing (AWQ / SmoothQuant) folds per-channel scales and rescales the statistics it invalidates;
 5. each group is solved once, by its owner rank, and broadcast; packed modules replace the linears once no
    pass needs the full-precision ones any more;
@@ -265,12 +267,15 @@ class LayerLoop:
         state.reports.append(report)
         release_host_memory()
 
-    def _groups(self, modules: dict[str, nn.Module], run_one: Callable[[], object]) -> list[StatGroup]:
-        """One group per shared input, split where token weights differ between its modules (see :mod:`.stats`)."""
+    def _groups(
+        self, modules: dict[str, nn.Module], run_one: Callable[[], object], calls: dict[str, int]
+    ) -> list[StatGroup]:
+        """One group per shared input, split where token weights differ between its modules (see :mod:`.stats`), in
+        call order; ``calls`` receives each called module's calls per layer forward."""
         rows = max(1, -(-self.cfg.max_tokens // self.total_samples))
         groups = []
         with every_token_to_every_expert():  # every expert called once: its projections' shared inputs seen
-            shared = shared_input_groups(modules, run_one)
+            shared = shared_input_groups(modules, run_one, calls)
         for members in shared:
             split = [members] if self.weighting is None else self.weighting.partition(members)
             for part in split:
@@ -324,12 +329,14 @@ class _LayerStep:
                 n: self.layer.get_submodule(n[len(self.prefix) :]) for n in loop.targets if n.startswith(self.prefix)
             }
             self.experts = {n: e for n in self.live if (e := expert_index(n, loop.model)) is not None}
-            groups = loop._groups(self.live, self.run_one)
+            self.calls: dict[str, int] = {}
+            groups = loop._groups(self.live, self.run_one, self.calls)
             passes = self._passes(groups)
+            whole = max(range(len(passes)), key=lambda k: max(passes[k]))  # the pass reading the layer's last input
             installer = Installer(loop.edits, self.live, on)
             for k, indices in enumerate(passes):
                 part = [groups[g] for g in indices]
-                self.collect(part, first=k == 0)
+                self.collect(part, whole=k == whole)
                 self._lap("statistics")
                 self.solve(part, installer, last=k == len(passes) - 1)
                 self._lap("solve")
@@ -356,25 +363,26 @@ class _LayerStep:
 
         return statistic_passes(groups, footprint, self.cfg.statistics_budget, owner_of)
 
-    def collect(self, part: list[StatGroup], first: bool) -> None:
-        """One statistics pass over this rank's samples for the groups ``part``, reduced over ranks. The first pass
-        also measures the error carried in and yields the targets of the sources that come from it; a later pass
-        discards the layer output and runs only its own experts where it can."""
+    def collect(self, part: list[StatGroup], whole: bool) -> None:
+        """One statistics pass over this rank's samples for the groups ``part``, reduced over ranks. The ``whole``
+        pass runs the whole layer: it measures the error carried in and yields the targets of the sources that
+        come from it; another pass discards the layer output, stops each forward once its inputs were seen and
+        runs only its own experts where it can."""
         loop, cfg, state = self.loop, self.cfg, self.state
-        collector = StatCollector(part, self.live, loop.scheme.act_bits)
-        only = contextlib.nullcontext if first else self._only_experts(part)
+        collector = StatCollector(part, self.live, loop.scheme.act_bits, calls=None if whole else self.calls)
+        only = contextlib.nullcontext if whole else self._only_experts(part)
         weights = [loop.weighting.for_modules(g.members) if loop.weighting else None for g in part]
         try:
             for j, x in enumerate(state.x_in):
                 collector.begin(loop.samples[j], [w[j] if w is not None else None for w in weights])
                 if collector.paired:  # the full-precision inputs of the same tokens, first
-                    y_ref = collector.reference(lambda j=j: self.forward(state.x_fp[j], j))
-                    if first:
+                    y_ref = collector.reference(lambda j=j: self.forward(state.x_fp[j], j), complete=whole)
+                    if whole:
                         self.targets.from_reference(y_ref)
                     del y_ref
                 with every_token_to_every_expert(cfg.expert_all_tokens), only():  # statistics only
-                    y = self.forward(x, j)
-                if not first:
+                    y = collector.run(lambda j=j, x=x: self.forward(x, j), complete=whole)
+                if not whole:
                     continue
                 if cfg.exposed:
                     self.before.add(y, self.targets.store[j], self.lw[j])
@@ -387,9 +395,9 @@ class _LayerStep:
             g.reduce(loop.comm, cfg.expert_min_tokens if g.members[0] in self.experts else 0)
 
     def _only_experts(self, part: list[StatGroup]) -> Callable[[], contextlib.AbstractContextManager]:
-        """The context of each forward of a pass after the first (its layer output is discarded): when the pass's
-        groups are all experts of one experts module, only those experts run (the others' inputs and outputs feed
-        no statistic of the pass)."""
+        """The context of each forward of a pass other than the whole one (its layer output is discarded): when the
+        pass's groups are all experts of one experts module, only those experts run (the others' inputs and outputs
+        feed no statistic of the pass)."""
         experts = self.experts
         owners = {experts[m][0] if m in experts else None for g in part for m in g.members}
         if len(owners) != 1 or None in owners:

@@ -393,11 +393,14 @@ class StatGroup:
             stat.reduce(comm)
 
 
-def shared_input_groups(modules: dict[str, nn.Module], run_one: Callable[[], object]) -> list[list[str]]:
+def shared_input_groups(
+    modules: dict[str, nn.Module], run_one: Callable[[], object], calls: dict[str, int] | None = None
+) -> list[list[str]]:
     """Partition ``modules`` by the input tensor they receive during ``run_one()`` (one layer forward).
 
     Inputs are held until the forward returns, so two modules share a group only if they received the very
     same tensor object. Modules never called form groups of their own. Group order follows call order.
+    ``calls``, if given, receives how many times each called module was called in that forward.
     """
     seen: list[tuple[str, torch.Tensor]] = []
 
@@ -416,6 +419,8 @@ def shared_input_groups(modules: dict[str, nn.Module], run_one: Callable[[], obj
     groups: list[tuple[torch.Tensor, list[str]]] = []
     placed = set()
     for name, tensor in seen:
+        if calls is not None:
+            calls[name] = calls.get(name, 0) + 1
         if name in placed:
             continue
         placed.add(name)
@@ -428,6 +433,10 @@ def shared_input_groups(modules: dict[str, nn.Module], run_one: Callable[[], obj
     return [members for _, members in groups] + [[n] for n in modules if n not in placed]
 
 
+class _PassComplete(Exception):
+    """Raised by a :class:`StatCollector` hook to end a forward whose remaining part feeds no statistic."""
+
+
 class StatCollector:
     """Forward pre-hooks, one per shared input (on the module that reads it first), feeding every group that
     reads that input: the input is fake-quantized and flattened once, however many groups it feeds.
@@ -437,33 +446,72 @@ class StatCollector:
     activations the packed layer will compute with. When a statistic is :attr:`~Statistic.paired`, each
     sample's full-precision forward runs first inside :meth:`reference`, which records every shared input
     (un-quantized: the target is the full-precision output) for the paired updates of the exposed forward.
+
+    A pass whose layer output is not needed may stop each forward early: given ``calls`` (module name -> calls per
+    layer forward, from the probe of :func:`shared_input_groups`), :meth:`run` and :meth:`reference` with
+    ``complete=False`` end the forward as soon as every hook of this collector has fired that often (a dense
+    layer's attention-side statistics skip the MLP). A hook that fires fewer times (an expert the router did not
+    choose) lets the forward run to its end.
     """
 
-    def __init__(self, groups: list[StatGroup], modules: dict[str, nn.Module], act_bits: int | None) -> None:
+    def __init__(
+        self,
+        groups: list[StatGroup],
+        modules: dict[str, nn.Module],
+        act_bits: int | None,
+        calls: dict[str, int] | None = None,
+    ) -> None:
         self.groups, self.act_bits = groups, act_bits
         self.sample = 0
         self.weights: list[torch.Tensor | None] = [None] * len(groups)
         readers: dict[int, list[int]] = {}  # id of the module that gets the input first -> groups it feeds
         first: dict[int, nn.Module] = {}
+        expected: dict[int, int | None] = {}  # id of a hooked module -> its calls per forward (None: unknown)
         for i, g in enumerate(groups):
-            module = modules[g.input_of or g.members[0]]
+            name = g.input_of or g.members[0]
+            module = modules[name]
             readers.setdefault(id(module), []).append(i)
             first[id(module)] = module
+            expected[id(module)] = None if calls is None else calls.get(name)
         self.first = first
+        self.expected = None if None in expected.values() else expected
+        self.fired: dict[int, int] | None = None  # hook calls of the current forward, when it may stop early
         self.references: dict[int, torch.Tensor] = {}
         self.paired = any(stat.paired for g in groups for stat in g.stats.values())
         self.handles = [first[k].register_forward_pre_hook(self._hook(k, idx)) for k, idx in readers.items()]
         self.recording = False
 
-    def reference(self, run: Callable[[], T]) -> T:
+    def reference(self, run: Callable[[], T], complete: bool = True) -> T | None:
         """Run ``run()`` (the full-precision layer on this sample's full-precision input), keeping each shared
-        input as the reference of the next exposed forward; statistics are not updated. Returns ``run()``."""
+        input as the reference of the next exposed forward; statistics are not updated. Returns ``run()`` (``None``
+        if, with ``complete=False``, it stopped early)."""
         self.references, self.recording = {}, True
         try:
             with every_token_to_every_expert():  # an expert's reference rows for every token: the exposed
-                return run()  # forward's routing may differ; its rows are picked from these
+                return self.run(run, complete)  # forward's routing may differ; its rows are picked from these
         finally:
             self.recording = False
+
+    def run(self, forward: Callable[[], T], complete: bool = True) -> T | None:
+        """``forward()`` (one layer forward feeding this collector's hooks); with ``complete=False`` it ends as soon
+        as every hook has fired as often as in the probe forward, and ``None`` is returned."""
+        if complete or self.expected is None:
+            return forward()
+        self.fired = dict.fromkeys(self.expected, 0)
+        try:
+            return forward()
+        except _PassComplete:
+            return None
+        finally:
+            self.fired = None
+
+    def _count(self, key: int) -> None:
+        """One more call of hook ``key``; ends the forward once every hook has fired as often as expected."""
+        if self.fired is None:
+            return
+        self.fired[key] += 1
+        if all(self.fired[k] >= n for k, n in self.expected.items()):
+            raise _PassComplete
 
     def begin(self, sample: int, weights: list[torch.Tensor | None]) -> None:
         self.sample, self.weights = sample, weights
@@ -473,6 +521,7 @@ class StatCollector:
             x = args[0].detach()
             if self.recording:
                 self.references[key] = x.reshape(-1, x.shape[-1]).float()
+                self._count(key)
                 return
             if self.act_bits is not None:
                 x = fake_quantize_activation(x, self.act_bits)
@@ -495,6 +544,7 @@ class StatCollector:
                 group.width = x.shape[1]
                 for stat in group.stats.values():
                     stat.update(x, a, self.sample, reference)
+            self._count(key)
 
         return hook
 
