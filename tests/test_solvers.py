@@ -112,6 +112,21 @@ def test_gptq_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
     assert torch.equal(factor.hinv, factor.hinv.triu())
 
 
+@pytest.mark.parametrize("n, block, rows", [(5, 256, 1024), (300, 64, 100), (700, 128, 256)])
+def test_lower_triangular_inverse_in_place_reads_only_the_lower_triangle(n, block, rows):
+    """The blocked in-place inverse (row blocks of the already-inverted part, left of their diagonal only) is the
+    inverse, for sizes that are no multiple of its blocks; the zeros above the diagonal stay zeros."""
+    from tlq_hf.solvers.gptq import _invert_lower_
+
+    gen = torch.Generator().manual_seed(n)
+    lower = torch.randn(n, n, generator=gen, dtype=torch.float64).tril_() / n**0.5
+    lower.diagonal().copy_(torch.rand(n, generator=gen, dtype=torch.float64) + 1.0)
+    m = lower.clone()
+    _invert_lower_(m, block=block, rows=rows)
+    torch.testing.assert_close(m, torch.linalg.inv(lower), rtol=1e-9, atol=1e-9)
+    assert torch.equal(m, m.tril())
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_factor_overwrite_works_in_the_hessians_own_memory(act_order):
     """With ``overwrite`` no second in x in matrix is made: the factor is the Hessian's storage, same values."""
