@@ -84,8 +84,18 @@ QWEN3VL_30B_A3B = dict(
     moe_intermediate_size=768,
     max_position_embeddings=32768,
 )
+#: a small solve-bound model: Qwen2.5-0.5B's text shapes (intermediate 5.4x hidden), 8 layers
+QWEN25_SMALL = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=8,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+)
 MODELS = {
     "llava-1b": dict(family="llava", text=LLAMA_1B, vocab=128256, image=224),
+    "qwen2_5vl-small": dict(family="qwen2_5_vl", text=QWEN25_SMALL, vocab=151936, image=112),
     "qwen2vl-7b": dict(family="qwen2_vl", text=QWEN2VL_7B, vocab=152064, image=448),
     "qwen3vlmoe-30b": dict(family="qwen3_vl_moe", text=QWEN3VL_30B_A3B, vocab=151936, image=448),
 }
@@ -287,6 +297,23 @@ def _status_kb(field: str) -> int:
     return 0
 
 
+def _tensors_digest(folder: Path) -> str:
+    """SHA-256 over every tensor of the safetensors files in ``folder`` (names, dtypes, shapes, bytes; sorted)."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _worker(job: dict) -> dict:
     import torch.distributed as dist
     from accelerate import init_empty_weights
@@ -324,11 +351,14 @@ def _worker(job: dict) -> dict:
     report = model.tlq_report
     wall = time.perf_counter() - start
     rank = dist.get_rank() if dist.is_initialized() else 0
+    digest = None
     if rank == 0 and job.get("save"):
         anon.mark("save")
         model.save_pretrained(work / "out")
+        digest = _tensors_digest(work / "out")
     return {
         "rank": rank,
+        "checkpoint_sha256": digest,
         "compute_dtype": report.compute_dtype,
         "wall_s": wall,
         "calibration_s": report.seconds,
@@ -502,8 +532,10 @@ def run_row(
     memory_limit: int | None = None,
     method: str = "tlq",
     dtype: str = "bfloat16",
+    save: bool = False,
 ) -> dict:
-    """Run one row in its own process(es) and return its record.
+    """Run one row in its own process(es) and return its record (``save``: rank 0 saves the quantized model and the
+    record holds its tensors' ``checkpoint_sha256``).
 
     A ``resumable`` row (longer than a working session) calibrates with ``checkpoint_dir`` in a persistent
     folder, ``MODELS_DIR/runs/<name>``: run the same command again after the process was killed and it
@@ -530,7 +562,7 @@ def run_row(
         else:
             work = stack.enter_context(tempfile.TemporaryDirectory(prefix="tlq-scale-"))
         job = {"path": str(path), "work": work, "offload": offload, "samples": samples, "image": MODELS[model]["image"]}
-        job["library"], job["method"], job["dtype"] = library, method, dtype
+        job["library"], job["method"], job["dtype"], job["save"] = library, method, dtype, save
         if resumable:
             job["progress"] = str(Path(work) / f"progress-{segment:03d}.json")
         script = [str(Path(__file__).resolve()), "--worker", json.dumps(job)]
@@ -588,7 +620,7 @@ def run_row(
         "layer_seconds": [round(s, 2) for s in main["layer_seconds"]],
         "layer_bf16_bytes": stats["layer_bf16_bytes"],
     }
-    for key in ("layer_phases", "expert_tokens", "expert_fallbacks"):
+    for key in ("layer_phases", "expert_tokens", "expert_fallbacks", "checkpoint_sha256"):
         if key in main:
             record[key] = main[key]
     record.update(limited)
@@ -659,6 +691,7 @@ def _peer_rows(prefix: str, layers: int | None, variants) -> list[dict]:
 
 THREADS_CMD = "python benchmarks/scale.py --rows threads"
 SWEEP_CMD = "python benchmarks/scale.py --rows sweep"
+PROCS_CMD = "python benchmarks/scale.py --rows procs"
 MOE_SWEEP_CMD = "python benchmarks/scale.py --rows moe-sweep"
 ROWS = {
     "llava-1b-disk": lambda: [run_row("llava-1b-disk", "llava-1b", "disk", 1, 16)],
@@ -670,6 +703,12 @@ ROWS = {
     "threads": lambda: [
         {**run_row(f"threads-{p}x{t}", "llava-1b", "disk", p, 16, layers=2, threads=t), "command": THREADS_CMD}
         for p, t in ((1, 2), (1, 1), (2, 1))
+    ],
+    # processes x threads on small solve-bound work (issue 28, item 6): one process on one core, two on one each,
+    # one on both; 8 rows of a few dozen tokens each
+    "procs": lambda: [
+        {**run_row(f"procs-{p}x{t}", "qwen2_5vl-small", "none", p, 8, threads=t, save=True), "command": PROCS_CMD}
+        for p, t in ((1, 1), (2, 1), (1, 2))
     ],
     "sweep": lambda: [
         {**run_row(f"sweep-L{n}", "llava-1b", "disk", 1, 8, layers=n), "sweep": "llava-1b-width", "command": SWEEP_CMD}
@@ -707,6 +746,7 @@ BLOCKS = {
     "peers-l2": ("<!-- peers-l2 -->", "<!-- /peers-l2 -->"),
     "peers-1b": ("<!-- peers-1b -->", "<!-- /peers-1b -->"),
     "sweep": ("<!-- sweep -->", "<!-- /sweep -->"),
+    "procs": ("<!-- procs -->", "<!-- /procs -->"),
 }
 
 
@@ -732,7 +772,38 @@ def write(records: list[dict]) -> None:
 def readme_blocks(runs: list[dict]) -> dict[str, str]:
     """The text of every README block (:data:`BLOCKS`) generated from the records ``runs`` ("" before its rows ran)."""
     blocks = {"moe": moe_sweep_block(runs), **{key: peers_block(runs, key) for key in ("peers-l2", "peers-1b")}}
-    return {**blocks, "sweep": sweep_block(runs)}
+    return {**blocks, "sweep": sweep_block(runs), "procs": procs_block(runs)}
+
+
+def procs_block(runs: list[dict]) -> str:
+    """The README's processes x threads table on small solve-bound work (``procs``: one invocation), each row's time
+    against one process on one core, and whether its checkpoint equals that process's."""
+    rows = [r for r in runs if r["name"].startswith("procs-")]
+    base = next((r for r in rows if r["name"] == "procs-1x1"), None)
+    if base is None or len({_invocation(r) for r in rows}) > 1:
+        return ""
+    lines = [
+        f"`{base['command']}` (records `procs-*`, commit {base['commit'][:7]}, one invocation"
+        f"{', none contended' if not any(r.get('contended') for r in rows) else ', some rows contended'}): "
+        f"{base['model']}, {base['samples']} rows / {base['tokens']} tokens, TLQ W4A16-g128 in RAM.",
+        "",
+        "| processes x threads | calibration | x 1 x 1 | importance | layers | wall | x 1 x 1 | checkpoint |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        same = r.get("checkpoint_sha256") is not None and r.get("checkpoint_sha256") == base.get("checkpoint_sha256")
+        lines.append(
+            f"| {r['processes']} x {r.get('threads', '?')} (`{r['name']}`) | {_calibration_s(r):.1f} s | "
+            f"{_calibration_s(r) / _calibration_s(base):.2f}x | {r['phases'].get('importance', 0):.1f} s | "
+            f"{r['phases'].get('layers', 0):.1f} s | {r['wall_s']:.1f} s | {r['wall_s'] / base['wall_s']:.2f}x | "
+            f"{'= 1 x 1' if same else 'differs (another thread count: other BLAS rounding)'} |"
+        )
+    return "\n".join(lines)
+
+
+def _calibration_s(record: dict) -> float:
+    """Seconds the report's phases took (capture, importance, layers): calibration without start-up and load."""
+    return sum(record["phases"].values())
 
 
 def sweep_block(runs: list[dict]) -> str:

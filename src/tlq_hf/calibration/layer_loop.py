@@ -419,13 +419,14 @@ class _LayerStep:
             solve = solve_rtn if group.fallback else loop.solver.solve
             return lambda weights, g: solve(weights, g, loop.scheme, cfg, dtype)
 
-        mark = time.perf_counter()
-        for group, packed in loop.scheduler.solve(part, self.live, solve_of, loop.scheme, dtype):
+        def shares_rows(group: StatGroup) -> bool:
+            return loop.solver.shares_rows and not group.fallback
+
+        solved = loop.scheduler.solve(part, self.live, solve_of, loop.scheme, dtype, shares_rows)
+        for group, packed, seconds in solved:
             (installer.install if last else installer.defer)(packed)
-            now = time.perf_counter()
             if group.members[0] in self.experts:
-                self.phases["experts_solve"] += now - mark
-            mark = now
+                self.phases["experts_solve"] += seconds
         for g in part:
             if g.fallback:
                 self.fallbacks += g.members

@@ -1,11 +1,17 @@
 """Who solves what: each group of linears (or smoothing fold) is solved once, by its owner rank, and broadcast.
 
 One ownership policy for every solve of a layer: largest estimated cost first, each to the least-loaded rank, the
-same assignment on every rank (it depends on shapes only). With one process every owner is rank 0.
+same assignment on every rank (it depends on shapes only). With one process every owner is rank 0. With several,
+a group that alone costs more than an equal share of the layer (a dense layer's down projection) is solved by every
+rank together where its solver shares rows (:class:`~tlq_hf.solvers.split.RowSplit`: its factorisation's and its
+sweep's row blocks shared out), then every rank solves the groups it owns, then the owned solutions are broadcast
+group by group: no rank waits for another's group before starting its own, and each group is computed exactly as
+one process computes it (the checkpoint does not depend on the number of processes).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -15,10 +21,14 @@ from ..nn import TLQLinear
 from ..primitives import QParams
 from ..qtypes import QuantScheme
 from ..solvers import Solution
+from ..solvers.split import RowSplit, sharing
 from .distributed import Comm
 from .stats import StatGroup
 
-__all__ = ["SolveScheduler"]
+__all__ = ["SolveScheduler", "EVERY_RANK"]
+
+#: the owner of a group every rank solves together
+EVERY_RANK = -1
 
 #: (weights as stored, the group) -> one solution per weight
 Solve = Callable[[list[torch.Tensor], StatGroup], list[Solution]]
@@ -36,12 +46,22 @@ class SolveScheduler:
         every member's columns."""
         return float(linears[0].weight.shape[1]) ** 3 / 3 + sum(float(m.weight.numel()) * 128 for m in linears)
 
-    def owners(self, costs: list[float]) -> list[int]:
-        """Owner rank of each job: largest cost first to the least-loaded rank (the same on every rank)."""
-        load = [0.0] * self.comm.world
+    def owners(self, costs: list[float], shared: list[bool] | None = None) -> list[int]:
+        """Owner rank of each job: :data:`EVERY_RANK` for the jobs that may be shared (``shared``) and cost more
+        than an equal share of the total, then the rest largest cost first to the least-loaded rank (the same on
+        every rank)."""
+        world = self.comm.world
+        total = sum(costs)
         owners = [0] * len(costs)
+        if world > 1 and shared is not None:
+            for k, c in enumerate(costs):
+                if shared[k] and c > total / world:
+                    owners[k] = EVERY_RANK
+        load = [0.0] * world
         for k in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
-            owners[k] = min(range(self.comm.world), key=lambda r: (load[r], r))
+            if owners[k] == EVERY_RANK:
+                continue
+            owners[k] = min(range(world), key=lambda r: (load[r], r))
             load[owners[k]] += costs[k]
         return owners
 
@@ -52,24 +72,43 @@ class SolveScheduler:
         solve_of: Callable[[StatGroup], Solve],
         scheme: QuantScheme,
         scale_dtype: torch.dtype,
-    ) -> Iterator[tuple[StatGroup, dict[str, TLQLinear]]]:
+        shares_rows: Callable[[StatGroup], bool] = lambda g: False,
+    ) -> Iterator[tuple[StatGroup, dict[str, TLQLinear], float]]:
         """For each group in order: its packed modules (by name), solved by the owner rank (``solve_of(group)``)
-        and broadcast, the same on every rank. A group's statistics are freed once solved."""
-        owners = self.owners([self.cost([live[n] for n in g.members]) for g in groups])
-        for group, owner in zip(groups, owners):
-            linears = [live[n] for n in group.members]
-            if self.comm.rank == owner:
-                solutions = solve_of(group)([m.weight.detach() for m in linears], group)
-            else:
-                solutions = [self._empty_solution(m, scheme, scale_dtype) for m in linears]
+        and broadcast, or by every rank together (``shares_rows(group)``, see the module docstring), the same on
+        every rank, and the seconds this rank spent solving it (0 where another rank owns it). With several ranks
+        every rank solves the shared groups, then its own, before the first broadcast (alone, each group is solved
+        just before it is yielded: one group's solution in memory at a time); a group's statistics are freed once
+        solved (on a rank that does not own it: at once)."""
+        costs = [self.cost([live[n] for n in g.members]) for g in groups]
+        owners = self.owners(costs, [shares_rows(g) for g in groups])
+        split = RowSplit(self.comm.rank, self.comm.world, self.comm.broadcast_)
+
+        def own(k: int) -> tuple[list[Solution] | None, float]:
+            group, start = groups[k], time.perf_counter()
+            solutions = None
+            if owners[k] in (self.comm.rank, EVERY_RANK):
+                with sharing(split if owners[k] == EVERY_RANK else RowSplit()):
+                    solutions = solve_of(group)([live[n].weight.detach() for n in group.members], group)
             group.stats.clear()
+            return solutions, (time.perf_counter() - start if solutions is not None else 0.0)
+
+        ahead: dict[int, tuple[list[Solution] | None, float]] = {}
+        if self.comm.world > 1:  # shared solves first (every rank enters them together), then each rank's own
+            order = sorted(range(len(groups)), key=lambda k: (owners[k] != EVERY_RANK, k))
+            ahead = {k: own(k) for k in order}
+        for k, (group, owner) in enumerate(zip(groups, owners)):
+            solutions, seconds = ahead.pop(k) if ahead else own(k)
+            linears = [live[n] for n in group.members]
+            solutions = solutions or [self._empty_solution(m, scheme, scale_dtype) for m in linears]
             packed = {}
             for name, linear, (codes, qp) in zip(group.members, linears, solutions):
-                for t in (codes, qp.scale, qp.zero):
-                    self.comm.broadcast_(t, owner)
+                if owner != EVERY_RANK:
+                    for t in (codes, qp.scale, qp.zero):
+                        self.comm.broadcast_(t, owner)
                 packed[name] = TLQLinear.from_codes(codes, qp, scheme, bias=linear.bias)
             del solutions
-            yield group, packed
+            yield group, packed, seconds
 
     @staticmethod
     def _empty_solution(linear: nn.Module, scheme: QuantScheme, dtype: torch.dtype) -> Solution:

@@ -54,7 +54,7 @@ def asymmetric_weights(weights: list[torch.Tensor], mapping: torch.Tensor) -> li
     return [w.float() @ mapping.to(w.device) for w in weights]
 
 
-@layer_solver("gptaq", needs=("hessian", "cross"))
+@layer_solver("gptaq", needs=("hessian", "cross"), shares_rows=True)
 def solve_gptaq(
     weights: list[torch.Tensor], group: Statistics, scheme: QuantScheme, cfg, scale_dtype
 ) -> list[Solution]:

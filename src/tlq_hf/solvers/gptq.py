@@ -15,6 +15,7 @@ import torch
 from ..primitives import QParams, compute_qparams
 from ..qtypes import QuantScheme
 from .registry import Solution, Statistics, layer_solver
+from .split import RowSplit, current_split, sharing
 
 __all__ = ["GPTQFactor", "gptq", "gptq_factor", "gptq_quantize", "solve_gptq", "weighted_hessian"]
 
@@ -127,38 +128,85 @@ def _permute_symmetric_(m: torch.Tensor, order: torch.Tensor) -> None:
             j = k
 
 
-def _cholesky_lower_(m: torch.Tensor) -> None:
-    """``m <- L`` with ``m = L L^T`` (lower, zeros above), in place.
-
-    LAPACK factors column-major storage in place; the row-major ``m`` read column-major is the same
-    symmetric matrix, and its upper factor ``U = L^T`` read row-major is ``L``.
-    """
-    info = torch.empty((), dtype=torch.int32, device=m.device)
-    torch.linalg.cholesky_ex(m.mT, upper=True, out=(m.mT, info))
+def _cholesky_block_(a: torch.Tensor) -> None:
+    """``a <- L`` with ``a = L L^T`` for one diagonal block (LAPACK; lower, zeros above), in place."""
+    info = torch.empty((), dtype=torch.int32, device=a.device)
+    torch.linalg.cholesky_ex(a.mT, upper=True, out=(a.mT, info))
     if int(info) != 0:
         raise torch.linalg.LinAlgError(
-            f"GPTQ: the damped Hessian is not positive definite (leading minor {int(info)}); raise TLQConfig(damp=...)"
+            f"GPTQ: the damped Hessian is not positive definite (leading minor {int(info)} of a diagonal block); "
+            "raise TLQConfig(damp=...)"
         )
 
 
-def _invert_lower_(m: torch.Tensor, block: int = 256, rows: int = 1024) -> None:
+def _cholesky_lower_(m: torch.Tensor, block: int = 256) -> None:
+    """``m <- L`` with ``m = L L^T`` (lower, zeros above), in place, right-looking by column blocks of ``block``.
+
+    Per column block: the diagonal block's Cholesky, the panel below it (``P <- P L^-T``, row block by row block),
+    then the trailing update ``A <- A - P P^T`` row block by row block over the columns left of each row block's end
+    (the lower triangle only: n^3 / 3 products in all). Under a :class:`~tlq_hf.solvers.split.RowSplit` each rank
+    computes the panel and the update of its own row blocks; the next diagonal block and each finished panel are
+    shared from their owners, so every rank ends with the whole factor, computed block for block as one process
+    computes it.
+    """
+    split = current_split()
+    n = m.shape[0]
+    starts = range(0, n, block)
+
+    def rows(rb: int) -> slice:
+        return slice(rb * block, min((rb + 1) * block, n))
+
+    for jb, j in enumerate(starts):
+        k = min(j + block, n)
+        a = m[j:k, j:k]
+        _cholesky_block_(a)
+        if k == n:
+            break
+        for rb in range(jb + 1, len(starts)):
+            if split.mine(rb):
+                panel = m[rows(rb), j:k]
+                panel.copy_(torch.linalg.solve_triangular(a.mT, panel, upper=True, left=False))
+        split.share([(m[rows(rb), j:k], rb) for rb in range(jb + 1, len(starts))])
+        panel = m[k:, j:k]
+        for rb in range(jb + 1, len(starts)):
+            if split.mine(rb):
+                r = rows(rb)
+                m[r, k : r.stop].addmm_(panel[r.start - k : r.stop - k], panel[: r.stop - k].T, alpha=-1)
+        split.share([(m[rows(jb + 1), rows(jb + 1)], jb + 1)])  # the next diagonal block
+    for rb in range(len(starts)):  # zeros above the diagonal (the updates also wrote the upper half of each row block)
+        r = rows(rb)
+        m[r, r.stop :].zero_()
+        square = m[r, r]
+        square.copy_(square.tril())
+
+
+def _invert_lower_(m: torch.Tensor, block: int = 256) -> None:
     """``m <- m^-1`` for a lower-triangular ``m`` (zeros above), in place, from the last diagonal block up.
 
     With ``m = [[A, 0], [B, C]]`` and ``C^-1`` already in place: ``B <- -(C^-1 B) A^-1``, then ``A <- A^-1``.
-    ``C^-1 B`` is taken ``rows`` rows of ``C^-1`` at a time, each over the columns left of its diagonal only (the
-    rest is zero): half the products of one dense ``C^-1 @ B`` (an 8192-column inverse 1.8 -> 1.1 s on 2 cores).
+    ``B`` is updated ``block`` rows at a time, each row block of ``C^-1`` taken over the columns left of its diagonal
+    only (the rest is zero): half the products of one dense ``C^-1 @ B`` (an 8192-column inverse 1.8 -> 1.1 s on 2
+    cores). Under a :class:`~tlq_hf.solvers.split.RowSplit` each rank updates its own row blocks of ``B`` and shares
+    them.
     """
+    split = current_split()
     n = m.shape[0]
-    for j in reversed(range(0, n, block)):
+    for jb, j in reversed(list(enumerate(range(0, n, block)))):
         k = min(j + block, n)
         a = m[j:k, j:k]
         if k < n:
             b = m[k:, j:k]
-            product = torch.empty_like(b)
-            for r0 in range(0, n - k, rows):
-                r1 = min(r0 + rows, n - k)
-                torch.mm(m[k + r0 : k + r1, k : k + r1], b[:r1], out=product[r0:r1])
-            b.copy_(torch.linalg.solve_triangular(a, product, upper=False, left=False).neg_())
+            starts = list(range(0, n - k, block))
+            done = {}
+            for q, r0 in enumerate(starts):  # every product reads the old B: all first, then B is written
+                if split.mine(jb + q):
+                    r1 = min(r0 + block, n - k)
+                    product = m[k + r0 : k + r1, k : k + r1] @ b[:r1]
+                    done[q] = torch.linalg.solve_triangular(a, product, upper=False, left=False).neg_()
+            for q, part in done.items():
+                b[starts[q] : starts[q] + part.shape[0]] = part
+            del done
+            split.share([(b[r0 : min(r0 + block, n - k)], jb + q) for q, r0 in enumerate(starts)])
         eye = torch.eye(k - j, dtype=m.dtype, device=m.device)
         a.copy_(torch.linalg.solve_triangular(a, eye, upper=False))
 
@@ -191,9 +239,15 @@ def gptq_quantize(
 ) -> tuple[torch.Tensor, QParams]:
     """GPTQ column sweep of ``weight [out, in]`` against a precomputed :class:`GPTQFactor`.
 
+    Rows are independent given the factor: under a :class:`~tlq_hf.solvers.split.RowSplit` each rank sweeps its own
+    contiguous share of the rows (:func:`_shared_sweep`).
+
     (One function of ~70 lines on purpose: the blocked sweep is the solver's hot loop; its steps share the block's
     error and update buffers, which read best in one place.)"""
     scale_dtype = scale_dtype or weight.dtype
+    split = current_split()
+    if split.world > 1 and weight.shape[0] >= _MIN_SHARED_ROWS * split.world:
+        return _shared_sweep(weight, factor, scheme, block_size, scale_dtype, split)
     act_order = factor.act_order
     out_features, in_features = weight.shape
     scheme.check_in_features(in_features)
@@ -261,9 +315,35 @@ def gptq_quantize(
 
 _SUB_BLOCK = 16
 _FILL_COLUMNS = 1024
+_MIN_SHARED_ROWS = 64  # rows per rank below which a shared sweep is swept whole by every rank instead
 
 
-@layer_solver("gptq", needs=("hessian",))
+def _shared_sweep(
+    weight: torch.Tensor,
+    factor: GPTQFactor,
+    scheme: QuantScheme,
+    block_size: int,
+    scale_dtype: torch.dtype,
+    split: RowSplit,
+) -> tuple[torch.Tensor, QParams]:
+    """:func:`gptq_quantize` with rank ``r`` sweeping the ``r``-th of ``world`` contiguous row ranges alone and every
+    range then shared from its rank: every rank ends with the whole solution."""
+    out_features, in_features = weight.shape
+    bounds = [out_features * r // split.world for r in range(split.world + 1)]
+    lo, hi = bounds[split.rank], bounds[split.rank + 1]
+    with sharing(RowSplit()):
+        part, qp = gptq_quantize(weight[lo:hi], factor, scheme, block_size=block_size, scale_dtype=scale_dtype)
+    codes = torch.empty(out_features, in_features, dtype=part.dtype, device=part.device)
+    scale = torch.empty(out_features, qp.scale.shape[1], dtype=qp.scale.dtype, device=part.device)
+    zero = torch.empty(out_features, qp.zero.shape[1], dtype=qp.zero.dtype, device=part.device)
+    codes[lo:hi], scale[lo:hi], zero[lo:hi] = part, qp.scale, qp.zero
+    del part, qp
+    for t in (codes, scale, zero):
+        split.share([(t[bounds[r] : bounds[r + 1]], r) for r in range(split.world)])
+    return codes, QParams(scale=scale, zero=zero)
+
+
+@layer_solver("gptq", needs=("hessian",), shares_rows=True)
 def solve_gptq(weights: list[torch.Tensor], group: Statistics, scheme: QuantScheme, cfg, scale_dtype) -> list[Solution]:
     """GPTQ of each weight against the group's importance-weighted Hessian (one factorisation for the group)."""
     hessian = group.stats.pop("hessian").take_normalized()

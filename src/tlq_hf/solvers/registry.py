@@ -38,11 +38,14 @@ ScalesFn = Callable[[list[torch.Tensor], Statistics, QuantScheme, Any], torch.Te
 
 @dataclass(frozen=True)
 class LayerSolver:
-    """A solver as the layer loop uses it: its name, the statistics it needs and how it solves one group."""
+    """A solver as the layer loop uses it: its name, the statistics it needs and how it solves one group;
+    ``shares_rows``: its solve may run on every rank at once under a :class:`~tlq_hf.solvers.split.RowSplit`
+    (it computes the same solution on every rank, sharing its row blocks out)."""
 
     name: str
     needs: tuple[str, ...]
     solve: SolveFn
+    shares_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,12 @@ LAYER_SOLVERS: Registry[LayerSolver] = Registry("solver")
 SMOOTHERS: Registry[Smoother] = Registry("smoother")
 
 
-def layer_solver(name: str, needs: tuple[str, ...] = ()) -> Callable[[SolveFn], SolveFn]:
-    """Decorator: register the adapter as the solver ``name`` needing the statistics ``needs``."""
+def layer_solver(name: str, needs: tuple[str, ...] = (), shares_rows: bool = False) -> Callable[[SolveFn], SolveFn]:
+    """Decorator: register the adapter as the solver ``name`` needing the statistics ``needs`` (``shares_rows``: see
+    :class:`LayerSolver`)."""
 
     def register(fn: SolveFn) -> SolveFn:
-        LAYER_SOLVERS.register(LayerSolver(name, tuple(needs), fn))
+        LAYER_SOLVERS.register(LayerSolver(name, tuple(needs), fn, shares_rows))
         return fn
 
     return register
