@@ -15,7 +15,8 @@ flip differences with paired-bootstrap intervals over held-out items.
 Writes into ``--out`` (default benchmarks/results; with ``--quick`` a temporary folder): quality.json
 (``{"records": [...], "ratios": [...]}``: one record per model/library/method/scheme/seed, plus one
 `method: "fp"` record per model with `text_prior_accuracy`), RESULTS.md and quality.png; the per-item metrics of
-the last table go to quality_items.pt there (not committed; `--peers-only` pairs with them).
+every table go to quality_items.pt there (committed beside quality.json, so anyone can recompute the intervals;
+`--peers-only` pairs with them, `--merge` keeps those of every (model, scheme) it does not re-run).
 """
 
 from __future__ import annotations
@@ -358,10 +359,10 @@ class ItemMetrics:
                 store.setdefault((model, method, scheme), []).append(tensor)
         return out
 
-    def drop(self, keep: Callable[[str], bool]) -> None:
-        """Forget the methods for which ``keep(method)`` is false (they are about to be re-run)."""
+    def drop(self, keep: Callable[[str, str, str], bool]) -> None:
+        """Forget the runs for which ``keep(model, method, scheme)`` is false (they are about to be re-run)."""
         for store in (self._kl, self._flips):
-            for key in [k for k in store if not keep(k[1])]:
+            for key in [k for k in store if not keep(*k)]:
                 del store[key]
 
     def _mean(self, store: dict, key: tuple[str, str, str]) -> torch.Tensor | None:
@@ -549,7 +550,7 @@ def _timing_jobs(args) -> list[dict]:
 #: where a run writes (``--out``); committed results live here, a ``--quick`` run writes elsewhere by default
 RESULTS = HERE / "results"
 QUICK_RESULTS = Path(tempfile.gettempdir()) / "tlq-quality-quick"
-ITEMS_NAME = "quality_items.pt"  # per-item metrics of the last table (not committed)
+ITEMS_NAME = "quality_items.pt"  # per-item metrics of every table record (committed)
 
 
 def _old_records(out: Path) -> list[dict]:
@@ -563,7 +564,8 @@ def run(args) -> tuple[list[dict], ItemMetrics]:
     With ``--timing-only`` the table records come from the existing quality.json and only the time-alone
     pass is re-run (its records replace the old ones); ``--peers-only`` keeps every tlq_hf record and the
     per-item metrics of the last table (``--out``/``quality_items.pt``) and re-runs the llm-compressor jobs."""
-    items = ItemMetrics() if not (args.timing_only or args.peers_only) else ItemMetrics.load(args.out / ITEMS_NAME)
+    kept = args.timing_only or args.peers_only or args.merge
+    items = ItemMetrics.load(args.out / ITEMS_NAME) if kept else ItemMetrics()
     threads = 1 if args.jobs > 1 else args.threads  # per table worker
     torch.set_num_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="tlq-quality-"))
@@ -573,6 +575,7 @@ def run(args) -> tuple[list[dict], ItemMetrics]:
     table_jobs = _jobs(args)
     if args.merge:  # keep every old record of a (model, scheme) not re-run, and the old time-alone pass
         rerun = {(m, s) for m in args.models for s in args.schemes}
+        items.drop(lambda model, method, scheme: (model, scheme) not in rerun)
         records += [
             r
             for r in _old_records(args.out)
@@ -586,7 +589,7 @@ def run(args) -> tuple[list[dict], ItemMetrics]:
             records, table_jobs = [r for r in old if r.get("phase") != "timing"], []
         else:  # every llm-compressor job, table and time-alone pass
             records = [r for r in old if r["library"] != "llm-compressor"]
-            items.drop(lambda method: method not in PEERS)
+            items.drop(lambda model, method, scheme: method not in PEERS)
             table_jobs = [j for j in table_jobs if j["kind"] == "llmc"]
     prepared = [_prepare(job, args, work, args.seeds, threads, "table") for job in table_jobs]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
