@@ -87,3 +87,22 @@ def test_a_factorisation_and_sweep_shared_by_two_processes_equal_one_process_bit
         assert all(torch.equal(a, b) for a, b in zip(alone0, alone1))  # the same inputs give the same one-process run
     for a, s0, s1 in zip(alone0, shared0, shared1):
         assert torch.equal(a, s0) and torch.equal(a, s1)
+
+
+def test_the_scheduler_shares_a_group_costing_more_than_an_equal_share_and_bounds_what_a_rank_holds(monkeypatch):
+    from torch import nn
+
+    from tlq_hf.calibration import schedule
+    from tlq_hf.calibration.distributed import Comm
+    from tlq_hf.calibration.schedule import EVERY_RANK, SolveScheduler
+
+    two, one = SolveScheduler(Comm(0, 2)), SolveScheduler(Comm())
+    costs = [1.0, 1.0, 10.0, 1.0]
+    assert two.owners(costs, [True] * 4)[2] == EVERY_RANK
+    assert EVERY_RANK not in two.owners(costs, [True, True, False, True])  # its solver cannot share rows
+    assert EVERY_RANK not in one.owners(costs, [True] * 4)  # alone there is nobody to share with
+    assert sorted(two.owners([1.0, 1.0, 1.0, 1.0], [True] * 4)) == [0, 0, 1, 1]
+    linears = [[nn.Linear(8, 4)], [nn.Linear(8, 4), nn.Linear(8, 4)], [nn.Linear(8, 8)], [nn.Linear(8, 2)]]
+    monkeypatch.setattr(schedule, "AHEAD_BYTES", 80)
+    assert one.windows(linears) == [[0], [1], [2], [3]]
+    assert two.windows(linears) == [[0], [1], [2, 3]]  # codes of 32, 64, 64 and 16 bytes; at most 80 per window

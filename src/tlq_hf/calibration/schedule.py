@@ -29,6 +29,8 @@ __all__ = ["SolveScheduler", "EVERY_RANK"]
 
 #: the owner of a group every rank solves together
 EVERY_RANK = -1
+#: int8 code bytes a rank may hold solved before they are broadcast (see :meth:`SolveScheduler.windows`)
+AHEAD_BYTES = 256 << 20
 
 #: (weights as stored, the group) -> one solution per weight
 Solve = Callable[[list[torch.Tensor], StatGroup], list[Solution]]
@@ -77,9 +79,9 @@ class SolveScheduler:
         """For each group in order: its packed modules (by name), solved by the owner rank (``solve_of(group)``)
         and broadcast, or by every rank together (``shares_rows(group)``, see the module docstring), the same on
         every rank, and the seconds this rank spent solving it (0 where another rank owns it). With several ranks
-        every rank solves the shared groups, then its own, before the first broadcast (alone, each group is solved
-        just before it is yielded: one group's solution in memory at a time); a group's statistics are freed once
-        solved (on a rank that does not own it: at once)."""
+        every rank solves the shared groups, then its own, of a window (:meth:`windows`) before the window's first
+        broadcast (alone, each group is solved just before it is yielded: one group's solution in memory at a time);
+        a group's statistics are freed once solved (on a rank that does not own it: at once)."""
         costs = [self.cost([live[n] for n in g.members]) for g in groups]
         owners = self.owners(costs, [shares_rows(g) for g in groups])
         split = RowSplit(self.comm.rank, self.comm.world, self.comm.broadcast_)
@@ -93,22 +95,40 @@ class SolveScheduler:
             group.stats.clear()
             return solutions, (time.perf_counter() - start if solutions is not None else 0.0)
 
-        ahead: dict[int, tuple[list[Solution] | None, float]] = {}
-        if self.comm.world > 1:  # shared solves first (every rank enters them together), then each rank's own
-            order = sorted(range(len(groups)), key=lambda k: (owners[k] != EVERY_RANK, k))
-            ahead = {k: own(k) for k in order}
-        for k, (group, owner) in enumerate(zip(groups, owners)):
-            solutions, seconds = ahead.pop(k) if ahead else own(k)
-            linears = [live[n] for n in group.members]
-            solutions = solutions or [self._empty_solution(m, scheme, scale_dtype) for m in linears]
-            packed = {}
-            for name, linear, (codes, qp) in zip(group.members, linears, solutions):
-                if owner != EVERY_RANK:
-                    for t in (codes, qp.scale, qp.zero):
-                        self.comm.broadcast_(t, owner)
-                packed[name] = TLQLinear.from_codes(codes, qp, scheme, bias=linear.bias)
-            del solutions
-            yield group, packed, seconds
+        for window in self.windows([[live[n] for n in g.members] for g in groups]):
+            # shared solves first (every rank enters them together), then this rank's own, then the broadcasts
+            done = {k: own(k) for k in sorted(window, key=lambda k: (owners[k] != EVERY_RANK, k))}
+            for k in window:
+                group, owner = groups[k], owners[k]
+                solutions, seconds = done.pop(k)
+                linears = [live[n] for n in group.members]
+                solutions = solutions or [self._empty_solution(m, scheme, scale_dtype) for m in linears]
+                packed = {}
+                for name, linear, (codes, qp) in zip(group.members, linears, solutions):
+                    if owner != EVERY_RANK:
+                        for t in (codes, qp.scale, qp.zero):
+                            self.comm.broadcast_(t, owner)
+                    packed[name] = TLQLinear.from_codes(codes, qp, scheme, bias=linear.bias)
+                del solutions
+                yield group, packed, seconds
+
+    def windows(self, linears: list[list[nn.Module]]) -> list[list[int]]:
+        """Consecutive groups solved before their solutions are broadcast: alone one group at a time; with several
+        ranks as many as hold at most :data:`AHEAD_BYTES` of codes (at least one; the same on every rank, from
+        shapes only), so a rank keeps a bounded number of finished solutions (a dense layer: one window; an MoE
+        layer's experts: a few)."""
+        if self.comm.world == 1:
+            return [[k] for k in range(len(linears))]
+        out: list[list[int]] = []
+        held = 0
+        for k, members in enumerate(linears):
+            size = sum(m.weight.numel() for m in members)
+            if not out or held + size > AHEAD_BYTES:
+                out.append([])
+                held = 0
+            out[-1].append(k)
+            held += size
+        return out
 
     @staticmethod
     def _empty_solution(linear: nn.Module, scheme: QuantScheme, dtype: torch.dtype) -> Solution:
