@@ -43,6 +43,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import quality_summary  # noqa: E402
 from provenance import Measurement  # noqa: E402
 from train_vqa import RECIPES, TASKS  # noqa: E402
 
@@ -890,6 +891,8 @@ def write_results(records: list[dict], ratios: list[dict], args, wall: float) ->
         ]
     (results / "RESULTS.md").write_text("\n".join(lines))
     _plot(records, args, results / "quality.png")
+    if results.resolve() == RESULTS.resolve():  # the committed table: the README's summary follows it
+        quality_summary.write({"records": records, "ratios": ratios})
 
 
 def _plot(records: list[dict], args, path: Path) -> None:

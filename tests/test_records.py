@@ -14,6 +14,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import inference  # noqa: E402
 import provenance  # noqa: E402
+import quality_summary  # noqa: E402
 import scale  # noqa: E402
 
 RESULTS = BENCHMARKS / "results"
@@ -38,6 +39,14 @@ def test_the_readme_inference_table_is_the_one_generated_from_its_record():
     block = README.read_text().split(inference.README_BEGIN, 1)[1].split(inference.README_END, 1)[0]
     assert block.strip() == inference.readme_block(result).strip()
     assert len(result["variants"]["native"]["runs_decode_tok_s"]) >= 3 and not result["contended"]
+
+
+def test_the_readme_quality_summary_is_the_one_generated_from_quality_json():
+    quality = json.loads((RESULTS / "quality.json").read_text())
+    text = README.read_text()
+    block = text.split(quality_summary.BEGIN, 1)[1].split(quality_summary.END, 1)[0]
+    assert block.strip() == quality_summary.summary(quality).strip(), "run: python benchmarks/quality_summary.py"
+    assert "| W3A16-g128 | 8 |" in block  # every benchmark VLM in the headline scheme
 
 
 def test_records_of_this_format_carry_their_provenance():
