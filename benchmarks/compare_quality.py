@@ -12,6 +12,8 @@ import json
 import math
 from pathlib import Path
 
+from quality_summary import geomean
+
 
 def _table(folder: Path) -> dict[tuple[str, str, str, int], dict]:
     records = json.loads((folder / "quality.json").read_text())["records"]
@@ -45,8 +47,7 @@ def compare(a: Path, b: Path) -> str:
     lines += ["", "| method | rows | geometric-mean KL ratio | min | max |", "|---|---|---|---|---|"]
     for method, rs in ratios.items():
         finite = [r for r in rs if r > 0 and math.isfinite(r)]
-        geo = math.exp(sum(map(math.log, finite)) / len(finite))
-        lines.append(f"| {method} | {len(finite)} | {geo:.2f} | {min(finite):.2f} | {max(finite):.2f} |")
+        lines.append(f"| {method} | {len(finite)} | {geomean(finite):.2f} | {min(finite):.2f} | {max(finite):.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -714,7 +714,7 @@ def _ratio_section(ratios: list[dict], args) -> list[str]:
                 if (r["scheme"], r["numerator"], r["denominator"]) == (scheme, num, "gptq")
             ]
             if values and all(v > 0 for v in values):
-                geo = math.exp(statistics.fmean(math.log(v) for v in values))
+                geo = quality_summary.geomean(values)
                 lines.append(f"- {num} / gptq, {scheme}: {geo:.2f} over {len(values)} models")
     return lines + [""]
 
@@ -743,7 +743,7 @@ def _targets_section(records: list[dict], ratios: list[dict], args) -> list[str]
             + (f" (worse on {', '.join(flips)})" if flips else "")
         )
         if scheme == "W3A16-g128":
-            geo = math.exp(statistics.fmean(math.log(max(r["kl_ratio"], 1e-12)) for r in found))
+            geo = quality_summary.geomean(max(r["kl_ratio"], 1e-12) for r in found)
             lines.append(
                 f"- {scheme}: geometric mean TLQ/GPTQ KL over {len(found)} models {geo:.2f} (target <= 0.6): "
                 f"{verdict(geo <= 0.6)}"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
+from collections.abc import Iterable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -24,8 +26,9 @@ BASELINES = (("gptq", "plain GPTQ (tlq_hf)"), ("llmc-gptq", "llm-compressor GPTQ
 ORDER = ("W4A16-g128", "W3A16-g128", "W2A16-g64", "W3A16-ch", "W4A8", "W8A8")
 
 
-def _geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
+def geomean(values: Iterable[float]) -> float:
+    """The geometric mean of positive ``values`` (the benchmarks' one definition of it)."""
+    return math.exp(statistics.fmean(math.log(v) for v in values))
 
 
 def summary(quality: dict) -> str:
@@ -55,7 +58,7 @@ def summary(quality: dict) -> str:
             if not ratios:
                 cells.append("no preset" if den.startswith("llmc") else "-")
                 continue
-            cells.append(f"{_geomean(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} models)")
+            cells.append(f"{geomean(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} models)")
         lines.append(f"| {scheme} | {len(models)} | {', '.join(commits)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -26,8 +26,6 @@ import argparse
 import fcntl
 import itertools
 import json
-import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import quality  # noqa: E402
 from provenance import Measurement  # noqa: E402
+from quality_summary import geomean  # noqa: E402
 
 import tlq_hf  # noqa: E402,F401  registers quant_method "tlq"
 from tlq_hf import TLQConfig  # noqa: E402
@@ -105,7 +104,7 @@ def score(records: list[dict], label: str, model: str | None = None) -> float:
             continue
         ref = next(x for x in records if (x["model"], x["scheme"], x["point"]) == (r["model"], r["scheme"], REFERENCE))
         ratios.append(max(r["kl"], 1e-12) / max(ref["kl"], 1e-12))
-    return math.exp(statistics.fmean(math.log(v) for v in ratios)) if ratios else float("nan")
+    return geomean(ratios) if ratios else float("nan")
 
 
 def _cell(records: list[dict], model: str, scheme: str, label: str) -> str:
