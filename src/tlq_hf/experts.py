@@ -397,7 +397,7 @@ def unfuse_experts(
         full = f"{root}.{name}" if root else name
         on_meta = module.down_proj.device.type == "meta"
         if copy_weights and on_meta and offloaded is None:
-            raise NotImplementedError(
+            raise ValueError(
                 f"{full}: the experts' weights are offloaded (meta tensors) and nothing says where to read each "
                 "expert from: load with device_map='cpu', or quantize through TLQConfig / tlq_hf.quantize, which "
                 "read offloaded experts one at a time."
