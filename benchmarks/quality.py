@@ -22,6 +22,7 @@ every table go to quality_items.pt there (committed beside quality.json, so anyo
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -340,24 +341,30 @@ class ItemMetrics:
         self._flips.setdefault((model, method, scheme), []).append(flips.double())
 
     def save(self, path: Path) -> None:
-        """Write every run's per-item tensors (so a partial re-run, e.g. ``--peers-only``, can pair with them)."""
+        """Write every run's per-item tensors (so a partial re-run, e.g. ``--peers-only``, can pair with them):
+        KL in float64, flips as booleans, gzip-compressed (committed: a few MB for every table)."""
         flat = {
-            "|".join(k) + f"|{kind}|{i}": t
+            "|".join(k) + f"|{kind}|{i}": t.bool() if kind == "flips" else t
             for kind, store in (("kl", self._kl), ("flips", self._flips))
             for k, runs in store.items()
             for i, t in enumerate(runs)
         }
-        torch.save(flat, path)
+        with gzip.open(path, "wb", compresslevel=9) as f:
+            torch.save(flat, f)
 
     @classmethod
     def load(cls, path: Path) -> ItemMetrics:
         """The per-item metrics :meth:`save` wrote (empty when there is no file)."""
         out = cls()
         if path.exists():
-            for name, tensor in sorted(torch.load(path, weights_only=True).items()):
+            with path.open("rb") as raw:
+                gzipped = raw.read(2) == b"\x1f\x8b"  # files written before compression are plain torch.save
+            with (gzip.open if gzipped else open)(path, "rb") as f:
+                flat = torch.load(f, weights_only=True)
+            for name, tensor in sorted(flat.items()):
                 model, method, scheme, kind, _ = name.split("|")
                 store = out._kl if kind == "kl" else out._flips
-                store.setdefault((model, method, scheme), []).append(tensor)
+                store.setdefault((model, method, scheme), []).append(tensor.double())
         return out
 
     def drop(self, keep: Callable[[str, str, str], bool]) -> None:

@@ -77,3 +77,23 @@ def test_a_measurement_counts_other_processes_cpu_and_not_its_own_childrens():
     finally:
         other.wait()
     assert shared["other_cpu_s"] > 1.0 and shared["contended"]
+
+
+def test_the_committed_per_item_metrics_recompute_every_quality_interval():
+    """quality_items.pt is committed beside quality.json: every ratio and interval of the table comes back from it."""
+    import quality
+
+    items = quality.ItemMetrics.load(RESULTS / quality.ITEMS_NAME)
+    ratios = json.loads((RESULTS / "quality.json").read_text())["ratios"]
+    table = {s for r in ratios for s in [r["scheme"]]}
+    recomputed = {
+        (r["model"], r["scheme"], r["numerator"], r["denominator"]): r
+        for r in items.ratios(sorted({r["model"] for r in ratios}), sorted(table))
+    }
+    checked = 0
+    for r in ratios:
+        key = (r["model"], r["scheme"], r["numerator"], r["denominator"])
+        if key in recomputed:  # schemes whose per-item data predates committing it are listed in quality_summary
+            assert recomputed[key] == r, key
+            checked += 1
+    assert checked >= 4 * 8 * 2  # W3A16-g128, W4A16-g128, W8A8, W4A8 on the 8 models, TLQ / GPTQ and / llm-compressor
