@@ -113,3 +113,15 @@ def test_half_precision_models_calibrate_to_finite_outputs(tiny_vlm_dirs, batch_
     assert {m.weight_scale.dtype for m in model.modules() if isinstance(m, TLQLinear)} == {dtype}
     assert all(torch.isfinite(torch.tensor([r.error_after for r in model.tlq_report.layers])))
     assert torch.isfinite(logits_of(model, batch_for("qwen2_vl"))).all()
+
+
+@pytest.mark.parametrize("row", [0, 1500, 2047])
+def test_the_banded_finiteness_check_sees_a_nan_in_any_band(row):
+    from tlq_hf.solvers.gptq import _all_finite
+
+    h = torch.eye(2048)  # 512 rows per band
+    assert _all_finite(h)
+    h[row, 7] = float("nan")
+    assert not _all_finite(h)
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        gptq_factor(h)
