@@ -8,10 +8,9 @@ reloaded through compressed-tensors computes exactly what the in-memory model co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from .grids import QParams, grid_of
 from .qtypes import QuantScheme
 
 __all__ = [
@@ -36,14 +35,6 @@ def strided_rows(x: torch.Tensor, a: torch.Tensor, max_rows: int) -> tuple[torch
     return x[idx], a[idx]
 
 
-@dataclass
-class QParams:
-    """Per-group quantization parameters: ``scale`` in its storage dtype, signed integer ``zero`` (int8)."""
-
-    scale: torch.Tensor
-    zero: torch.Tensor
-
-
 def _grouped(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     out_features, in_features = w.shape
     scheme.check_in_features(in_features)
@@ -62,33 +53,17 @@ def compute_qparams(
     here, so codes computed from it reproduce the stored model exactly. ``clip`` (a scalar or a
     ``[out, n_groups]`` tensor in ``(0, 1]``) shrinks the range, for clipping searches.
     """
-    g = _grouped(w.float(), scheme)
-    wmin = g.amin(dim=-1).clamp(max=0)
-    wmax = g.amax(dim=-1).clamp(min=0)
-    if clip is not None:
-        wmin, wmax = wmin * clip, wmax * clip
-    bit_range = float(scheme.qmax - scheme.qmin)
-    if scheme.sym:
-        scale = torch.maximum(wmin.abs(), wmax) / (bit_range / 2)
-        zero = torch.zeros_like(scale)
-    else:
-        scale = (wmax - wmin) / bit_range
-        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        zero = torch.clamp(torch.round(scheme.qmin - wmin / safe), scheme.qmin, scheme.qmax)
-    scale_dtype = scale_dtype or w.dtype
-    scale = scale.to(scale_dtype)
-    eps = torch.finfo(scale_dtype).eps
-    scale = torch.where(scale == 0, torch.full_like(scale, eps), scale)
-    return QParams(scale=scale, zero=zero.to(torch.int8))
+    return grid_of(scheme).qparams(_grouped(w.float(), scheme), scheme, scale_dtype or w.dtype, clip)
 
 
 def quantize_codes(w: torch.Tensor, qparams: QParams, scheme: QuantScheme) -> torch.Tensor:
-    """Integer codes (int8, signed) of ``w`` under ``qparams``: ``clamp(round(w / scale) + zero)``."""
+    """Codes of ``w`` under ``qparams`` (the grid's ``encode`` of ``w / scale``; int8 for the integer grid:
+    ``clamp(round(w / scale) + zero)``)."""
+    grid = grid_of(scheme)
     g = _grouped(w.float(), scheme)
     scale = qparams.scale.float().unsqueeze(-1)
     zero = qparams.zero.float().unsqueeze(-1)
-    q = torch.clamp(torch.round(g / scale) + zero, scheme.qmin, scheme.qmax)
-    return q.reshape(w.shape).to(torch.int8)
+    return grid.encode(g / scale, zero, scheme).reshape(w.shape).to(grid.code_dtype)
 
 
 def dequantize_codes(
@@ -97,7 +72,7 @@ def dequantize_codes(
     """``(codes - zero) * scale`` computed in the scale's dtype (as compressed-tensors does), cast to ``dtype``."""
     sdtype = qparams.scale.dtype
     g = _grouped(codes, scheme).to(sdtype)
-    w = (g - qparams.zero.to(sdtype).unsqueeze(-1)) * qparams.scale.unsqueeze(-1)
+    w = grid_of(scheme).decode(g, qparams.zero.to(sdtype).unsqueeze(-1), qparams.scale.unsqueeze(-1))
     return w.reshape(codes.shape).to(dtype or sdtype)
 
 

@@ -1,5 +1,7 @@
 """Quantization schemes: what a quantized weight (and activation) looks like, nothing about how it is found.
 
+``grid`` names the values a weight element takes (:mod:`tlq_hf.grids`; ``"int"``, the only one today).
+
 Integer convention (shared with compressed-tensors, so checkpoints need no conversion):
 codes are signed, ``q in [-2**(b-1), 2**(b-1) - 1]``; the zero point is a signed value in the same range
 (0 for symmetric schemes); ``w ~= (q - zero) * scale``, one ``scale``/``zero`` per output row and group of
@@ -9,6 +11,8 @@ codes are signed, ``q in [-2**(b-1), 2**(b-1) - 1]``; the zero point is a signed
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .grids import GRIDS
 
 __all__ = ["QuantScheme", "SUPPORTED_WEIGHT_BITS", "SUPPORTED_ACT_BITS"]
 
@@ -24,8 +28,11 @@ class QuantScheme:
     group_size: int = 128
     sym: bool = True
     act_bits: int | None = None
+    grid: str = "int"
 
     def __post_init__(self) -> None:
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid={self.grid!r} is not a weight grid: use one of {GRIDS.names()}.")
         if self.bits not in SUPPORTED_WEIGHT_BITS:
             raise ValueError(f"bits={self.bits!r} is not supported: use one of {SUPPORTED_WEIGHT_BITS}.")
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):

@@ -7,11 +7,13 @@ natural column order ("static groups", qparams from the original weight), so the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
+from ..grids import grid_of
 from ..primitives import QParams, compute_qparams
 from ..qtypes import QuantScheme
 from .registry import Solution, Statistics, layer_solver
@@ -30,8 +32,7 @@ def weighted_hessian(x: torch.Tensor, token_weights: torch.Tensor | None = None)
 
 
 def _group_qparams(w: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype) -> QParams:
-    per_row = QuantScheme(bits=scheme.bits, group_size=-1, sym=scheme.sym)
-    return compute_qparams(w, per_row, scale_dtype=scale_dtype)
+    return compute_qparams(w, dataclasses.replace(scheme, group_size=-1), scale_dtype=scale_dtype)
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,8 @@ def gptq_quantize(
     for c in range(0, in_features, _FILL_COLUMNS):
         Wt[c : c + _FILL_COLUMNS] = src.index_select(1, perm[c : c + _FILL_COLUMNS]).T
     Wt[dead[perm]] = 0.0
-    codes = torch.empty(in_features, out_features, dtype=torch.int8, device=Wt.device)
+    grid = grid_of(scheme)
+    codes = torch.empty(in_features, out_features, dtype=grid.code_dtype, device=Wt.device)
     # qparams as [groups, out] float32 rows (with act order they are final already)
     scale_t, zero_t = scale.T.float().contiguous(), zero.T.float().contiguous()
     # updates are applied lazily: rank-1 within ``sub`` columns, one GEMM for the rest of the block; a group
@@ -305,9 +307,9 @@ def gptq_quantize(
                     scale_t[g], zero_t[g] = scale[:, g].float(), zero[:, g].float()
                 s, z = scale_t[g], zero_t[g]
                 w = W1[i]
-                q = torch.clamp(torch.round(w / s) + z, scheme.qmin, scheme.qmax)
-                codes[i1 + i] = q.to(torch.int8)
-                err = (w - (q - z) * s) / Hinv1[i, i]
+                q = grid.encode(w / s, z, scheme)
+                codes[i1 + i] = q.to(codes.dtype)
+                err = (w - grid.decode(q, z, s)) / Hinv1[i, i]
                 if i + 1 < j2:
                     W1[i + 1 : j2].addr_(Hinv1[i, i + 1 : j2], err, alpha=-1)
                 Err1[i] = err
