@@ -3,6 +3,8 @@ quantize / dequantize path uses."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -36,7 +38,7 @@ class _Halves(Grid):
     name = "test-halves"
     code_dtype = torch.float32
 
-    def qparams(self, groups, scheme, scale_dtype, clip=None):
+    def qparams(self, groups, scheme, scale_dtype, clip=None, global_scale=None):
         scale = (groups.abs().amax(-1) / 2).clamp_min(1e-8).to(scale_dtype)
         return QParams(scale=scale, zero=torch.zeros_like(scale, dtype=torch.int8))
 
@@ -62,3 +64,70 @@ def test_a_registered_grid_is_used_by_quantize_dequantize_and_the_gptq_sweep():
         assert ((w - deq) @ x.T).pow(2).sum() <= rtn_err  # the sweep minimises the output error on this grid too
     finally:
         GRIDS.unregister("test-halves")
+
+
+# ----------------------------------------------------------------------------- float grids against compressed-tensors
+
+
+def _reference(preset: str):
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    return preset_name_to_scheme(preset, ["Linear"]).weights
+
+
+@pytest.mark.parametrize(
+    "grid,preset,group_size",
+    [("nvfp4", "NVFP4A16", 16), ("mxfp4", "MXFP4A16", 32), ("fp8", "FP8_DYNAMIC", -1)],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float_grids_match_compressed_tensors_qparams_codes_and_dequantization(grid, preset, group_size, seed):
+    from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    args = _reference(preset)
+    bits = 8 if grid == "fp8" else 4
+    scheme = QuantScheme(bits=bits, group_size=group_size, grid=grid)
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(24, 128, generator=gen) * torch.logspace(-3, 1, 24)[:, None]  # rows of very different ranges
+    w[3, :40] = 0.0  # an all-zero group
+    w[5, 7] = 37.0  # an outlier
+    w = w.bfloat16().float()
+    groups = w.reshape(24, -1, 128 if group_size == -1 else group_size)
+    gscale = generate_gparam(w.min(), w.max()) if grid == "nvfp4" else None
+    ref_scale, ref_zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args, global_scale=gscale)
+    qp = compute_qparams(w, scheme, scale_dtype=torch.float32)
+    # the scale compressed-tensors computes is the one it stores: E4M3 times the global scale for NVFP4, the
+    # power of two whose E8M0 exponent it stores for MXFP4, the model-dtype scale for FP8
+    ours = grid_of(scheme).group_scale(qp) if grid == "mxfp4" else qp.scale
+    assert torch.equal(ours.float(), ref_scale.float()), grid
+    if gscale is not None:
+        assert torch.equal(qp.global_scale, gscale) and qp.scale.dtype == torch.float8_e4m3fn
+    codes = quantize_codes(w, qp, scheme)
+    ref_codes = quantize(w, ref_scale, ref_zero, args, global_scale=gscale)
+    assert torch.equal(codes, ref_codes.float())
+    ref_back = dequantize(ref_codes, ref_scale, ref_zero, args, global_scale=gscale)
+    assert torch.equal(dequantize_codes(codes, qp, scheme, dtype=torch.float32), ref_back.float())
+
+
+def test_e2m1_rounding_is_compressed_tensors_cast_including_every_tie():
+    from compressed_tensors.quantization.utils.fp4_utils import cast_to_fp4
+
+    from tlq_hf.grids import round_to_e2m1
+
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.0, 6.0])
+    x = torch.cat([torch.linspace(-6, 6, 20001), ties, -ties])
+    assert torch.equal(round_to_e2m1(x), cast_to_fp4(x.clone()))
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(bits=4, group_size=32, grid="nvfp4"), "group_size=32 (use 16)"),
+        (dict(bits=8, group_size=16, grid="nvfp4"), "bits=8 (use 4)"),
+        (dict(bits=4, group_size=32, sym=False, grid="mxfp4"), "sym=False"),
+        (dict(bits=4, group_size=-1, grid="fp8"), "bits=4 (use 8)"),
+    ],
+)
+def test_schemes_that_do_not_fit_a_float_grid_are_refused_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        QuantScheme(**kwargs)

@@ -19,15 +19,18 @@ from .registry import Registry
 if TYPE_CHECKING:
     from .qtypes import QuantScheme
 
-__all__ = ["GRIDS", "Grid", "IntGrid", "QParams", "grid_of"]
+__all__ = ["GRIDS", "FP8Grid", "Grid", "IntGrid", "MXFP4Grid", "NVFP4Grid", "QParams", "grid_of", "round_to_e2m1"]
 
 
 @dataclass
 class QParams:
-    """Per-group quantization parameters: ``scale`` in its storage dtype, signed integer ``zero`` (int8)."""
+    """Per-group quantization parameters: ``scale`` in its storage dtype, signed integer ``zero`` (int8), and for
+    grids with a two-level scale (NVFP4) the tensor's float32 ``global_scale`` (the group scales are stored
+    multiplied by it)."""
 
     scale: torch.Tensor
     zero: torch.Tensor
+    global_scale: torch.Tensor | None = None
 
 
 class Grid(ABC):
@@ -37,6 +40,14 @@ class Grid(ABC):
     #: dtype of the codes :meth:`encode` returns once stored (before any packing)
     code_dtype: ClassVar[torch.dtype]
 
+    def check(self, scheme: QuantScheme) -> None:
+        """Raise ``ValueError`` naming the fields when ``scheme`` does not fit this grid (every scheme fits here)."""
+        return None
+
+    def global_scale(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The tensor-wide scale of ``weight`` for grids with two-level scales, else ``None``."""
+        return None
+
     @abstractmethod
     def qparams(
         self,
@@ -44,9 +55,16 @@ class Grid(ABC):
         scheme: QuantScheme,
         scale_dtype: torch.dtype,
         clip: torch.Tensor | float | None = None,
+        global_scale: torch.Tensor | None = None,
     ) -> QParams:
         """Quantization parameters of ``groups [rows, n_groups, group_size]`` (float32), the scale rounded to
-        ``scale_dtype``; ``clip`` in ``(0, 1]`` shrinks the range (scalar or ``[rows, n_groups]``)."""
+        ``scale_dtype`` (grids with a scale format of their own ignore it); ``clip`` in ``(0, 1]`` shrinks the
+        range (scalar or ``[rows, n_groups]``); ``global_scale`` is :meth:`global_scale` of the whole weight."""
+
+    def group_scale(self, qparams: QParams) -> torch.Tensor:
+        """The multiplier of each group's codes, in the dtype dequantization computes in (the stored scale itself
+        for the integer grid)."""
+        return qparams.scale
 
     @abstractmethod
     def encode(self, scaled: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -76,6 +94,7 @@ class IntGrid(Grid):
         scheme: QuantScheme,
         scale_dtype: torch.dtype,
         clip: torch.Tensor | float | None = None,
+        global_scale: torch.Tensor | None = None,
     ) -> QParams:
         wmin = groups.amin(dim=-1).clamp(max=0)
         wmax = groups.amax(dim=-1).clamp(min=0)
@@ -96,6 +115,137 @@ class IntGrid(Grid):
 
     def encode(self, scaled: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
         return torch.clamp(torch.round(scaled) + zero, scheme.qmin, scheme.qmax)
+
+
+# ----------------------------------------------------------------------------- float grids
+
+#: E2M1 (FP4) magnitudes, and the midpoints between neighbours
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_E4M3 = torch.float8_e4m3fn
+_E4M3_MAX = float(torch.finfo(_E4M3).max)  # 448
+
+
+def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """The nearest E2M1 value of each element (ties to the even code: 0.25 -> 0, 0.75 -> 1, 2.5 -> 2, 5 -> 4),
+    beyond +-6 the end of the grid; same dtype as ``x``."""
+    magnitude = x.abs()
+    mids = torch.tensor(_E2M1_MIDPOINTS, dtype=x.dtype, device=x.device)
+    index = torch.bucketize(magnitude, mids)  # ties counted down
+    tie = (index % 2 == 1) & (magnitude == mids[index.clamp(max=len(_E2M1_MIDPOINTS) - 1)])
+    values = torch.tensor(_E2M1, dtype=x.dtype, device=x.device)[index + tie.long()]
+    return torch.where(x < 0, -values, values)
+
+
+class _FloatGrid(Grid):
+    """Symmetric float elements (no zero point): codes are the element values themselves, kept in float32."""
+
+    code_dtype = torch.float32
+    element_max: ClassVar[float]
+    bits: ClassVar[int]
+    group_size: ClassVar[int | None] = None  # the format's fixed group size (None: any, like the integer grid)
+
+    def check(self, scheme: QuantScheme) -> None:
+        wrong = []
+        if scheme.bits != self.bits:
+            wrong.append(f"bits={scheme.bits} (use {self.bits})")
+        if not scheme.sym:
+            wrong.append("sym=False (float grids are symmetric)")
+        if self.group_size is not None and scheme.group_size != self.group_size:
+            wrong.append(f"group_size={scheme.group_size} (use {self.group_size})")
+        if wrong:
+            raise ValueError(f"grid={self.name!r} does not fit {', '.join(wrong)}.")
+
+    def encode(self, scaled: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+        return self._round(torch.clamp(scaled, -self.element_max, self.element_max))
+
+    @abstractmethod
+    def _round(self, x: torch.Tensor) -> torch.Tensor:
+        """Nearest element value of each (already clamped) element, same dtype."""
+
+    @staticmethod
+    def _absmax(groups: torch.Tensor, clip: torch.Tensor | float | None) -> torch.Tensor:
+        amax = torch.maximum(groups.amin(dim=-1).clamp(max=0).abs(), groups.amax(dim=-1).clamp(min=0))
+        return amax if clip is None else amax * clip
+
+    @staticmethod
+    def _zero(scale: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(scale.shape, dtype=torch.int8, device=scale.device)
+
+
+@GRIDS.register
+class FP8Grid(_FloatGrid):
+    """FP8 E4M3 elements, one scale per row or group in the model's dtype (compressed-tensors' FP8 weights:
+    ``scale = absmax / 448``)."""
+
+    name = "fp8"
+    bits = 8
+    element_max = _E4M3_MAX
+
+    def qparams(self, groups, scheme, scale_dtype, clip=None, global_scale=None) -> QParams:
+        scale = (self._absmax(groups, clip) / self.element_max).to(scale_dtype)
+        scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(scale_dtype).eps), scale)
+        return QParams(scale=scale, zero=self._zero(scale))
+
+    def _round(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(_E4M3).to(x.dtype)
+
+
+@GRIDS.register
+class NVFP4Grid(_FloatGrid):
+    """NVFP4: E2M1 elements in groups of 16, each group's scale an E4M3 number stored multiplied by the tensor's
+    float32 global scale ``448 * 6 / absmax(W)`` (so the group scales use E4M3's whole range); the element
+    multiplier is ``scale / global_scale``."""
+
+    name = "nvfp4"
+    bits = 4
+    group_size = 16
+    element_max = 6.0
+
+    def global_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        amax = weight.detach().float().abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+        scale = torch.nan_to_num(_E4M3_MAX * self.element_max / amax, nan=1.0, posinf=1.0, neginf=1.0)
+        return scale.reshape(1)
+
+    def qparams(self, groups, scheme, scale_dtype, clip=None, global_scale=None) -> QParams:
+        if global_scale is None:
+            global_scale = self.global_scale(groups)
+        scale = global_scale * (self._absmax(groups, clip) / self.element_max)
+        scale = torch.clamp(scale, -_E4M3_MAX, _E4M3_MAX).to(_E4M3).float()
+        scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(_E4M3).eps), scale)
+        return QParams(scale=scale.to(_E4M3), zero=self._zero(scale), global_scale=global_scale)
+
+    def group_scale(self, qparams: QParams) -> torch.Tensor:
+        return qparams.scale.float() / qparams.global_scale
+
+    def _round(self, x: torch.Tensor) -> torch.Tensor:
+        return round_to_e2m1(x)
+
+
+@GRIDS.register
+class MXFP4Grid(_FloatGrid):
+    """MXFP4 (OCP microscaling): E2M1 elements in groups of 32, each group's scale a power of two stored as its
+    biased E8M0 exponent (uint8): ``2 ** (floor(log2(absmax)) - 2)``, the exponent one higher when the mantissa of
+    ``absmax`` is 1.75 or more."""
+
+    name = "mxfp4"
+    bits = 4
+    group_size = 32
+    element_max = 6.0
+
+    def qparams(self, groups, scheme, scale_dtype, clip=None, global_scale=None) -> QParams:
+        amax = self._absmax(groups, clip).float()
+        mantissa, exponent = torch.frexp(amax)  # amax = mantissa * 2**exponent, mantissa in [0.5, 1)
+        power = exponent.float() - 1 + (mantissa >= 0.875).float()  # log2 of amax rounded to a power of two
+        biased = torch.where(amax > 0, 127 + power - 2, torch.zeros_like(power))
+        scale = biased.clamp(0, 255).to(torch.uint8)
+        return QParams(scale=scale, zero=self._zero(scale))
+
+    def group_scale(self, qparams: QParams) -> torch.Tensor:
+        return torch.exp2(qparams.scale.float() - 127)
+
+    def _round(self, x: torch.Tensor) -> torch.Tensor:
+        return round_to_e2m1(x)
 
 
 def grid_of(scheme: QuantScheme) -> Grid:

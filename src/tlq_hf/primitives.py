@@ -46,14 +46,17 @@ def compute_qparams(
     scheme: QuantScheme,
     scale_dtype: torch.dtype | None = None,
     clip: torch.Tensor | float | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> QParams:
     """Min/max quantization parameters of weight ``w`` per (row, group).
 
     ``scale_dtype`` is the dtype the scale is stored in (the model dtype): the scale is rounded to it
     here, so codes computed from it reproduce the stored model exactly. ``clip`` (a scalar or a
-    ``[out, n_groups]`` tensor in ``(0, 1]``) shrinks the range, for clipping searches.
+    ``[out, n_groups]`` tensor in ``(0, 1]``) shrinks the range, for clipping searches. ``global_scale``: the
+    whole weight's, for grids with two-level scales when ``w`` is only part of it (by default ``w``'s own).
     """
-    return grid_of(scheme).qparams(_grouped(w.float(), scheme), scheme, scale_dtype or w.dtype, clip)
+    grid = grid_of(scheme)
+    return grid.qparams(_grouped(w.float(), scheme), scheme, scale_dtype or w.dtype, clip, global_scale)
 
 
 def quantize_codes(w: torch.Tensor, qparams: QParams, scheme: QuantScheme) -> torch.Tensor:
@@ -61,7 +64,7 @@ def quantize_codes(w: torch.Tensor, qparams: QParams, scheme: QuantScheme) -> to
     ``clamp(round(w / scale) + zero)``)."""
     grid = grid_of(scheme)
     g = _grouped(w.float(), scheme)
-    scale = qparams.scale.float().unsqueeze(-1)
+    scale = grid.group_scale(qparams).float().unsqueeze(-1)
     zero = qparams.zero.float().unsqueeze(-1)
     return grid.encode(g / scale, zero, scheme).reshape(w.shape).to(grid.code_dtype)
 
@@ -69,10 +72,13 @@ def quantize_codes(w: torch.Tensor, qparams: QParams, scheme: QuantScheme) -> to
 def dequantize_codes(
     codes: torch.Tensor, qparams: QParams, scheme: QuantScheme, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """``(codes - zero) * scale`` computed in the scale's dtype (as compressed-tensors does), cast to ``dtype``."""
-    sdtype = qparams.scale.dtype
+    """``(codes - zero) * scale`` computed in the dtype of the group multiplier (the stored scale's for the integer
+    grid, as compressed-tensors does), cast to ``dtype``."""
+    grid = grid_of(scheme)
+    scale = grid.group_scale(qparams)
+    sdtype = scale.dtype
     g = _grouped(codes, scheme).to(sdtype)
-    w = grid_of(scheme).decode(g, qparams.zero.to(sdtype).unsqueeze(-1), qparams.scale.unsqueeze(-1))
+    w = grid.decode(g, qparams.zero.to(sdtype).unsqueeze(-1), scale.unsqueeze(-1))
     return w.reshape(codes.shape).to(dtype or sdtype)
 
 

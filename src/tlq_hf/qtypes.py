@@ -33,6 +33,7 @@ class QuantScheme:
     def __post_init__(self) -> None:
         if self.grid not in GRIDS:
             raise ValueError(f"grid={self.grid!r} is not a weight grid: use one of {GRIDS.names()}.")
+        GRIDS[self.grid].check(self)
         if self.bits not in SUPPORTED_WEIGHT_BITS:
             raise ValueError(f"bits={self.bits!r} is not supported: use one of {SUPPORTED_WEIGHT_BITS}.")
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size <= 0):
