@@ -131,3 +131,26 @@ def test_e2m1_rounding_is_compressed_tensors_cast_including_every_tie():
 def test_schemes_that_do_not_fit_a_float_grid_are_refused_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=re.escape(field)):
         QuantScheme(**kwargs)
+
+
+@pytest.mark.parametrize("grid,bits,group_size", [("nvfp4", 4, 16), ("mxfp4", 4, 32), ("fp8", 8, -1)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_rounds_onto_each_float_grid_and_beats_rounding_to_nearest(grid, bits, group_size, act_order):
+    from tlq_hf.grids import round_to_e2m1
+
+    scheme = QuantScheme(bits=bits, group_size=group_size, grid=grid)
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 128, generator=gen)
+    mix = torch.randn(128, 128, generator=gen) / 8 + torch.eye(128)
+    x = torch.randn(512, 128, generator=gen) @ mix  # correlated inputs: where GPTQ's updates pay
+    codes, qp = gptq(w, weighted_hessian(x), scheme, act_order=act_order)
+    if grid == "fp8":
+        assert torch.equal(codes, codes.to(torch.float8_e4m3fn).float())
+    else:
+        assert torch.equal(codes, round_to_e2m1(codes)) and codes.abs().max() <= 6
+    if grid == "nvfp4":  # one global scale, the original weight's, for every group
+        assert torch.equal(qp.global_scale, grid_of(scheme).global_scale(w))
+    rtn_codes, rtn_qp = quantize_weight(w, scheme)
+    err = ((w - dequantize_codes(codes, qp, scheme, dtype=torch.float32)) @ x.T).pow(2).mean()
+    rtn_err = ((w - dequantize_codes(rtn_codes, rtn_qp, scheme, dtype=torch.float32)) @ x.T).pow(2).mean()
+    assert err < 0.9 * rtn_err, (float(err), float(rtn_err))

@@ -7,7 +7,6 @@ natural column order ("static groups", qparams from the original weight), so the
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -31,8 +30,11 @@ def weighted_hessian(x: torch.Tensor, token_weights: torch.Tensor | None = None)
     return ((x * a[:, None]).T @ x / a.sum().clamp_min(1e-12)).float()
 
 
-def _group_qparams(w: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype) -> QParams:
-    return compute_qparams(w, dataclasses.replace(scheme, group_size=-1), scale_dtype=scale_dtype)
+def _group_qparams(
+    w: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype, global_scale: torch.Tensor | None
+) -> QParams:
+    """Qparams of one group's columns ``w [out, group]`` (a whole group: one scale per row)."""
+    return compute_qparams(w, scheme, scale_dtype=scale_dtype, global_scale=global_scale)
 
 
 @dataclass(frozen=True)
@@ -243,18 +245,24 @@ def gptq_quantize(
     *,
     block_size: int = 128,
     scale_dtype: torch.dtype | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, QParams]:
     """GPTQ column sweep of ``weight [out, in]`` against a precomputed :class:`GPTQFactor`.
 
+    Each column is rounded onto the scheme's grid (:mod:`tlq_hf.grids`) with its group's scale; a grid with a
+    tensor-wide scale (NVFP4) takes ``global_scale`` (by default the original weight's) for every group.
     Rows are independent given the factor: under a :class:`~tlq_hf.solvers.split.RowSplit` each rank sweeps its own
     contiguous share of the rows (:func:`_shared_sweep`).
 
     (One function of ~70 lines on purpose: the blocked sweep is the solver's hot loop; its steps share the block's
     error and update buffers, which read best in one place.)"""
     scale_dtype = scale_dtype or weight.dtype
+    grid = grid_of(scheme)
+    if global_scale is None:
+        global_scale = grid.global_scale(weight)
     split = current_split()
     if split.world > 1 and weight.shape[0] >= _MIN_SHARED_ROWS * split.world:
-        return _shared_sweep(weight, factor, scheme, block_size, scale_dtype, split)
+        return _shared_sweep(weight, factor, scheme, block_size, scale_dtype, split, global_scale)
     act_order = factor.act_order
     out_features, in_features = weight.shape
     scheme.check_in_features(in_features)
@@ -267,11 +275,16 @@ def gptq_quantize(
         return block.masked_fill_(dead[None, a:b], 0.0)
 
     n_groups = scheme.groups(in_features)
-    scale = torch.empty(out_features, n_groups, dtype=scale_dtype, device=src.device)
+    probe = _group_qparams(src[:1, :gs].float(), scheme, scale_dtype, global_scale).scale  # the grid's scale dtype
+    scale = torch.empty(out_features, n_groups, dtype=probe.dtype, device=src.device)
     zero = torch.zeros(out_features, n_groups, dtype=torch.int8, device=src.device)
+
+    def multiplier(g: int) -> torch.Tensor:  # group g's float32 scale, as the grid multiplies codes by it
+        return grid.group_scale(QParams(scale[:, g], zero[:, g], global_scale)).float()
+
     if act_order:  # static groups from the original weight, then quantize columns by decreasing H diagonal
         for g in range(n_groups):
-            qp = _group_qparams(original_columns(g * gs, (g + 1) * gs), scheme, scale_dtype)
+            qp = _group_qparams(original_columns(g * gs, (g + 1) * gs), scheme, scale_dtype, global_scale)
             scale[:, g], zero[:, g] = qp.scale[:, 0], qp.zero[:, 0]
     else:
         block_size = max(gs, (block_size // gs) * gs) if gs <= in_features else in_features
@@ -283,10 +296,13 @@ def gptq_quantize(
     for c in range(0, in_features, _FILL_COLUMNS):
         Wt[c : c + _FILL_COLUMNS] = src.index_select(1, perm[c : c + _FILL_COLUMNS]).T
     Wt[dead[perm]] = 0.0
-    grid = grid_of(scheme)
     codes = torch.empty(in_features, out_features, dtype=grid.code_dtype, device=Wt.device)
     # qparams as [groups, out] float32 rows (with act order they are final already)
-    scale_t, zero_t = scale.T.float().contiguous(), zero.T.float().contiguous()
+    if act_order:
+        scale_t = torch.stack([multiplier(g) for g in range(n_groups)])
+    else:
+        scale_t = torch.empty(n_groups, out_features, device=src.device)
+    zero_t = zero.T.float().contiguous()
     # updates are applied lazily: rank-1 within ``sub`` columns, one GEMM for the rest of the block; a group
     # start must see fully updated columns, so ``sub`` divides the group size when qparams are dynamic
     sub = _SUB_BLOCK if act_order else math.gcd(_SUB_BLOCK, gs)
@@ -302,9 +318,9 @@ def gptq_quantize(
                 col = columns[i1 + i]
                 g = col // gs
                 if not act_order and col % gs == 0:  # group starts here: qparams from the updated weights
-                    qp = _group_qparams(W1[i : i + gs].T, scheme, scale_dtype)
+                    qp = _group_qparams(W1[i : i + gs].T, scheme, scale_dtype, global_scale)
                     scale[:, g], zero[:, g] = qp.scale[:, 0], qp.zero[:, 0]
-                    scale_t[g], zero_t[g] = scale[:, g].float(), zero[:, g].float()
+                    scale_t[g], zero_t[g] = multiplier(g), zero[:, g].float()
                 s, z = scale_t[g], zero_t[g]
                 w = W1[i]
                 q = grid.encode(w / s, z, scheme)
@@ -318,7 +334,7 @@ def gptq_quantize(
         if i2 < in_features:
             Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
     codes = codes.index_select(0, torch.argsort(perm)).T.contiguous()
-    return codes, QParams(scale=scale, zero=zero)
+    return codes, QParams(scale=scale, zero=zero, global_scale=global_scale)
 
 
 _SUB_BLOCK = 16
@@ -333,6 +349,7 @@ def _shared_sweep(
     block_size: int,
     scale_dtype: torch.dtype,
     split: RowSplit,
+    global_scale: torch.Tensor | None,
 ) -> tuple[torch.Tensor, QParams]:
     """:func:`gptq_quantize` with rank ``r`` sweeping the ``r``-th of ``world`` contiguous row ranges alone and every
     range then shared from its rank: every rank ends with the whole solution."""
@@ -340,7 +357,9 @@ def _shared_sweep(
     bounds = [out_features * r // split.world for r in range(split.world + 1)]
     lo, hi = bounds[split.rank], bounds[split.rank + 1]
     with sharing(RowSplit()):
-        part, qp = gptq_quantize(weight[lo:hi], factor, scheme, block_size=block_size, scale_dtype=scale_dtype)
+        part, qp = gptq_quantize(
+            weight[lo:hi], factor, scheme, block_size=block_size, scale_dtype=scale_dtype, global_scale=global_scale
+        )
     codes = torch.empty(out_features, in_features, dtype=part.dtype, device=part.device)
     scale = torch.empty(out_features, qp.scale.shape[1], dtype=qp.scale.dtype, device=part.device)
     zero = torch.empty(out_features, qp.zero.shape[1], dtype=qp.zero.dtype, device=part.device)
@@ -348,7 +367,7 @@ def _shared_sweep(
     del part, qp
     for t in (codes, scale, zero):
         split.share([(t[bounds[r] : bounds[r + 1]], r) for r in range(split.world)])
-    return codes, QParams(scale=scale, zero=zero)
+    return codes, QParams(scale=scale, zero=zero, global_scale=global_scale)
 
 
 @layer_solver("gptq", needs=("hessian",), shares_rows=True)
