@@ -349,8 +349,8 @@ class ItemMetrics:
             for k, runs in store.items()
             for i, t in enumerate(runs)
         }
-        with gzip.open(path, "wb", compresslevel=9) as f:
-            torch.save(flat, f)
+        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as f:
+            torch.save(flat, f)  # mtime=0: the same metrics give the same bytes
 
     @classmethod
     def load(cls, path: Path) -> ItemMetrics:
