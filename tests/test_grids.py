@@ -154,3 +154,24 @@ def test_gptq_rounds_onto_each_float_grid_and_beats_rounding_to_nearest(grid, bi
     err = ((w - dequantize_codes(codes, qp, scheme, dtype=torch.float32)) @ x.T).pow(2).mean()
     rtn_err = ((w - dequantize_codes(rtn_codes, rtn_qp, scheme, dtype=torch.float32)) @ x.T).pow(2).mean()
     assert err < 0.9 * rtn_err, (float(err), float(rtn_err))
+
+
+@pytest.mark.parametrize("grid,bits,group_size", [("nvfp4", 4, 16), ("mxfp4", 4, 32), ("fp8", 8, -1)])
+def test_awq_clipping_searches_on_each_float_grid_and_never_loses_to_rounding(grid, bits, group_size):
+    from tlq_hf.solvers.awq import awq_clip_search
+
+    scheme = QuantScheme(bits=bits, group_size=group_size, grid=grid)
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(32, 128, generator=gen)
+    w[:, ::16] *= 6  # outlier columns: clipping the rest pays
+    x = torch.randn(256, 128, generator=gen)
+    qp = awq_clip_search(w, x, None, scheme, scale_dtype=torch.float32)
+    codes = quantize_codes(w, qp, scheme)
+    rtn_codes, rtn_qp = quantize_weight(w, scheme, scale_dtype=torch.float32)
+
+    def err(c, q):
+        return float(((w - dequantize_codes(c, q, scheme, dtype=torch.float32)) @ x.T).pow(2).sum())
+
+    assert err(codes, qp) <= err(rtn_codes, rtn_qp) * (1 + 1e-6)
+    if grid == "nvfp4":  # the clipped scales keep the whole weight's global scale
+        assert torch.equal(qp.global_scale, rtn_qp.global_scale)
