@@ -144,6 +144,7 @@ def test_gptq_rounds_onto_each_float_grid_and_beats_rounding_to_nearest(grid, bi
     mix = torch.randn(128, 128, generator=gen) / 8 + torch.eye(128)
     x = torch.randn(512, 128, generator=gen) @ mix  # correlated inputs: where GPTQ's updates pay
     codes, qp = gptq(w, weighted_hessian(x), scheme, act_order=act_order)
+    assert qp.scale.dtype == grid_of(scheme).stored_scale_dtype(w.dtype) == compute_qparams(w, scheme).scale.dtype
     if grid == "fp8":
         assert torch.equal(codes, codes.to(torch.float8_e4m3fn).float())
     else:

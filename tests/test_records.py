@@ -85,7 +85,7 @@ def test_the_committed_per_item_metrics_recompute_every_quality_interval():
 
     items = quality.ItemMetrics.load(RESULTS / quality.ITEMS_NAME)
     ratios = json.loads((RESULTS / "quality.json").read_text())["ratios"]
-    table = {s for r in ratios for s in [r["scheme"]]}
+    table = {r["scheme"] for r in ratios}
     recomputed = {
         (r["model"], r["scheme"], r["numerator"], r["denominator"]): r
         for r in items.ratios(sorted({r["model"] for r in ratios}), sorted(table))

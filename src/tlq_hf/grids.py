@@ -48,6 +48,10 @@ class Grid(ABC):
         """The tensor-wide scale of ``weight`` for grids with two-level scales, else ``None``."""
         return None
 
+    def stored_scale_dtype(self, scale_dtype: torch.dtype) -> torch.dtype:
+        """The dtype :meth:`qparams` stores scales in, given the model's ``scale_dtype`` (which most grids keep)."""
+        return scale_dtype
+
     @abstractmethod
     def qparams(
         self,
@@ -215,6 +219,9 @@ class NVFP4Grid(_FloatGrid):
         scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(_E4M3).eps), scale)
         return QParams(scale=scale.to(_E4M3), zero=self._zero(scale), global_scale=global_scale)
 
+    def stored_scale_dtype(self, scale_dtype: torch.dtype) -> torch.dtype:
+        return _E4M3
+
     def group_scale(self, qparams: QParams) -> torch.Tensor:
         return qparams.scale.float() / qparams.global_scale
 
@@ -240,6 +247,9 @@ class MXFP4Grid(_FloatGrid):
         biased = torch.where(amax > 0, 127 + power - 2, torch.zeros_like(power))
         scale = biased.clamp(0, 255).to(torch.uint8)
         return QParams(scale=scale, zero=self._zero(scale))
+
+    def stored_scale_dtype(self, scale_dtype: torch.dtype) -> torch.dtype:
+        return torch.uint8  # the biased E8M0 exponent
 
     def group_scale(self, qparams: QParams) -> torch.Tensor:
         return torch.exp2(qparams.scale.float() - 127)

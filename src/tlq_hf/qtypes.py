@@ -1,6 +1,7 @@
 """Quantization schemes: what a quantized weight (and activation) looks like, nothing about how it is found.
 
-``grid`` names the values a weight element takes (:mod:`tlq_hf.grids`; ``"int"``, the only one today).
+``grid`` names the values a weight element takes (:mod:`tlq_hf.grids`: ``"int"`` by default, ``"fp8"``,
+``"nvfp4"``, ``"mxfp4"``); the integer convention below is the ``"int"`` grid's.
 
 Integer convention (shared with compressed-tensors, so checkpoints need no conversion):
 codes are signed, ``q in [-2**(b-1), 2**(b-1) - 1]``; the zero point is a signed value in the same range

@@ -1,8 +1,8 @@
 """GPTQ with an importance-weighted Hessian (``H = X diag(a) X^T``), groups, damping, optional act order.
 
-Pure function: weight and Hessian in, int8 codes and qparams out. With ``act_order`` the groups stay in
-natural column order ("static groups", qparams from the original weight), so the result needs no
-``g_idx`` and stores like any grouped checkpoint.
+Pure function: weight and Hessian in, codes on the scheme's grid (int8 for integers) and qparams out. With
+``act_order`` the groups stay in natural column order ("static groups", qparams from the original weight), so
+the result needs no ``g_idx`` and stores like any grouped checkpoint.
 """
 
 from __future__ import annotations
@@ -28,13 +28,6 @@ def weighted_hessian(x: torch.Tensor, token_weights: torch.Tensor | None = None)
         return (x.T @ x / max(x.shape[0], 1)).float()
     a = token_weights.reshape(-1).double()
     return ((x * a[:, None]).T @ x / a.sum().clamp_min(1e-12)).float()
-
-
-def _group_qparams(
-    w: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype, global_scale: torch.Tensor | None
-) -> QParams:
-    """Qparams of one group's columns ``w [out, group]`` (a whole group: one scale per row)."""
-    return compute_qparams(w, scheme, scale_dtype=scale_dtype, global_scale=global_scale)
 
 
 @dataclass(frozen=True)
@@ -275,8 +268,7 @@ def gptq_quantize(
         return block.masked_fill_(dead[None, a:b], 0.0)
 
     n_groups = scheme.groups(in_features)
-    probe = _group_qparams(src[:1, :gs].float(), scheme, scale_dtype, global_scale).scale  # the grid's scale dtype
-    scale = torch.empty(out_features, n_groups, dtype=probe.dtype, device=src.device)
+    scale = torch.empty(out_features, n_groups, dtype=grid.stored_scale_dtype(scale_dtype), device=src.device)
     zero = torch.zeros(out_features, n_groups, dtype=torch.int8, device=src.device)
 
     def multiplier(g: int) -> torch.Tensor:  # group g's float32 scale, as the grid multiplies codes by it
@@ -284,7 +276,7 @@ def gptq_quantize(
 
     if act_order:  # static groups from the original weight, then quantize columns by decreasing H diagonal
         for g in range(n_groups):
-            qp = _group_qparams(original_columns(g * gs, (g + 1) * gs), scheme, scale_dtype, global_scale)
+            qp = compute_qparams(original_columns(g * gs, (g + 1) * gs), scheme, scale_dtype, global_scale=global_scale)
             scale[:, g], zero[:, g] = qp.scale[:, 0], qp.zero[:, 0]
     else:
         block_size = max(gs, (block_size // gs) * gs) if gs <= in_features else in_features
@@ -318,7 +310,7 @@ def gptq_quantize(
                 col = columns[i1 + i]
                 g = col // gs
                 if not act_order and col % gs == 0:  # group starts here: qparams from the updated weights
-                    qp = _group_qparams(W1[i : i + gs].T, scheme, scale_dtype, global_scale)
+                    qp = compute_qparams(W1[i : i + gs].T, scheme, scale_dtype, global_scale=global_scale)
                     scale[:, g], zero[:, g] = qp.scale[:, 0], qp.zero[:, 0]
                     scale_t[g], zero_t[g] = multiplier(g), zero[:, g].float()
                 s, z = scale_t[g], zero_t[g]
