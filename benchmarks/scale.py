@@ -747,6 +747,7 @@ BLOCKS = {
     "peers-1b": ("<!-- peers-1b -->", "<!-- /peers-1b -->"),
     "sweep": ("<!-- sweep -->", "<!-- /sweep -->"),
     "procs": ("<!-- procs -->", "<!-- /procs -->"),
+    "7b": ("<!-- 7b -->", "<!-- /7b -->"),
 }
 
 
@@ -772,7 +773,37 @@ def write(records: list[dict]) -> None:
 def readme_blocks(runs: list[dict]) -> dict[str, str]:
     """The text of every README block (:data:`BLOCKS`) generated from the records ``runs`` ("" before its rows ran)."""
     blocks = {"moe": moe_sweep_block(runs), **{key: peers_block(runs, key) for key in ("peers-l2", "peers-1b")}}
-    return {**blocks, "sweep": sweep_block(runs), "procs": procs_block(runs)}
+    return {**blocks, "sweep": sweep_block(runs), "procs": procs_block(runs), "7b": big_block(runs)}
+
+
+def _contention(r: dict) -> str:
+    """Whether other work shared the cores during row ``r``, and how much (its share of the machine's CPU time)."""
+    if not r.get("contended"):
+        return "not contended"
+    share = r["other_cpu_s"] / (r["cpus"] * r["wall_s"])
+    return f"contended: other processes used {share:.1%} of the CPU time, so its wall time is an upper bound"
+
+
+def big_block(runs: list[dict]) -> str:
+    """The README's 7B-shaped row (``qwen2vl-7b-disk``: every layer on disk), from its record ("" for a record
+    without provenance)."""
+    r = next((r for r in runs if r["name"] == "qwen2vl-7b-disk"), None)
+    if r is None or "commit" not in r:
+        return ""
+    gb, ph = 1e9, r["phases"]
+    layers = ph.get("layers", 0.0)
+    return (
+        f"`{r['command']}` (record `qwen2vl-7b-disk` in `benchmarks/results/scale.json`, commit {r['commit'][:7]}, "
+        f"{r['cpu']}, {r['cpus']} cores, {_contention(r)}): Qwen2-VL-7B "
+        f"text shapes ({r['layers']} layers, hidden 3584, intermediate 18944, vocab 152064, "
+        f"{r['params'] / 1e9:.1f} B params, {r['bf16_bytes'] / gb:.1f} GB bf16 written tensor by tensor and never "
+        f"whole in RAM; {r['samples']} real-photo rows, {r['tokens']} tokens), every layer offloaded to disk, TLQ "
+        f"W4A16-g128 with its gradient pass: **{r['wall_s']:.0f} s** (capture {ph.get('capture', 0):.0f} / importance "
+        f"{ph.get('importance', 0):.0f} / layers {layers:.0f} s, {layers / r['layers']:.0f} s per layer; I/O "
+        f"{r.get('io_s', 0):.0f} s in all), **peak RSS {r['peak_rss_bytes'] / gb:.2f} GB = "
+        f"{r['peak_rss_bytes'] / r['bf16_bytes']:.2f}x the bf16 model** (target <= 0.4x), peak anonymous "
+        f"{r['peak_anon_rss_bytes'] / gb:.2f} GB."
+    )
 
 
 def procs_block(runs: list[dict]) -> str:
@@ -815,7 +846,8 @@ def sweep_block(runs: list[dict]) -> str:
     peaks = " / ".join(f"{r['peak_rss_bytes'] / gib:.2f}" for r in rows)
     return (
         f"`{rows[0]['command']}` (records `sweep-L*`, commit {rows[0]['commit'][:7]}, one invocation"
-        f"{', none contended' if not any(r.get('contended') for r in rows) else ''}): the llava-1b width at "
+        f"{', none contended' if not any(r.get('contended') for r in rows) else ', some rows contended'}): the "
+        "llava-1b width at "
         f"{', '.join(str(r['layers']) for r in rows)} layers, disk offload, {rows[0]['samples']} rows, TLQ: peak RSS "
         f"{peaks} GiB. {sweep_growth('llava-1b-width', runs)} (target <= 0.35x)"
     )
