@@ -149,9 +149,21 @@ def test_every_config_field_is_an_option_and_defaults_are_the_configs():
     assert (cfg.max_length, cfg.save_format, cfg.sym) == (None, "tlq", False)
 
 
+def test_scheme_presets_on_the_command_line():
+    cfg = _parse("--scheme NVFP4A16 --method gptq".split())
+    assert (cfg.bits, cfg.group_size, cfg.grid, cfg.act_bits, cfg.scheme.name) == (4, 16, "nvfp4", None, "NVFP4A16")
+    cfg = _parse("--scheme FP8_DYNAMIC".split())
+    assert (cfg.grid, cfg.act_grid, cfg.act_bits, cfg.group_size) == ("fp8", "fp8", 8, -1)
+    assert "scheme" not in cfg.to_dict()  # the fields are serialised, the shorthand is not
+    with pytest.raises(ValueError, match="the preset sets bits=4"):
+        _parse("--scheme NVFP4A16 --bits 8".split())
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
+        ("--scheme FP8_BLOCK", "invalid choice: 'FP8_BLOCK'"),
+        ("--grid nvfp4", "does not fit group_size=128 (use 16)"),
         ("--bits 5", "invalid choice: 5"),
         ("--method sgd", "invalid choice: 'sgd'"),
         ("--group-size many", "invalid int value: 'many'"),

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tlq_hf import TLQConfig
-from tlq_hf.config import _SERIALIZED, CHOICES, RULES
+from tlq_hf.config import _SERIALIZED, CHOICES, RULES, SCHEME_FIELDS
 
 JUNK = st.one_of(
     st.none(),
@@ -24,6 +24,7 @@ JUNK = st.one_of(
 )
 VALID = {
     **{name: st.sampled_from(choices) for name, choices in CHOICES.items()},
+    "grid": st.sampled_from(["int", "int", "fp8", "nvfp4", "mxfp4"]),
     "group_size": st.sampled_from([-1, 32, 64, 128, 7]),
     "sym": st.booleans(),
     "ignore": st.one_of(st.none(), st.lists(st.sampled_from(["re:.*visual.*", "lm_head", "mlp\\.down"]), max_size=2)),
@@ -49,6 +50,10 @@ def _check_error(err: ValueError, given: dict) -> None:
     text = str(err)
     if text.startswith("TLQConfig(sym=False) cannot be saved as compressed-tensors"):  # the one cross-field rule
         assert given.get("sym") is False and given.get("save_format", "compressed-tensors") == "compressed-tensors"
+        return
+    if text.startswith("TLQConfig: "):  # fields valid alone that do not fit together (a grid's bits, group size...)
+        assert any(f"{name}=" in text for name in SCHEME_FIELDS), text
+        assert "use " in text.lower() or "set " in text.lower(), text
         return
     named = [name for name in given if text.startswith(f"TLQConfig({name}=")]
     assert named, text

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tlq_hf.grids import GRIDS, Grid, IntGrid, QParams, grid_of
+from tlq_hf.nn import TLQLinear
 from tlq_hf.primitives import compute_qparams, dequantize_codes, quantize_codes, quantize_weight
 from tlq_hf.qtypes import QuantScheme
 from tlq_hf.solvers.gptq import gptq, weighted_hessian
@@ -45,6 +46,15 @@ class _Halves(Grid):
     def encode(self, scaled, zero, scheme):
         return torch.clamp(torch.round(scaled * 2) / 2, -2, 2) + zero
 
+    def storage(self, shape, scheme):
+        return tuple(shape), torch.float32
+
+    def pack(self, codes, scheme):
+        return codes.float()
+
+    def unpack(self, packed, scheme, shape):
+        return packed.reshape(shape)
+
 
 def test_a_registered_grid_is_used_by_quantize_dequantize_and_the_gptq_sweep():
     GRIDS.register(_Halves)
@@ -62,6 +72,8 @@ def test_a_registered_grid_is_used_by_quantize_dequantize_and_the_gptq_sweep():
         deq = dequantize_codes(gcodes, gqp, scheme, dtype=torch.float32)
         rtn_err = ((w - dequantize_codes(codes, qp, scheme)) @ x.T).pow(2).sum()
         assert ((w - deq) @ x.T).pow(2).sum() <= rtn_err  # the sweep minimises the output error on this grid too
+        module = TLQLinear.from_codes(gcodes, gqp, scheme)  # the packed layer stores and decodes through the grid
+        assert torch.equal(module.dequantized_weight(torch.float32), deq)
     finally:
         GRIDS.unregister("test-halves")
 

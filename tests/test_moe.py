@@ -512,3 +512,19 @@ def test_round_to_nearest_onloads_all_experts_of_a_disk_offloaded_layer_once(moe
     model.save_pretrained(tmp_path / "offloaded")
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("reference", "offloaded"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("preset", ["NVFP4A16", "MXFP4A16", "FP8_DYNAMIC"])
+def test_float_experts_are_refused_for_compressed_tensors_and_round_trip_natively(preset, tmp_path):
+    """transformers 5 merges per-expert FP4 tensors into fused experts whose logits are wrong, without an error
+    (FP8 ``weight`` tensors it cannot merge at all): refused before any change for compressed-tensors; the native
+    format keeps the float codes packed and reloads to the in-memory logits."""
+    _build("qwen3_5_moe").to(torch.bfloat16).save_pretrained(tmp_path / "fp")
+    with pytest.raises(ValueError, match="save_format='tlq'"):
+        auto_class().from_pretrained(tmp_path / "fp", quantization_config=TLQConfig(scheme=preset, method="rtn"))
+    config = TLQConfig(scheme=preset, method="rtn", save_format="tlq")
+    model = auto_class().from_pretrained(tmp_path / "fp", quantization_config=config, dtype=torch.bfloat16)
+    expected = _logits(model)
+    model.save_pretrained(tmp_path / "q")
+    reloaded = auto_class().from_pretrained(tmp_path / "q", dtype=torch.bfloat16)
+    torch.testing.assert_close(_logits(reloaded), expected, rtol=0, atol=0)

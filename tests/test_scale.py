@@ -272,8 +272,9 @@ _DIST_SCRIPT = textwrap.dedent(
     from tlq_hf.testing.tiny_models import load_auto_class
 
     torch.set_num_threads(1)
-    path, out, method = sys.argv[1:4]
-    cfg = TLQConfig(bits=4, group_size=128, dataset=sample_rows(8), num_samples=8, method=method, token_fraction=0.5)
+    path, out, method, preset = sys.argv[1:5]
+    scheme = dict(bits=4, group_size=128) if preset == "int" else dict(scheme=preset)
+    cfg = TLQConfig(**scheme, dataset=sample_rows(8), num_samples=8, method=method, token_fraction=0.5)
     model = load_auto_class().from_pretrained(path, dtype=torch.float32, quantization_config=cfg)
     if not dist.is_initialized() or dist.get_rank() == 0:
         model.save_pretrained(out)
@@ -283,20 +284,28 @@ _DIST_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("method", ["tlq", "mbq", "gptaq"])
-def test_two_processes_equal_one(tiny_vlm_dirs, tmp_path, method):
+@pytest.mark.parametrize(
+    "method, preset",
+    # the float grids: E4M3 scales and codes travel as bytes (gloo has no float8), NVFP4's calibrated activation
+    # range is the maximum over the ranks, MXFP4's scales are uint8 exponents
+    [("tlq", "int"), ("mbq", "int"), ("gptaq", "int"), ("tlq", "NVFP4"), ("gptq", "MXFP4A16")],
+)
+def test_two_processes_equal_one(tiny_vlm_dirs, tmp_path, method, preset):
     """Same threads per process: the 2-rank gloo run writes the 1-process checkpoint bit for bit."""
     script = tmp_path / "dist.py"
     script.write_text(_DIST_SCRIPT)
     path = tiny_vlm_dirs[FAMILY]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run(
-        [sys.executable, str(script), path, str(tmp_path / "one"), method], capture_output=True, text=True, env=env
+        [sys.executable, str(script), path, str(tmp_path / "one"), method, preset],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        + [str(script), path, str(tmp_path / "two"), method],
+        + [str(script), path, str(tmp_path / "two"), method, preset],
         capture_output=True,
         text=True,
         env=env,

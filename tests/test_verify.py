@@ -63,7 +63,10 @@ def _group(qc):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda qc: _group(qc)["weights"].update(type="float"), r"config_groups.group_0.weights.type: 'float'"),
+        (
+            lambda qc: _group(qc)["weights"].update(type="float"),
+            r"group_0.weights.scale_dtype: None",
+        ),  # MXFP4 wants E8M0
         (lambda qc: _group(qc)["weights"].update(num_bits=6), r"weights.num_bits: 6"),
         (lambda qc: _group(qc)["weights"].update(actorder="group"), r"weights.actorder: 'group'"),
         (lambda qc: _group(qc)["weights"].update(strategy="tensor"), r"weights.strategy: 'tensor'"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -12,9 +13,11 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .act_formats import ACT_FORMATS
 from .calibration.importance_kinds import IMPORTANCE_KINDS
 from .calibration.offload import CALIBRATION_DTYPES
 from .formats.base import FORMATS
+from .grids import GRIDS
 from .methods import METHODS as METHOD_REGISTRY
 from .qtypes import SUPPORTED_ACT_BITS, SUPPORTED_WEIGHT_BITS, QuantScheme
 from .solvers import LAYER_SOLVERS
@@ -25,6 +28,7 @@ __all__ = [
     "CHOICES",
     "RULES",
     "Rule",
+    "SCHEME_FIELDS",
     "field_docs",
     "IMPORTANCE_LABELS",
     "ANSWER_TOKENS",
@@ -60,6 +64,9 @@ CHOICES: Mapping[str, tuple] = _Choices(
     {
         "bits": lambda: SUPPORTED_WEIGHT_BITS,
         "act_bits": lambda: (None, *(b for b in SUPPORTED_ACT_BITS if b is not None)),
+        "grid": GRIDS.names,
+        "act_grid": ACT_FORMATS.names,
+        "scheme": lambda: (None, *_supported_presets()),
         "method": METHOD_REGISTRY.names,
         "solver": lambda: (None, *LAYER_SOLVERS.names()),
         "importance": lambda: (None, *IMPORTANCE_KINDS.names()),
@@ -70,6 +77,16 @@ CHOICES: Mapping[str, tuple] = _Choices(
         "calibration_dtype": lambda: CALIBRATION_DTYPES,
     }
 )
+
+
+def _supported_presets() -> tuple[str, ...]:
+    from .ct_schemes import supported_presets  # reads compressed-tensors' presets through our scheme types
+
+    return supported_presets()
+
+
+#: the fields a compressed-tensors preset name (``TLQConfig(scheme=...)``) sets
+SCHEME_FIELDS = ("bits", "group_size", "sym", "act_bits", "grid", "act_grid")
 
 
 @dataclass(frozen=True)
@@ -125,7 +142,7 @@ def _path_or_none(v: Any) -> bool:
 
 #: Every validated field and what it accepts (``post_init`` checks them in this order).
 RULES: dict[str, Rule] = {
-    **{name: _one_of(name) for name in CHOICES},
+    **{name: _one_of(name) for name in CHOICES if name != "scheme"},  # ``scheme`` is an argument, not a field
     "group_size": Rule(
         lambda v: _is_int(v) and (v == -1 or v > 0),
         "a positive integer such as 128 (a divisor "
@@ -162,6 +179,8 @@ _SERIALIZED = (
     "group_size",
     "sym",
     "act_bits",
+    "grid",
+    "act_grid",
     "method",
     "ignore",
     "save_format",
@@ -211,11 +230,20 @@ class TLQConfig(QuantizationConfigMixin):
     """Configuration of TLQ quantization.
 
     Args:
+        scheme: a compressed-tensors preset name (``"W4A16"``, ``"W8A8"``, ``"FP8_DYNAMIC"``, ``"NVFP4A16"``,
+            ``"NVFP4"``, ``"MXFP4A16"``, ...) setting ``bits``, ``group_size``, ``sym``, ``act_bits``, ``grid`` and
+            ``act_grid`` at once; a field also given must agree with it. Never serialised (the fields are).
         bits: weight bits, one of 2, 3, 4, 8.
         group_size: input columns sharing one scale (a divisor of every quantized layer's
             ``in_features``), or -1 for one scale per output channel.
         sym: symmetric (zero point 0) or asymmetric weight quantization.
-        act_bits: ``None`` for weight-only, or 8 for dynamic per-token int8 activations (W8A8, W4A8).
+        act_bits: ``None`` for weight-only, 8 for dynamic per-token int8 (W8A8, W4A8) or FP8 (``act_grid="fp8"``)
+            activations, 4 for NVFP4 activations (``act_grid="nvfp4"``).
+        grid: the values a weight element takes: ``"int"`` (default), ``"fp8"`` (E4M3, per channel or group),
+            ``"nvfp4"`` (E2M1, groups of 16, E4M3 scales and a float32 global scale) or ``"mxfp4"`` (E2M1, groups of
+            32, power-of-two E8M0 scales).
+        act_grid: the activation format with ``act_bits``: ``"int"`` (per-token int8), ``"fp8"`` (per-token E4M3)
+            or ``"nvfp4"`` (groups of 16 under a per-layer global scale calibrated on the calibration inputs).
         method: ``"tlq"`` (gradient token importance + token-level calibration set + quantization-exposed
             layer-wise solver), or a baseline through the same pipeline: ``"gptq"``, ``"gptaq"`` (asymmetric
             GPTQ, uniform weights), ``"awq"``, ``"mbq"``
@@ -300,6 +328,9 @@ class TLQConfig(QuantizationConfigMixin):
         expert_min_tokens: int = 32,
         expert_all_tokens: bool = False,
         calibration_dtype: str = "auto",
+        grid: str = "int",
+        act_grid: str = "int",
+        scheme: str | None = None,
         offload_dir: str | os.PathLike | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         **kwargs: Any,
@@ -310,9 +341,12 @@ class TLQConfig(QuantizationConfigMixin):
         if kwargs:
             raise TypeError(
                 f"TLQConfig got unknown argument(s) {sorted(kwargs)}; valid ones are "
-                f"{[*_SERIALIZED, 'dataset', 'processor', 'offload_dir', 'checkpoint_dir']}."
+                f"{[*_SERIALIZED, 'scheme', 'dataset', 'processor', 'offload_dir', 'checkpoint_dir']}."
             )
         self.bits, self.group_size, self.sym, self.act_bits = bits, group_size, sym, act_bits
+        self.grid, self.act_grid = grid, act_grid
+        if scheme is not None:
+            self._apply_preset(scheme)
         self.method, self.ignore, self.save_format = method, ignore, save_format
         self.dataset, self.processor = dataset, processor
         self.num_samples, self.max_length, self.seed = num_samples, max_length, seed
@@ -328,12 +362,37 @@ class TLQConfig(QuantizationConfigMixin):
         self.offload_dir = os.fspath(offload_dir) if offload_dir is not None else None
         self.checkpoint_dir = os.fspath(checkpoint_dir) if checkpoint_dir is not None else None
 
+    def _apply_preset(self, name: str) -> None:
+        """Set :data:`SCHEME_FIELDS` from compressed-tensors preset ``name``; a field given with another value than
+        both its default and the preset's is a contradiction, refused naming both."""
+        if not isinstance(name, str):
+            raise ValueError(f"TLQConfig(scheme={name!r}): use {_one_of('scheme').fix}.")
+        from .ct_schemes import preset_scheme
+
+        try:
+            preset = preset_scheme(name)
+        except ValueError as err:
+            raise ValueError(f"TLQConfig: {err}") from None
+        defaults = inspect.signature(TLQConfig.__init__).parameters
+        for field in SCHEME_FIELDS:
+            given, wanted = getattr(self, field), getattr(preset, field)
+            if given != defaults[field].default and given != wanted:
+                raise ValueError(
+                    f"TLQConfig(scheme={name!r}, {field}={given!r}): the preset sets {field}={wanted!r}; drop "
+                    f"{field}=... or the scheme."
+                )
+            setattr(self, field, wanted)
+
     def post_init(self) -> None:
         """Validate every field against :data:`RULES`; an error names the field, the value and the fix."""
         for name, rule in RULES.items():
             value = getattr(self, name)
             if not rule.accepts(value):
                 raise ValueError(f"TLQConfig({name}={value!r}): use {rule.fix}.")
+        try:
+            self.scheme  # noqa: B018  (the fields together: a grid's bits, an activation format's act_bits, ...)
+        except ValueError as err:
+            raise ValueError(f"TLQConfig: {err}") from None
         FORMATS[self.save_format].check_config(self)
         self.importance_clip = [float(v) for v in self.importance_clip]
         if self.ignore is not None:
@@ -350,13 +409,14 @@ class TLQConfig(QuantizationConfigMixin):
 
     @property
     def needs_data(self) -> bool:
-        """Whether the method reads calibration data (``dataset``)."""
-        return METHOD_REGISTRY[self.method].needs_data
+        """Whether the run reads calibration data (``dataset``): every method but round-to-nearest does, and every
+        method does for activations with a calibrated global scale (NVFP4 activations)."""
+        return METHOD_REGISTRY[self.method].needs_data or self.scheme.calibrated_activations
 
     @property
     def scheme(self) -> QuantScheme:
         """The weight/activation scheme these fields describe."""
-        return QuantScheme(bits=self.bits, group_size=self.group_size, sym=self.sym, act_bits=self.act_bits)
+        return QuantScheme(**{field: getattr(self, field) for field in SCHEME_FIELDS})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable fields only (what goes into ``config.json``)."""

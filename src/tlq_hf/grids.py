@@ -10,16 +10,29 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8, unpack_fp4_from_uint8
 
+from .packing import pack, packed_shape, unpack
 from .registry import Registry
 
 if TYPE_CHECKING:
     from .qtypes import QuantScheme
 
-__all__ = ["GRIDS", "FP8Grid", "Grid", "IntGrid", "MXFP4Grid", "NVFP4Grid", "QParams", "grid_of", "round_to_e2m1"]
+__all__ = [
+    "GRIDS",
+    "FP8Grid",
+    "Grid",
+    "IntGrid",
+    "MXFP4Grid",
+    "NVFP4Grid",
+    "QParams",
+    "finite_scales",
+    "grid_of",
+    "round_to_e2m1",
+]
 
 
 @dataclass
@@ -39,10 +52,28 @@ class Grid(ABC):
     name: ClassVar[str]
     #: dtype of the codes :meth:`encode` returns once stored (before any packing)
     code_dtype: ClassVar[torch.dtype]
+    #: whether a weight also stores a tensor-wide float32 global scale (``QParams.global_scale``)
+    has_global_scale: ClassVar[bool] = False
+    #: compressed-tensors' ``type`` of the elements and ``strategy`` of grouped scales
+    ct_type: ClassVar[str] = "int"
+    ct_group_strategy: ClassVar[str] = "group"
+    #: the scale dtype compressed-tensors records (``None``: the model's dtype, left unwritten)
+    ct_scale_dtype: ClassVar[torch.dtype | None] = None
 
     def check(self, scheme: QuantScheme) -> None:
         """Raise ``ValueError`` naming the fields when ``scheme`` does not fit this grid (every scheme fits here)."""
         return None
+
+    def describe(self, scheme: QuantScheme) -> str:
+        """``scheme``'s weights in words (the model card's scheme row)."""
+        where = "per output channel" if scheme.group_size == -1 else f"in groups of {scheme.group_size}"
+        return f"{self.elements(scheme)} weights {where}, {self.scales}"
+
+    def elements(self, scheme: QuantScheme) -> str:
+        return f"{scheme.bits}-bit {'symmetric' if scheme.sym else 'asymmetric'} integer"
+
+    #: the scales in words
+    scales: ClassVar[str] = "scales in the model's dtype"
 
     def global_scale(self, weight: torch.Tensor) -> torch.Tensor | None:
         """The tensor-wide scale of ``weight`` for grids with two-level scales, else ``None``."""
@@ -77,6 +108,38 @@ class Grid(ABC):
     def decode(self, codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``(codes - zero) * scale`` in the dtype of its operands (callers choose it)."""
         return (codes - zero) * scale
+
+    def ct_args(self, scheme: QuantScheme) -> dict[str, Any]:
+        """compressed-tensors ``QuantizationArgs`` fields of ``scheme``'s weights on this grid."""
+        grouped = scheme.group_size != -1
+        args = {
+            "num_bits": scheme.bits,
+            "type": self.ct_type,
+            "symmetric": scheme.sym,
+            "strategy": self.ct_group_strategy if grouped else "channel",
+            "group_size": scheme.group_size if grouped else None,
+            "dynamic": False,
+        }
+        if self.ct_scale_dtype is not None:
+            args["scale_dtype"] = self.ct_scale_dtype
+        return args
+
+    def ct_scale(self, qparams: QParams) -> torch.Tensor:
+        """The group scales as compressed-tensors' compressors take them before compressing (the stored ones, except
+        where compressed-tensors stores another encoding of them)."""
+        return qparams.scale
+
+    @abstractmethod
+    def storage(self, shape: tuple[int, int], scheme: QuantScheme) -> tuple[tuple[int, int], torch.dtype]:
+        """Shape and dtype of :meth:`pack`'s result for codes of ``shape`` (``[out, in]``)."""
+
+    @abstractmethod
+    def pack(self, codes: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+        """Codes ``[out, in]`` in their densest in-memory form (compressed-tensors' own packing functions)."""
+
+    @abstractmethod
+    def unpack(self, packed: torch.Tensor, scheme: QuantScheme, shape: tuple[int, int]) -> torch.Tensor:
+        """Inverse of :meth:`pack`: the codes of ``shape`` in :attr:`code_dtype`."""
 
 
 #: weight grids by name; ``QuantScheme(grid=...)`` takes these names
@@ -120,6 +183,15 @@ class IntGrid(Grid):
     def encode(self, scaled: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
         return torch.clamp(torch.round(scaled) + zero, scheme.qmin, scheme.qmax)
 
+    def storage(self, shape, scheme):
+        return packed_shape(shape, scheme.bits), torch.int32
+
+    def pack(self, codes, scheme):
+        return pack(codes, scheme.bits)
+
+    def unpack(self, packed, scheme, shape):
+        return unpack(packed, scheme.bits, shape)
+
 
 # ----------------------------------------------------------------------------- float grids
 
@@ -145,6 +217,7 @@ class _FloatGrid(Grid):
     """Symmetric float elements (no zero point): codes are the element values themselves, kept in float32."""
 
     code_dtype = torch.float32
+    ct_type = "float"
     element_max: ClassVar[float]
     bits: ClassVar[int]
     group_size: ClassVar[int | None] = None  # the format's fixed group size (None: any, like the integer grid)
@@ -186,6 +259,9 @@ class FP8Grid(_FloatGrid):
     bits = 8
     element_max = _E4M3_MAX
 
+    def elements(self, scheme: QuantScheme) -> str:
+        return "FP8 (E4M3)"
+
     def qparams(self, groups, scheme, scale_dtype, clip=None, global_scale=None) -> QParams:
         scale = (self._absmax(groups, clip) / self.element_max).to(scale_dtype)
         scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(scale_dtype).eps), scale)
@@ -194,17 +270,51 @@ class FP8Grid(_FloatGrid):
     def _round(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(_E4M3).to(x.dtype)
 
+    def storage(self, shape, scheme):
+        return tuple(shape), _E4M3
+
+    def pack(self, codes, scheme):
+        return codes.to(_E4M3)
+
+    def unpack(self, packed, scheme, shape):
+        return packed.to(self.code_dtype).reshape(shape)
+
+
+class _FP4Grid(_FloatGrid):
+    """E2M1 elements, two per byte (compressed-tensors' ``pack_fp4_to_uint8`` layout: the even column in the low
+    nibble, sign in each nibble's high bit)."""
+
+    bits = 4
+    element_max = 6.0
+
+    def elements(self, scheme: QuantScheme) -> str:
+        return "FP4 (E2M1)"
+
+    def _round(self, x: torch.Tensor) -> torch.Tensor:
+        return round_to_e2m1(x)
+
+    def storage(self, shape, scheme):
+        return (shape[0], shape[1] // 2), torch.uint8
+
+    def pack(self, codes, scheme):
+        return pack_fp4_to_uint8(codes.float())
+
+    def unpack(self, packed, scheme, shape):
+        return unpack_fp4_from_uint8(packed, shape[0], shape[1], dtype=self.code_dtype)
+
 
 @GRIDS.register
-class NVFP4Grid(_FloatGrid):
+class NVFP4Grid(_FP4Grid):
     """NVFP4: E2M1 elements in groups of 16, each group's scale an E4M3 number stored multiplied by the tensor's
     float32 global scale ``448 * 6 / absmax(W)`` (so the group scales use E4M3's whole range); the element
     multiplier is ``scale / global_scale``."""
 
     name = "nvfp4"
-    bits = 4
     group_size = 16
-    element_max = 6.0
+    has_global_scale = True
+    ct_group_strategy = "tensor_group"
+    ct_scale_dtype = _E4M3
+    scales = "FP8 (E4M3) scales under a float32 per-tensor global scale"
 
     def global_scale(self, weight: torch.Tensor) -> torch.Tensor:
         amax = weight.detach().float().abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
@@ -225,20 +335,20 @@ class NVFP4Grid(_FloatGrid):
     def group_scale(self, qparams: QParams) -> torch.Tensor:
         return qparams.scale.float() / qparams.global_scale
 
-    def _round(self, x: torch.Tensor) -> torch.Tensor:
-        return round_to_e2m1(x)
+    def ct_scale(self, qparams: QParams) -> torch.Tensor:
+        return qparams.scale.float()  # the E4M3 values; compressed-tensors computes with them unconverted
 
 
 @GRIDS.register
-class MXFP4Grid(_FloatGrid):
+class MXFP4Grid(_FP4Grid):
     """MXFP4 (OCP microscaling): E2M1 elements in groups of 32, each group's scale a power of two stored as its
     biased E8M0 exponent (uint8): ``2 ** (floor(log2(absmax)) - 2)``, the exponent one higher when the mantissa of
     ``absmax`` is 1.75 or more."""
 
     name = "mxfp4"
-    bits = 4
     group_size = 32
-    element_max = 6.0
+    ct_scale_dtype = torch.uint8
+    scales = "power-of-two (E8M0) scales"
 
     def qparams(self, groups, scheme, scale_dtype, clip=None, global_scale=None) -> QParams:
         amax = self._absmax(groups, clip).float()
@@ -254,8 +364,15 @@ class MXFP4Grid(_FloatGrid):
     def group_scale(self, qparams: QParams) -> torch.Tensor:
         return torch.exp2(qparams.scale.float() - 127)
 
-    def _round(self, x: torch.Tensor) -> torch.Tensor:
-        return round_to_e2m1(x)
+    def ct_scale(self, qparams: QParams) -> torch.Tensor:
+        return self.group_scale(qparams)  # compressed-tensors takes the power of two and stores its exponent
+
+
+def finite_scales(scale: torch.Tensor) -> bool:
+    """Whether every stored scale is a finite number, in any grid's storage (an E8M0 exponent of 255 is NaN)."""
+    if scale.dtype == torch.uint8:
+        return bool((scale != 255).all())
+    return bool(torch.isfinite(scale.float()).all())
 
 
 def grid_of(scheme: QuantScheme) -> Grid:

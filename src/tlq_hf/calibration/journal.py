@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..arch import swap_module
+from ..grids import finite_scales
 from .offload import all_hooks
 
 __all__ = ["ModelEdits"]
@@ -40,7 +41,7 @@ class ModelEdits:
         """Install ``new`` as submodule ``name`` (remembering the module it replaces); a packed module with
         non-finite scales is refused, naming the module."""
         scale = getattr(new, "weight_scale", None)
-        if isinstance(scale, torch.Tensor) and scale.device.type != "meta" and not torch.isfinite(scale).all():
+        if isinstance(scale, torch.Tensor) and scale.device.type != "meta" and not finite_scales(scale):
             raise FloatingPointError(
                 f"{name}: quantization produced NaN/Inf scales: the layer's weights hold NaN/Inf (check the "
                 "checkpoint) or overflowed in their dtype (load the model in bfloat16 or float32)."

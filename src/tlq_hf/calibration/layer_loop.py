@@ -234,8 +234,10 @@ class LayerLoop:
 
     @property
     def needs(self) -> set[str]:
-        """The statistics kinds the solver and the smoother read."""
-        return set(self.solver.needs) | set(self.smoothing.smoother.needs if self.smoothing else ())
+        """The statistics kinds the solver and the smoother read (and the input range, for activations quantized
+        under a calibrated global scale)."""
+        ranged = {"input_range"} if self.scheme.calibrated_activations else set()
+        return set(self.solver.needs) | set(self.smoothing.smoother.needs if self.smoothing else ()) | ranged
 
     def initial_state(self) -> LoopState:
         if self.fp_boundaries is not None:
@@ -282,6 +284,17 @@ class LayerLoop:
                 stats = {k: STATISTICS[k](rows_per_sample=rows) for k in sorted(self.needs)}
                 groups.append(StatGroup(part, stats, input_of=members[0]))
         return groups
+
+
+def _input_global_scales(part: list[StatGroup], scheme: QuantScheme) -> dict[int, torch.Tensor] | None:
+    """Each group's activation global scale from its calibrated input range (``None`` when the scheme's activations
+    have none). A group that fell back for too few tokens takes the widest range of the pass's other groups."""
+    if not scheme.calibrated_activations:
+        return None
+    act = scheme.act_format
+    ranges = {id(g): g.stats["input_range"].tensor_absmax() for g in part if "input_range" in g.stats}
+    widest = max(ranges.values(), default=torch.zeros(()))
+    return {id(g): act.global_scale(ranges.get(id(g), widest)) for g in part}
 
 
 class _LayerStep:
@@ -369,7 +382,7 @@ class _LayerStep:
         come from it; another pass discards the layer output, stops each forward once its inputs were seen and
         runs only its own experts where it can."""
         loop, cfg, state = self.loop, self.cfg, self.state
-        collector = StatCollector(part, self.live, loop.scheme.act_bits, calls=None if whole else self.calls)
+        collector = StatCollector(part, self.live, loop.scheme.act_format, calls=None if whole else self.calls)
         only = contextlib.nullcontext if whole else self._only_experts(part)
         weights = [loop.weighting.for_modules(g.members) if loop.weighting else None for g in part]
         try:
@@ -422,8 +435,12 @@ class _LayerStep:
         def shares_rows(group: StatGroup) -> bool:
             return loop.solver.shares_rows and not group.fallback
 
+        input_scales = _input_global_scales(part, loop.scheme)  # read before the solves release the statistics
         solved = loop.scheduler.solve(part, self.live, solve_of, loop.scheme, dtype, shares_rows)
         for group, packed, seconds in solved:
+            if input_scales is not None:
+                for module in packed.values():
+                    module.input_global_scale.copy_(input_scales[id(group)])
             (installer.install if last else installer.defer)(packed)
             if group.members[0] in self.experts:
                 self.phases["experts_solve"] += seconds

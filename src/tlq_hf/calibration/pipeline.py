@@ -23,7 +23,7 @@ from ..coverage import Coverage, decoder_coverage
 from ..experts import expert_owner, unfuse_experts
 from ..formats import FORMATS
 from ..hostmem import map_large_allocations
-from ..methods import Recipe, resolve_recipe
+from ..methods import METHODS, Recipe, resolve_recipe
 from ..nn import TLQLinear
 from ..primitives import dequantize_codes
 from ..qtypes import QuantScheme
@@ -138,18 +138,30 @@ def _round_to_nearest(
                 codes, qparams = rtn(weight, scheme, scale_dtype=on.store_dtype)
                 deq = dequantize_codes(codes, qparams, scheme, dtype=torch.float32)
                 err = float((deq - weight.float()).norm() / weight.float().norm().clamp_min(1e-12))
-                edits.swap(name, TLQLinear.from_codes(codes, qparams, scheme, bias=linear.bias))
+                packed = TLQLinear.from_codes(codes, qparams, scheme, bias=linear.bias, dtype=on.store_dtype)
+                edits.swap(name, packed)
                 reports.append(ModuleReport(name, err, time.perf_counter() - start))
                 bar.update(1)
     bar.close()
     return reports
 
 
-def _check_targets(targets: dict[str, nn.Linear], scheme: QuantScheme) -> None:
+def _check_targets(model: nn.Module, targets: dict[str, nn.Linear], scheme: QuantScheme) -> None:
     if not targets:
         raise ValueError("No linear layer selected for quantization: check TLQConfig(ignore=...).")
     for name, linear in targets.items():
         scheme.check_in_features(linear.in_features, name)
+    if not scheme.calibrated_activations:
+        return
+    stack = find_decoder_stack(model).path + "."
+    outside = [n for n in targets if not n.startswith(stack)]
+    if outside:
+        raise ValueError(
+            f"{scheme.name} calibrates each layer's activation range on the decoder's calibration inputs; "
+            f"{len(outside)} selected linears lie outside the decoder (e.g. {outside[0]!r}) where tlq_hf has no "
+            "calibration pass. Keep them in full precision (TLQConfig(ignore=None) does), or use activations "
+            "without a global scale (e.g. scheme='FP8_DYNAMIC')."
+        )
 
 
 IN_MEMORY_BOUNDARIES = 1 << 30
@@ -168,9 +180,16 @@ def _load_samples(model: nn.Module, config):
     from ..data import build_calibration_set, check_processor
 
     if config.dataset is None:
+        rows = "(rows with an image and a question/answer, messages or a caption)"
+        if not METHODS[config.method].needs_data:  # the activations' ranges need data, even to round to nearest
+            raise ValueError(
+                f"{config.scheme.name} calibrates each layer's activation range on data, also with "
+                f"method={config.method!r}: pass TLQConfig(dataset=...) {rows}, or pick weight-only or dynamic "
+                "activations (e.g. scheme='NVFP4A16' or 'FP8_DYNAMIC')."
+            )
         raise ValueError(
-            f"TLQConfig(method={config.method!r}) calibrates on data: pass TLQConfig(dataset=...) "
-            "(rows with an image and a question/answer, messages or a caption), or use method='rtn'."
+            f"TLQConfig(method={config.method!r}) calibrates on data: pass TLQConfig(dataset=...) {rows}, "
+            "or use method='rtn'."
         )
     processor = config.processor
     if processor is None:
@@ -201,7 +220,7 @@ def quantize_model(model: nn.Module, config, undo: bool = False) -> Quantization
         # fused MoE experts as per-expert linears (same function); offloaded ones read one expert at a time
         unfuse_experts(model, "", edits.swap, offloaded=offload_unfused_experts)
         targets = select_quant_targets(model, config.ignore)
-        _check_targets(targets, scheme)
+        _check_targets(model, targets, scheme)
         coverage = decoder_coverage(model, targets, config.ignore)  # nothing left float without a rule
         report = _calibrate(model, config, scheme, recipe, targets, edits)
         report.coverage = coverage
@@ -220,7 +239,7 @@ def _calibrate(model: nn.Module, config, scheme: QuantScheme, recipe: Recipe, ta
     gradients) -> the layer loop, checkpointed per layer when ``checkpoint_dir`` is set."""
     start, io_start = time.perf_counter(), io_seconds()
     report = QuantizationReport(config.method, scheme.name, recipe=recipe)
-    if recipe.solver == "rtn" and recipe.smoothing is None:
+    if not config.needs_data:
         report.modules = _round_to_nearest(model, targets, scheme, edits)
         report.seconds = time.perf_counter() - start
         logger.info("tlq_hf: %s", report.summary())

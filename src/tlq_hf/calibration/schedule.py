@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from ..grids import grid_of
 from ..nn import TLQLinear
 from ..primitives import QParams
 from ..qtypes import QuantScheme
@@ -106,9 +107,11 @@ class SolveScheduler:
                 packed = {}
                 for name, linear, (codes, qp) in zip(group.members, linears, solutions):
                     if owner != EVERY_RANK:
-                        for t in (codes, qp.scale, qp.zero):
-                            self.comm.broadcast_(t, owner)
-                    packed[name] = TLQLinear.from_codes(codes, qp, scheme, bias=linear.bias)
+                        for t in (codes, qp.scale, qp.zero, qp.global_scale):
+                            if t is not None:  # gloo has no float8: its bytes travel as uint8
+                                fp8 = t.dtype == torch.float8_e4m3fn
+                                self.comm.broadcast_(t.view(torch.uint8) if fp8 else t, owner)
+                    packed[name] = TLQLinear.from_codes(codes, qp, scheme, bias=linear.bias, dtype=scale_dtype)
                 del solutions
                 yield group, packed, seconds
 
@@ -136,10 +139,12 @@ class SolveScheduler:
         out_f, in_f = linear.weight.shape
         n_groups = scheme.groups(in_f)
         device = linear.weight.device
+        grid = grid_of(scheme)
         return (
-            torch.empty(out_f, in_f, dtype=torch.int8, device=device),
+            torch.empty(out_f, in_f, dtype=grid.code_dtype, device=device),
             QParams(
-                scale=torch.empty(out_f, n_groups, dtype=dtype, device=device),
+                scale=torch.empty(out_f, n_groups, dtype=grid.stored_scale_dtype(dtype), device=device),
                 zero=torch.zeros(out_f, n_groups, dtype=torch.int8, device=device),
+                global_scale=torch.empty(1, dtype=torch.float32, device=device) if grid.has_global_scale else None,
             ),
         )

@@ -26,9 +26,10 @@ from typing import ClassVar, TypeVar
 import torch
 from torch import nn
 
+from ..act_formats import ActFormat
 from ..experts import every_token_to_every_expert, routed_tokens
 from ..hostmem import release_host_memory
-from ..primitives import fake_quantize_activation, strided_rows
+from ..primitives import strided_rows
 from ..registry import Registry
 from .distributed import Comm
 
@@ -39,6 +40,7 @@ __all__ = [
     "HessianStatistic",
     "InputRowsStatistic",
     "AbsMaxStatistic",
+    "InputRangeStatistic",
     "CrossStatistic",
     "StatGroup",
     "StatCollector",
@@ -53,6 +55,9 @@ class Statistic(ABC):
     """What one solver needs from the rows ``x [N, in]`` (float32) with token weights ``a [N]`` (>= 0)."""
 
     kind: ClassVar[str]
+    #: whether :meth:`update` sees the input before the scheme's activation quantization (else after it, as the
+    #: packed layer computes)
+    raw: ClassVar[bool] = False
     #: whether :meth:`update` also takes ``reference``: the same tokens' input to the module when the
     #: full-precision layer runs on the full-precision layer input (see :class:`CrossStatistic`)
     paired: ClassVar[bool] = False
@@ -313,6 +318,19 @@ class AbsMaxStatistic(Statistic):
 
 
 @STATISTICS.register
+class InputRangeStatistic(AbsMaxStatistic):
+    """Per input channel ``max_t |x_t|`` of the input before activation quantization: the calibrated range of
+    activation formats with a static global scale (NVFP4 activations)."""
+
+    kind = "input_range"
+    raw = True
+
+    def tensor_absmax(self) -> torch.Tensor:
+        """The largest magnitude over every channel (0 before any token)."""
+        return torch.zeros(()) if self.absmax is None or not self.absmax.numel() else self.absmax.max()
+
+
+@STATISTICS.register
 class CrossStatistic(Statistic):
     """``C = sum_t a_t r_t x_t^T`` and ``mass = sum_t a_t`` (float64 sums), with ``x_t`` a token's exposed input
     and ``r_t`` the same token's input when the full-precision layer runs on the full-precision layer input:
@@ -456,10 +474,12 @@ class StatCollector:
     reads that input: the input is fake-quantized and flattened once, however many groups it feeds.
 
     Before each sample's forward, :meth:`begin` names the sample and each group's token weights (``None``:
-    uniform), in the order of ``groups``. With ``act_bits`` the statistics see the fake-quantized
-    activations the packed layer will compute with. When a statistic is :attr:`~Statistic.paired`, each
-    sample's full-precision forward runs first inside :meth:`reference`, which records every shared input
-    (un-quantized: the target is the full-precision output) for the paired updates of the exposed forward.
+    uniform), in the order of ``groups``. With an activation format (``act``) the statistics see the fake-quantized
+    activations the packed layer will compute with (NVFP4 activations under the global scale of the rows at hand:
+    the layer's own is calibrated from these inputs), except :attr:`~Statistic.raw` ones, which see the input.
+    When a statistic is :attr:`~Statistic.paired`, each sample's full-precision forward runs first inside
+    :meth:`reference`, which records every shared input (un-quantized: the target is the full-precision output)
+    for the paired updates of the exposed forward.
 
     A pass whose layer output is not needed may stop each forward early: given ``calls`` (module name -> calls per
     layer forward, from the probe of :func:`shared_input_groups`), :meth:`run` and :meth:`reference` with
@@ -472,10 +492,10 @@ class StatCollector:
         self,
         groups: list[StatGroup],
         modules: dict[str, nn.Module],
-        act_bits: int | None,
+        act: ActFormat | None,
         calls: dict[str, int] | None = None,
     ) -> None:
-        self.groups, self.act_bits = groups, act_bits
+        self.groups, self.act = groups, act
         self.sample = 0
         self.weights: list[torch.Tensor | None] = [None] * len(groups)
         readers: dict[int, list[int]] = {}  # id of the module that gets the input first -> groups it feeds
@@ -492,6 +512,7 @@ class StatCollector:
         self.fired: dict[int, int] | None = None  # hook calls of the current forward, when it may stop early
         self.references: dict[int, torch.Tensor] = {}
         self.paired = any(stat.paired for g in groups for stat in g.stats.values())
+        self.raw = act is not None and any(stat.raw for g in groups for stat in g.stats.values())
         self.handles = [first[k].register_forward_pre_hook(self._hook(k, idx)) for k, idx in readers.items()]
         self.recording = False
 
@@ -537,9 +558,10 @@ class StatCollector:
                 self.references[key] = x.reshape(-1, x.shape[-1]).float()
                 self._count(key)
                 return
-            if self.act_bits is not None:
-                x = fake_quantize_activation(x, self.act_bits)
-            x = x.reshape(-1, x.shape[-1]).float()
+            width = x.shape[-1]
+            quantized = (x if self.act is None else self.act.fake_quantize(x)).reshape(-1, width).float()
+            raw = x.reshape(-1, width).float() if self.raw else quantized  # for the statistics that read the input
+            x = quantized
             reference = self.references.pop(key, None)
             if self.paired and reference is None:
                 raise RuntimeError("a paired statistic needs StatCollector.reference() before each exposed forward")
@@ -557,7 +579,7 @@ class StatCollector:
                 group.tokens += x.shape[0]
                 group.width = x.shape[1]
                 for stat in group.stats.values():
-                    stat.update(x, a, self.sample, reference)
+                    stat.update(raw if stat.raw else x, a, self.sample, reference)
             self._count(key)
 
         return hook

@@ -144,10 +144,7 @@ def _quantization_rows(model: nn.Module, config: Any, report: Any) -> list[str]:
     and calibration data."""
     scheme, recipe = config.scheme, getattr(report, "recipe", None)
     rows = [
-        f"| scheme | {scheme.name}: {scheme.bits}-bit {'symmetric' if scheme.sym else 'asymmetric'} weights, "
-        + ("per output channel" if scheme.group_size == -1 else f"groups of {scheme.group_size}")
-        + (f", dynamic per-token int{scheme.act_bits} activations" if scheme.act_bits else ", 16-bit activations")
-        + " |",
+        f"| scheme | {scheme.name}: {scheme.description} |",
         "| quantized | the linear layers of the language-model decoder "
         + (
             "(vision tower, projector and `lm_head` in full precision)"

@@ -1,9 +1,13 @@
 """compressed-tensors writer: our packed modules as a checkpoint transformers and vLLM load without tlq_hf.
 
-- 2/3/4-bit weight-only, and 8-bit weight-only: ``pack-quantized`` (``weight_packed`` int32, ``weight_scale``,
-  ``weight_shape``, ``weight_zero_point`` packed along rows when asymmetric).
-- with ``act_bits=8`` (W8A8, W4A8): ``int-quantized`` (``weight`` int8 codes, ``weight_scale``), dynamic
-  per-token int8 input activations.
+- integer 2/3/4-bit weight-only, and 8-bit weight-only: ``pack-quantized`` (``weight_packed`` int32,
+  ``weight_scale``, ``weight_shape``, ``weight_zero_point`` packed along rows when asymmetric; packed with
+  compressed-tensors' own ``pack_to_int32``).
+- integer weights with ``act_bits=8`` (W8A8, W4A8): ``int-quantized`` (``weight`` int8 codes, ``weight_scale``),
+  dynamic per-token int8 (or FP8) input activations.
+- float grids (FP8, NVFP4, MXFP4): ``float-quantized`` / ``naive-quantized``, ``nvfp4-pack-quantized``,
+  ``mxfp4-pack-quantized``, whose tensors compressed-tensors' own compressor writes from the exact dequantized
+  weight and our scales (the codes come back unchanged: a test decompresses and compares).
 
 The format is whatever compressed-tensors itself infers for the scheme, so the two never disagree.
 :class:`CompressedTensorsFormat` is the registered ``save_format="compressed-tensors"`` (the default).
@@ -16,16 +20,19 @@ import logging
 
 import torch
 from accelerate.utils import align_module_device
+from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.compressors.format import infer_module_format
-from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from compressed_tensors.quantization import QuantizationConfig
 from torch import nn
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from ..arch import ignore_regexes, kept_by_role
+from ..ct_schemes import SchemeArgsError, ct_scheme, scheme_from_ct
 from ..experts import convention_of
+from ..grids import grid_of
 from ..nn import TLQLinear
 from ..packing import pack, packed_shape
-from ..qtypes import SUPPORTED_WEIGHT_BITS, QuantScheme
+from ..qtypes import QuantScheme
 from .base import FLOATS, FORMATS, CheckpointFormat, TensorSpec, unsupported
 
 __all__ = [
@@ -35,12 +42,39 @@ __all__ = [
     "ct_config",
     "ct_state_dict",
     "note_serving_bits",
+    "vllm_serving",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Weight widths vLLM's compressed-tensors GPU kernels (Marlin / Machete / int8 GEMM) take.
 VLLM_WEIGHT_BITS = (4, 8)
+
+#: Which GPUs vLLM serves each float scheme on, by (weight grid, activation format or None), read from vLLM's
+#: source (2026: ``compressed_tensors.py`` ``_get_scheme_from_parts``, the schemes' ``get_min_capability``, the
+#: ``_POSSIBLE_*_KERNELS`` lists of ``model_executor/kernels/linear``, ``compressed_tensors_moe.get_moe_method``).
+VLLM_SERVING: dict[tuple[str, str | None], str] = {
+    ("fp8", "fp8"): "FP8 x FP8 matmuls on compute capability 8.9 and up (Ada, Hopper, Blackwell); on 7.5-8.6 "
+    "(Turing, Ampere) vLLM falls back to weight-only FP8 (Marlin / Humming kernels, 16-bit activations).",
+    ("fp8", None): "weight-only FP8 kernels (Marlin / Humming) on compute capability 7.5 and up; vLLM's fused MoE "
+    "experts do not take this layout.",
+    ("nvfp4", None): "weight-only FP4 on compute capability 7.5 and up: FlashInfer's CuteDSL kernel on Blackwell "
+    "(SM100 / SM103), Marlin elsewhere.",
+    ("nvfp4", "nvfp4"): "FP4 x FP4 matmuls on Blackwell (compute capability 10.x: CUTLASS / FlashInfer); on 7.5-9.0 "
+    "(Turing to Hopper) vLLM falls back to weight-only FP4 (Marlin) and keeps activations in 16 bits.",
+    ("mxfp4", None): "weight-only FP4 (Marlin) on compute capability 8.0 and up; on Blackwell with FlashInfer vLLM "
+    "runs MXFP4 layers with MXFP4 activations too (W4A4), which this checkpoint was not calibrated for.",
+    ("mxfp4", "mxfp4"): "FP4 x FP4 on Blackwell with FlashInfer; weight-only FP4 (Marlin) on compute capability 8.0 "
+    "and up otherwise.",
+    ("int", "fp8"): "Hopper only (compute capability 9.0, CUTLASS W4A8 with groups of 128); vLLM has no GPU kernel "
+    "for it elsewhere.",
+}
+
+
+def vllm_serving(scheme: QuantScheme) -> str | None:
+    """Where vLLM runs ``scheme`` natively and what it falls back to (``None`` for the integer schemes)."""
+    act = scheme.act_format
+    return VLLM_SERVING.get((scheme.grid, None if act is None else act.name))
 
 
 @functools.cache
@@ -56,26 +90,31 @@ def note_serving_bits(bits: int) -> None:
         )
 
 
-def ct_scheme(scheme: QuantScheme, targets: list[str] | None = None) -> QuantizationScheme:
-    """The compressed-tensors scheme equivalent to ``scheme``."""
-    grouped = scheme.group_size != -1
-    weights = QuantizationArgs(
-        num_bits=scheme.bits,
-        type="int",
-        symmetric=scheme.sym,
-        strategy="group" if grouped else "channel",
-        group_size=scheme.group_size if grouped else None,
-        dynamic=False,
-    )
-    acts = None
-    if scheme.act_bits is not None:
-        acts = QuantizationArgs(num_bits=scheme.act_bits, type="int", symmetric=True, strategy="token", dynamic=True)
-    return QuantizationScheme(targets=targets or ["Linear"], weights=weights, input_activations=acts)
+#: the formats whose tensors tlq_hf lays out itself (integer codes, compressed-tensors' bit packing)
+_INT_FORMATS = ("pack-quantized", "int-quantized")
 
 
 def ct_format(scheme: QuantScheme) -> str:
-    """The compressed-tensors format name for ``scheme`` (``pack-quantized`` or ``int-quantized``)."""
+    """The compressed-tensors format name compressed-tensors itself infers for ``scheme`` (``pack-quantized``,
+    ``int-quantized``, ``float-quantized``, ``nvfp4-pack-quantized``, ...)."""
     return infer_module_format(nn.Linear, ct_scheme(scheme)).value
+
+
+def _compressed(scheme: QuantScheme, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """compressed-tensors' own compressor for ``scheme``'s format applied to one module's uncompressed ``state``."""
+    compressor = BaseCompressor.get_value_from_registry(ct_format(scheme))
+    return dict(compressor.compress(state, ct_scheme(scheme)))
+
+
+def _uncompressed(module: TLQLinear) -> dict[str, torch.Tensor]:
+    """A float-grid module as compressed-tensors' compressors take it: the exact dequantized weight (float32), the
+    group scales before compression, the global scales."""
+    grid, qparams = grid_of(module.scheme), module.qparams()
+    state = {"weight": module.dequantized_weight(torch.float32), "weight_scale": grid.ct_scale(qparams)}
+    for name in ("weight_global_scale", "input_global_scale"):
+        if hasattr(module, name):
+            state[name] = getattr(module, name)
+    return state
 
 
 def ct_config(scheme: QuantScheme, ignore: list[str]) -> CompressedTensorsConfig:
@@ -102,8 +141,8 @@ def _module_tensors(module: TLQLinear) -> dict[str, torch.Tensor]:
         out["weight"] = module.codes()
         if not scheme.sym:
             out["weight_zero_point"] = pack(module.weight_zero_point, scheme.bits, dim=0)
-    else:  # a scheme compressed-tensors maps elsewhere would need its own writer
-        raise ValueError(f"tlq_hf cannot write {scheme.name} as compressed-tensors format {fmt!r}.")
+    else:
+        out = _compressed(scheme, _uncompressed(module))
     if module.bias is not None:
         out["bias"] = module.bias
     return out
@@ -121,6 +160,27 @@ def ct_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         with align_module_device(module):  # a packed layer the device map keeps on disk is read back here
             state.update({prefix + k: v for k, v in _module_tensors(module).items()})
     return state
+
+
+#: safetensors dtype names by torch dtype, for the specs of compressor-written tensors
+_ST_NAMES = {torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3", torch.int32: "I32", torch.int8: "I8"}
+
+
+@functools.cache
+def _compressed_specs(scheme: QuantScheme, shape: tuple[int, int] | None) -> dict[str, TensorSpec]:
+    """What compressed-tensors' compressor writes for one module of weight ``shape``: found by compressing a small
+    module with two rows and two groups, then scaling each dimension that grew with the weight (codes, group
+    scales; a per-channel scale's column and a global scale stay 1)."""
+    probe = (2, 2 * max(scheme.effective_group_size(64), 32))
+    module = TLQLinear(probe[1], probe[0], scheme, bias=False, dtype=torch.bfloat16)
+    specs = {}
+    for key, tensor in _compressed(scheme, _uncompressed(module)).items():
+        dtypes = FLOATS if tensor.dtype in (torch.float32, torch.bfloat16) else (_ST_NAMES[tensor.dtype],)
+        scaled = None
+        if shape is not None:
+            scaled = tuple(n if n == 1 else want * n // have for n, want, have in zip(tensor.shape, shape, probe))
+        specs[key] = TensorSpec(scaled, dtypes)
+    return specs
 
 
 @FORMATS.register
@@ -141,19 +201,21 @@ class CompressedTensorsFormat(CheckpointFormat):
             )
 
     def check_model(self, model: nn.Module, config) -> None:
-        """Also refuses activation-quantized schemes on an MoE model: they store int8 ``weight`` tensors
-        (``int-quantized``), which transformers 5's conversion cannot merge into fused experts."""
+        """Also refuses, on an MoE model, every format but integer ``pack-quantized``: transformers 5's conversion
+        cannot merge a quantized ``weight`` tensor (``int-quantized``, ``float-quantized``) into fused experts, and
+        merges FP4 experts (``nvfp4-`` / ``mxfp4-pack-quantized``) into a model whose logits are wrong without any
+        error (measured: ``tests/test_moe.py``)."""
         super().check_model(model, config)
-        if config.act_bits is None:
+        if ct_format(config.scheme) == "pack-quantized":
             return
         fused = [name for name, module in model.named_modules() if convention_of(module) is not None]
         if fused:
             raise ValueError(
                 f"{config.scheme.name} on a mixture-of-experts model ({len(fused)} fused experts modules, e.g. "
                 f"{fused[0]!r}) would write a compressed-tensors checkpoint whose experts transformers cannot reload "
-                "(activation-quantized schemes store int8 weights it does not merge into fused experts). Use a "
-                f"weight-only scheme (act_bits=None), or save_format='tlq' to keep {config.scheme.name} in tlq_hf's "
-                "own format."
+                f"(transformers does not merge {ct_format(config.scheme)} experts into fused ones correctly). Use an "
+                f"integer weight-only scheme (e.g. W4A16), or save_format='tlq' to keep {config.scheme.name} in "
+                "tlq_hf's own format."
             )
 
     def finish(self, model: nn.Module, config) -> None:
@@ -176,33 +238,17 @@ class CompressedTensorsFormat(CheckpointFormat):
             raise unsupported("quantization_config.config_groups", f"{len(groups)} groups")
         ((name, group),) = groups.items()
         where = f"quantization_config.config_groups.{name}"
-        w = group.get("weights") or {}
-        checks = {
-            "type": w.get("type") == "int",
-            "num_bits": w.get("num_bits") in SUPPORTED_WEIGHT_BITS,
-            "strategy": w.get("strategy") in ("group", "channel"),
-            "dynamic": w.get("dynamic") is False,
-            "actorder": w.get("actorder") in (None, "static"),
-            "symmetric": isinstance(w.get("symmetric"), bool),
-        }
-        for field, ok in checks.items():
-            if not ok:
-                raise unsupported(f"{where}.weights.{field}", repr(w.get(field)))
-        acts = group.get("input_activations")
-        act_bits = None
-        if acts is not None:
-            wanted = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True}
-            for field, value in wanted.items():
-                if acts.get(field) != value:
-                    raise unsupported(f"{where}.input_activations.{field}", repr(acts.get(field)))
-            act_bits = 8
-        group_size = w["group_size"] if w["strategy"] == "group" else -1
-        scheme = QuantScheme(bits=w["num_bits"], group_size=group_size, sym=w["symmetric"], act_bits=act_bits)
+        try:
+            scheme = scheme_from_ct(group.get("weights") or {}, group.get("input_activations"))
+        except SchemeArgsError as err:
+            raise unsupported(f"{where}.{err.field}", repr(err.value)) from None
         if qc.get("format") != ct_format(scheme):
             raise unsupported("quantization_config.format", f"{qc.get('format')!r} for {scheme.name}")
         return scheme
 
     def module_tensors(self, scheme: QuantScheme, shape: tuple[int, int] | None) -> dict[str, TensorSpec]:
+        if ct_format(scheme) not in _INT_FORMATS:
+            return _compressed_specs(scheme, shape)
         groups = scheme.groups(shape[1]) if shape else None
         specs = {"weight_scale": TensorSpec((shape[0], groups) if shape else None, FLOATS)}
         if ct_format(scheme) == "int-quantized":
@@ -230,7 +276,10 @@ class CompressedTensorsFormat(CheckpointFormat):
             f"vllm serve {name}",
             "```",
         ]
-        if scheme.bits not in VLLM_WEIGHT_BITS:
+        serving = vllm_serving(scheme)
+        if serving is not None:
+            lines += ["", f"vLLM serves {scheme.name} with {serving}"]
+        elif scheme.bits not in VLLM_WEIGHT_BITS:
             lines += [
                 "",
                 f"vLLM's usual GPU kernels take 4- and 8-bit weights; {scheme.bits}-bit weights serve only where a "

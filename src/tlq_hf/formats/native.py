@@ -15,8 +15,8 @@ from torch import nn
 
 from ..arch import select_quant_targets, swap_module
 from ..experts import unfuse_experts
+from ..grids import finite_scales, grid_of
 from ..nn import TLQLinear
-from ..packing import packed_shape
 from ..qtypes import QuantScheme
 from .base import FLOATS, FORMATS, CheckpointFormat, TensorSpec
 
@@ -31,7 +31,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-NATIVE_BUFFERS = ("weight_packed", "weight_scale", "weight_zero_point")
+NATIVE_BUFFERS = ("weight_packed", "weight_scale", "weight_global_scale", "weight_zero_point", "input_global_scale")
 
 
 class CorruptCheckpointError(ValueError):
@@ -80,11 +80,18 @@ class NativeFormat(CheckpointFormat):
         return TLQConfig.from_dict(quantization_config).scheme
 
     def module_tensors(self, scheme: QuantScheme, shape: tuple[int, int] | None) -> dict[str, TensorSpec]:
+        grid = grid_of(scheme)
         groups = (shape[0], scheme.groups(shape[1])) if shape else None
+        packed_dtype = grid.storage((1, 2), scheme)[1]  # the dtype does not depend on the shape
+        scale_dtype = grid.stored_scale_dtype(torch.float32)
         specs = {
-            "weight_packed": TensorSpec(packed_shape(shape, scheme.bits) if shape else None, ("I32",)),
-            "weight_scale": TensorSpec(groups, FLOATS),
+            "weight_packed": TensorSpec(grid.storage(shape, scheme)[0] if shape else None, (_st(packed_dtype),)),
+            "weight_scale": TensorSpec(groups, FLOATS if scale_dtype == torch.float32 else (_st(scale_dtype),)),
         }
+        if grid.has_global_scale:
+            specs["weight_global_scale"] = TensorSpec((1,), ("F32",))
+        if scheme.calibrated_activations:
+            specs["input_global_scale"] = TensorSpec((1,), ("F32",))
         if not scheme.sym:
             specs["weight_zero_point"] = TensorSpec(groups, ("I8",))
         return specs
@@ -140,10 +147,17 @@ def _disk_module(name: str, disk_modules: set[str]) -> list[str]:
 _SAFETENSORS_DTYPES = {
     torch.int32: "I32",
     torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.float8_e4m3fn: "F8_E4M3",
     torch.float16: "F16",
     torch.bfloat16: "BF16",
     torch.float32: "F32",
 }
+
+
+def _st(dtype: torch.dtype) -> str:
+    """The safetensors name of ``dtype``."""
+    return _SAFETENSORS_DTYPES[dtype]
 
 
 def validate_checkpoint(files: list[str], model: nn.Module, names: list[str]) -> None:
@@ -183,6 +197,11 @@ def _raise_if(problems: list[str]) -> None:
         )
 
 
+def _sane_scales(t: torch.Tensor) -> bool:
+    """Finite and non-zero (uint8 E8M0 exponents: any byte is a non-zero power of two)."""
+    return finite_scales(t) and (t.dtype == torch.uint8 or bool((t.float() != 0).all()))
+
+
 def validate_packed_modules(model: nn.Module, names: list[str]) -> None:
     """Raise :class:`CorruptCheckpointError` unless every packed module in ``names`` holds loaded, sane tensors."""
     problems: list[str] = []
@@ -197,6 +216,6 @@ def validate_packed_modules(model: nn.Module, names: list[str]) -> None:
                 problems.append(f"{name}.{buf}: missing from the checkpoint")
             elif not want.accepts(tuple(t.shape), _SAFETENSORS_DTYPES.get(t.dtype)):
                 problems.append(f"{name}.{buf}: {tuple(t.shape)} {t.dtype}, expected {want}")
-            elif buf == "weight_scale" and not (torch.isfinite(t).all() and (t != 0).all()):
+            elif buf in ("weight_scale", "weight_global_scale", "input_global_scale") and not _sane_scales(t):
                 problems.append(f"{name}.{buf}: non-finite or zero scales")
     _raise_if(problems)

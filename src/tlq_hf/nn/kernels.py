@@ -87,8 +87,8 @@ class Int4PackCPU:
         s = module.scheme
         if (reason := _cpu_op_missing(self.name, "_weight_int4pack_mm_for_cpu", module)) is not None:
             return reason
-        if s.bits != 4 or s.act_bits is not None:
-            return f"int4pack-cpu takes W4 weight-only; the scheme is {s.name}"
+        if s.bits != 4 or s.act_bits is not None or s.grid != "int":
+            return f"int4pack-cpu takes integer W4 weight-only; the scheme is {s.name}"
         if s.group_size not in self.GROUPS:
             return f"int4pack-cpu takes group size 32/64/128; the scheme has {s.group_size}"
         if module.weight_scale.dtype not in self.DTYPES:
@@ -175,7 +175,7 @@ class IntMMCPU:
         s = module.scheme
         if (reason := _cpu_op_missing(self.name, "_int_mm", module)) is not None:
             return reason
-        if s.bits != 8 or s.act_bits != 8:
+        if s.bits != 8 or s.act_bits != 8 or s.grid != "int" or s.act_grid != "int":
             return f"int-mm-cpu takes W8A8 (int8 weights and activations); the scheme is {s.name}"
         if s.group_size != -1 or not s.sym:
             return f"int-mm-cpu needs symmetric per-channel weights (group_size=-1); the scheme is {s.name}"

@@ -1,14 +1,21 @@
 """``TLQLinear``: a linear layer whose weight stays bit-packed in memory.
 
-Buffers (all persistent, saved as ``<module>.<name>`` in the native ``tlq`` format):
+Buffers (all persistent, saved as ``<module>.<name>`` in the native ``tlq`` format); the scheme's weight grid
+(:mod:`tlq_hf.grids`) fixes the storage of the codes and scales:
 
-- ``weight_packed``: int32 ``[out, ceil(in * bits / 32)]``, codes packed along ``in`` (see packing.py);
-- ``weight_scale``: model dtype ``[out, n_groups]``, one scale per (row, group);
+- ``weight_packed``: the codes. Integer grid: int32 ``[out, ceil(in * bits / 32)]``, packed along ``in``
+  (see packing.py); ``fp8``: float8_e4m3fn ``[out, in]``; ``nvfp4`` / ``mxfp4``: uint8 ``[out, in / 2]``, two
+  E2M1 values per byte;
+- ``weight_scale``: ``[out, n_groups]``, one scale per (row, group): the model dtype (integer, ``fp8``),
+  float8_e4m3fn (``nvfp4``, multiplied by the global scale) or uint8 E8M0 exponents (``mxfp4``);
+- ``weight_global_scale``: float32 ``[1]`` (grids with a global scale: ``nvfp4``);
 - ``weight_zero_point``: int8 ``[out, n_groups]``, signed zero point (asymmetric schemes only);
+- ``input_global_scale``: float32 ``[1]``, the calibrated global scale of activation formats that have one
+  (NVFP4 activations);
 - ``bias``: model dtype ``[out]``, unchanged (if the layer had one).
 
-The reference forward dequantizes the weight in the scale's dtype (``(q - zero) * scale``, as
-compressed-tensors does on reload) and, for ``act_bits=8``, fake-quantizes the input per token first.
+The reference forward dequantizes the weight (``(q - zero) * scale`` in the scale's dtype for the integer grid,
+as compressed-tensors does on reload) and, with an activation format, fake-quantizes the input first.
 Where a low-bit kernel runs the layer (``kernels.py``), :func:`prepare_kernels` (called once at load, and
 after quantize-on-load calibration) repacks the weight into the kernel's layout; the kernel's copy then
 replaces ``weight_packed`` in memory, and ``weight_packed`` is regenerated exactly on save. Calibration
@@ -24,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..grids import grid_of
 from ..hostmem import MappedPages
-from ..packing import pack, packed_shape, unpack
-from ..primitives import QParams, dequantize_codes, fake_quantize_activation
+from ..primitives import QParams, dequantize_codes
 from ..qtypes import QuantScheme
 from .kernels import LinearKernel, select_kernel
 
@@ -49,15 +56,18 @@ class TLQLinear(nn.Module):
         scheme.check_in_features(in_features)
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         n_groups = scheme.groups(in_features)
-        self.register_buffer(
-            "weight_packed",
-            torch.zeros(packed_shape((out_features, in_features), scheme.bits), dtype=torch.int32, device=device),
-        )
-        self.register_buffer("weight_scale", torch.ones(out_features, n_groups, dtype=dtype, device=device))
+        grid = grid_of(scheme)
+        self.register_buffer("weight_packed", self._empty_packed(device))
+        scale_dtype = grid.stored_scale_dtype(dtype)
+        self.register_buffer("weight_scale", torch.ones(out_features, n_groups, device=device).to(scale_dtype))
+        if grid.has_global_scale:
+            self.register_buffer("weight_global_scale", torch.ones(1, dtype=torch.float32, device=device))
         if not scheme.sym:
             self.register_buffer(
                 "weight_zero_point", torch.zeros(out_features, n_groups, dtype=torch.int8, device=device)
             )
+        if scheme.calibrated_activations:
+            self.register_buffer("input_global_scale", torch.ones(1, dtype=torch.float32, device=device))
         self._cache: torch.Tensor | None = None  # dense weight, only inside ``dequant_cache``
         self._caching = False
         self._kernel: LinearKernel | None = None  # set by ``prepare_kernel``; its state replaces weight_packed
@@ -67,17 +77,28 @@ class TLQLinear(nn.Module):
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         )
 
+    def _empty_packed(self, device: torch.device | str | None = None) -> torch.Tensor:
+        shape, dtype = grid_of(self.scheme).storage((self.out_features, self.in_features), self.scheme)
+        return torch.zeros(shape, device=device).to(dtype)
+
     @classmethod
     def from_codes(
-        cls, codes: torch.Tensor, qparams: QParams, scheme: QuantScheme, bias: torch.Tensor | None = None
+        cls,
+        codes: torch.Tensor,
+        qparams: QParams,
+        scheme: QuantScheme,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
     ) -> TLQLinear:
-        """Build a module from int8 ``codes [out, in]`` and their qparams (the solver's output)."""
+        """Build a module from ``codes [out, in]`` (the grid's codes: int8 for the integer grid) and their qparams
+        (the solver's output); ``dtype``: the model dtype (bias, activations), by default the scale's."""
         out_features, in_features = codes.shape
-        module = cls(
-            in_features, out_features, scheme, bias=bias is not None, dtype=qparams.scale.dtype, device=codes.device
-        )
-        module.weight_packed.copy_(pack(codes, scheme.bits))
+        dtype = dtype or qparams.scale.dtype
+        module = cls(in_features, out_features, scheme, bias=bias is not None, dtype=dtype, device=codes.device)
+        module.weight_packed.copy_(grid_of(scheme).pack(codes, scheme))
         module.weight_scale.copy_(qparams.scale)
+        if qparams.global_scale is not None:
+            module.weight_global_scale.copy_(qparams.global_scale)
         if not scheme.sym:
             module.weight_zero_point.copy_(qparams.zero)
         if bias is not None:
@@ -85,15 +106,15 @@ class TLQLinear(nn.Module):
         return module
 
     def codes(self) -> torch.Tensor:
-        """The unpacked signed int8 codes ``[out, in]``."""
+        """The unpacked codes ``[out, in]`` (signed int8 for the integer grid, float32 values for float grids)."""
         if self._kernel is not None:
             return self._kernel.codes(self)
-        return unpack(self.weight_packed, self.scheme.bits, (self.out_features, self.in_features))
+        return grid_of(self.scheme).unpack(self.weight_packed, self.scheme, (self.out_features, self.in_features))
 
     def packed_weight(self) -> torch.Tensor:
         """The ``weight_packed`` tensor as saved (regenerated from the kernel's copy when one replaced it)."""
         if self._kernel is not None:
-            return pack(self.codes(), self.scheme.bits)
+            return grid_of(self.scheme).pack(self.codes(), self.scheme)
         return self.weight_packed
 
     @property
@@ -119,14 +140,13 @@ class TLQLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self._kernel is not None:  # back to the reference layout; the new weights are repacked on use
-            shape = packed_shape((self.out_features, self.in_features), self.scheme.bits)
-            self.register_buffer("weight_packed", torch.zeros(shape, dtype=torch.int32))
+            self.register_buffer("weight_packed", self._empty_packed())
             self._kernel, self._kernel_state, self._kernel_checked = None, None, False
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def qparams(self) -> QParams:
         zero = self.weight_zero_point if not self.scheme.sym else torch.zeros_like(self.weight_scale, dtype=torch.int8)
-        return QParams(scale=self.weight_scale, zero=zero)
+        return QParams(scale=self.weight_scale, zero=zero, global_scale=getattr(self, "weight_global_scale", None))
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight this module computes with."""
@@ -136,8 +156,9 @@ class TLQLinear(nn.Module):
         if not self._caching and self._kernel is not None and not (torch.is_grad_enabled() and x.requires_grad):
             y = self._kernel.forward(self, x)  # the kernel quantizes activations itself
             return y if self.bias is None else y + self.bias.to(y.dtype)
-        if self.scheme.act_bits is not None:
-            x = fake_quantize_activation(x, self.scheme.act_bits)
+        act = self.scheme.act_format
+        if act is not None:
+            x = act.fake_quantize(x, getattr(self, "input_global_scale", None))
         if not self._caching:
             weight = self.dequantized_weight(dtype=x.dtype)
         else:
