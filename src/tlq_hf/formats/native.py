@@ -73,6 +73,7 @@ class NativeFormat(CheckpointFormat):
 
     def check_loaded(self, model: nn.Module, names: list[str]) -> None:
         validate_packed_modules(model, names)
+        _warn_cast_global_scales(model, names)
 
     def scheme_of(self, quantization_config: dict) -> QuantScheme:
         from ..config import TLQConfig  # the config module reads FORMATS: imported when first needed
@@ -88,10 +89,11 @@ class NativeFormat(CheckpointFormat):
             "weight_packed": TensorSpec(grid.storage(shape, scheme)[0] if shape else None, (_st(packed_dtype),)),
             "weight_scale": TensorSpec(groups, FLOATS if scale_dtype == torch.float32 else (_st(scale_dtype),)),
         }
+        # float32 on disk; loaded in the model's dtype by transformers 4.57, which casts every float tensor
         if grid.has_global_scale:
-            specs["weight_global_scale"] = TensorSpec((1,), ("F32",))
+            specs["weight_global_scale"] = TensorSpec((1,), FLOATS)
         if scheme.calibrated_activations:
-            specs["input_global_scale"] = TensorSpec((1,), ("F32",))
+            specs["input_global_scale"] = TensorSpec((1,), FLOATS)
         if not scheme.sym:
             specs["weight_zero_point"] = TensorSpec(groups, ("I8",))
         return specs
@@ -194,6 +196,26 @@ def _raise_if(problems: list[str]) -> None:
             + "\n  ".join(problems[:20])
             + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
             + "\nRe-save it with `model.save_pretrained(...)` from a quantized model, or re-quantize from the original."
+        )
+
+
+def _warn_cast_global_scales(model: nn.Module, names: list[str]) -> None:
+    """Say so when the loader cast a float32 global scale to another dtype (transformers 4.57 casts every float
+    tensor it loads to the model's dtype): the packed layers then compute with rounded global scales."""
+    cast = sorted(
+        {
+            str(t.dtype)
+            for name in names
+            for key in ("weight_global_scale", "input_global_scale")
+            if (t := getattr(model.get_submodule(name), key, None)) is not None and t.dtype != torch.float32
+        }
+    )
+    if cast:
+        logger.warning(
+            "tlq_hf: this transformers loaded the float32 global scales of %s layers as %s: they are rounded, so "
+            "outputs differ from the calibrated model's (transformers >= 5 keeps them exact).",
+            "NVFP4",
+            "/".join(cast),
         )
 
 

@@ -146,7 +146,9 @@ class TLQLinear(nn.Module):
 
     def qparams(self) -> QParams:
         zero = self.weight_zero_point if not self.scheme.sym else torch.zeros_like(self.weight_scale, dtype=torch.int8)
-        return QParams(scale=self.weight_scale, zero=zero, global_scale=getattr(self, "weight_global_scale", None))
+        return QParams(
+            scale=self.weight_scale, zero=zero, global_scale=_float32(getattr(self, "weight_global_scale", None))
+        )
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight this module computes with."""
@@ -158,7 +160,7 @@ class TLQLinear(nn.Module):
             return y if self.bias is None else y + self.bias.to(y.dtype)
         act = self.scheme.act_format
         if act is not None:
-            x = act.fake_quantize(x, getattr(self, "input_global_scale", None))
+            x = act.fake_quantize(x, _float32(getattr(self, "input_global_scale", None)))
         if not self._caching:
             weight = self.dequantized_weight(dtype=x.dtype)
         else:
@@ -170,6 +172,12 @@ class TLQLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+
+
+def _float32(scale: torch.Tensor | None) -> torch.Tensor | None:
+    """A global scale as float32, the dtype it is computed and saved in (transformers 4.57 casts every float buffer
+    it loads to the model's dtype)."""
+    return None if scale is None else scale.float()
 
 
 @contextmanager
