@@ -18,10 +18,29 @@ from ..qtypes import QuantScheme
 from ..registry import Registry
 from .reload_failures import check_reloadable
 
-__all__ = ["FLOATS", "FORMATS", "CheckpointFormat", "TensorSpec", "UnsupportedSchemeError", "format_of", "unsupported"]
+__all__ = [
+    "FLOATS",
+    "FORMATS",
+    "SAFETENSORS_DTYPES",
+    "CheckpointFormat",
+    "TensorSpec",
+    "UnsupportedSchemeError",
+    "format_of",
+    "unsupported",
+]
 
 #: safetensors dtype names of a float tensor (scales are stored in the model's dtype)
 FLOATS = ("F16", "BF16", "F32")
+#: torch dtype -> safetensors dtype name (to compare tensors with a TensorSpec)
+SAFETENSORS_DTYPES = {
+    torch.int32: "I32",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+}
 
 
 class UnsupportedSchemeError(ValueError):

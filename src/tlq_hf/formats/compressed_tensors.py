@@ -33,7 +33,7 @@ from ..grids import grid_of
 from ..nn import TLQLinear
 from ..packing import pack, packed_shape
 from ..qtypes import QuantScheme
-from .base import FLOATS, FORMATS, CheckpointFormat, TensorSpec, unsupported
+from .base import FLOATS, FORMATS, SAFETENSORS_DTYPES, CheckpointFormat, TensorSpec, unsupported
 
 __all__ = [
     "CompressedTensorsFormat",
@@ -162,10 +162,6 @@ def ct_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-#: safetensors dtype names by torch dtype, for the specs of compressor-written tensors
-_ST_NAMES = {torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3", torch.int32: "I32", torch.int8: "I8"}
-
-
 @functools.cache
 def _compressed_specs(scheme: QuantScheme, shape: tuple[int, int] | None) -> dict[str, TensorSpec]:
     """What compressed-tensors' compressor writes for one module of weight ``shape``: found by compressing a small
@@ -175,7 +171,7 @@ def _compressed_specs(scheme: QuantScheme, shape: tuple[int, int] | None) -> dic
     module = TLQLinear(probe[1], probe[0], scheme, bias=False, dtype=torch.bfloat16)
     specs = {}
     for key, tensor in _compressed(scheme, _uncompressed(module)).items():
-        dtypes = FLOATS if tensor.dtype in (torch.float32, torch.bfloat16) else (_ST_NAMES[tensor.dtype],)
+        dtypes = FLOATS if tensor.dtype in (torch.float32, torch.bfloat16) else (SAFETENSORS_DTYPES[tensor.dtype],)
         scaled = None
         if shape is not None:
             scaled = tuple(n if n == 1 else want * n // have for n, want, have in zip(tensor.shape, shape, probe))

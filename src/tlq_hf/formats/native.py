@@ -18,7 +18,7 @@ from ..experts import unfuse_experts
 from ..grids import finite_scales, grid_of
 from ..nn import TLQLinear
 from ..qtypes import QuantScheme
-from .base import FLOATS, FORMATS, CheckpointFormat, TensorSpec
+from .base import FLOATS, FORMATS, SAFETENSORS_DTYPES, CheckpointFormat, TensorSpec
 
 __all__ = [
     "NATIVE_BUFFERS",
@@ -86,8 +86,12 @@ class NativeFormat(CheckpointFormat):
         packed_dtype = grid.storage((1, 2), scheme)[1]  # the dtype does not depend on the shape
         scale_dtype = grid.stored_scale_dtype(torch.float32)
         specs = {
-            "weight_packed": TensorSpec(grid.storage(shape, scheme)[0] if shape else None, (_st(packed_dtype),)),
-            "weight_scale": TensorSpec(groups, FLOATS if scale_dtype == torch.float32 else (_st(scale_dtype),)),
+            "weight_packed": TensorSpec(
+                grid.storage(shape, scheme)[0] if shape else None, (SAFETENSORS_DTYPES[packed_dtype],)
+            ),
+            "weight_scale": TensorSpec(
+                groups, FLOATS if scale_dtype == torch.float32 else (SAFETENSORS_DTYPES[scale_dtype],)
+            ),
         }
         # float32 on disk; loaded in the model's dtype by transformers 4.57, which casts every float tensor
         if grid.has_global_scale:
@@ -143,23 +147,6 @@ def _disk_module(name: str, disk_modules: set[str]) -> list[str]:
         if hits:
             return hits
     return []
-
-
-#: torch dtype -> safetensors dtype name (to compare loaded buffers with a TensorSpec)
-_SAFETENSORS_DTYPES = {
-    torch.int32: "I32",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float32: "F32",
-}
-
-
-def _st(dtype: torch.dtype) -> str:
-    """The safetensors name of ``dtype``."""
-    return _SAFETENSORS_DTYPES[dtype]
 
 
 def validate_checkpoint(files: list[str], model: nn.Module, names: list[str]) -> None:
@@ -236,7 +223,7 @@ def validate_packed_modules(model: nn.Module, names: list[str]) -> None:
             t = getattr(module, buf, None)
             if t is None or t.device.type == "meta":
                 problems.append(f"{name}.{buf}: missing from the checkpoint")
-            elif not want.accepts(tuple(t.shape), _SAFETENSORS_DTYPES.get(t.dtype)):
+            elif not want.accepts(tuple(t.shape), SAFETENSORS_DTYPES.get(t.dtype)):
                 problems.append(f"{name}.{buf}: {tuple(t.shape)} {t.dtype}, expected {want}")
             elif buf in ("weight_scale", "weight_global_scale", "input_global_scale") and not _sane_scales(t):
                 problems.append(f"{name}.{buf}: non-finite or zero scales")
