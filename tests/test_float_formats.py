@@ -155,3 +155,28 @@ def test_every_float_preset_says_where_vllm_serves_it():
         assert f"vLLM serves {preset} with" in text
     nvfp4 = "\n".join(FORMATS["compressed-tensors"].usage("me/model", TLQConfig(scheme="NVFP4").scheme))
     assert "Blackwell" in nvfp4 and "weight-only FP4" in nvfp4
+
+
+@pytest.mark.parametrize("preset, bits_per_weight", [("NVFP4A16", 4.5), ("MXFP4A16", 4.25), ("FP8_DYNAMIC", 8.0)])
+def test_cpu_inference_keeps_the_scheme_bits_and_says_why_it_dequantizes(preset, bits_per_weight, caplog):
+    """A packed float layer holds about the scheme's bits per weight in memory and, with no CPU kernel for its grid,
+    runs the reference path (dequantize, then matmul) with the reason logged once, computing the exact weight."""
+    from tlq_hf.nn import kernels
+    from tlq_hf.primitives import quantize_weight
+
+    scheme = TLQConfig(scheme=preset).scheme
+    w = torch.randn(256, 512, dtype=torch.bfloat16)
+    codes, qp = quantize_weight(w, scheme)
+    module = TLQLinear.from_codes(codes, qp, scheme, dtype=torch.bfloat16)
+    stored = sum(b.numel() * b.element_size() for b in module.buffers()) * 8 / w.numel()
+    assert stored == pytest.approx(bits_per_weight, abs=0.1)  # per-channel FP8: 8 bits and one scale per row
+    kernels._logged.clear()
+    with caplog.at_level(logging.INFO, logger="tlq_hf"):
+        assert not module.prepare_kernel() and module.kernel_name == "dequantize"
+        assert not TLQLinear.from_codes(codes, qp, scheme, dtype=torch.bfloat16).prepare_kernel()
+    assert caplog.text.count("use dequantize-then-matmul") == 1
+    x = torch.randn(3, 512, dtype=torch.bfloat16)
+    expected = x @ module.dequantized_weight(torch.bfloat16).T
+    if scheme.act_format is not None:
+        expected = scheme.act_format.fake_quantize(x) @ module.dequantized_weight(torch.bfloat16).T
+    assert torch.equal(module(x), expected)
