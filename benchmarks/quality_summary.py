@@ -23,7 +23,18 @@ BEGIN, END = "<!-- quality-summary -->", "<!-- /quality-summary -->"
 TLQ = "tlq-gptq"
 BASELINES = (("gptq", "plain GPTQ (tlq_hf)"), ("llmc-gptq", "llm-compressor GPTQ"), ("llmc-awq", "llm-compressor AWQ"))
 #: the order the schemes are listed in (others follow in the order the records hold them)
-ORDER = ("W4A16-g128", "W3A16-g128", "W2A16-g64", "W3A16-ch", "W4A8", "W8A8")
+ORDER = (
+    "W4A16-g128",
+    "W3A16-g128",
+    "W2A16-g64",
+    "W3A16-ch",
+    "W4A8",
+    "W8A8",
+    "NVFP4A16",
+    "NVFP4",
+    "MXFP4A16",
+    "FP8_DYNAMIC",
+)
 
 
 def geomean(values: Iterable[float]) -> float:
@@ -56,7 +67,8 @@ def summary(quality: dict) -> str:
                 if r["scheme"] == scheme and r["numerator"] == TLQ and r["denominator"] == den and r["kl_ratio"]
             ]
             if not ratios:
-                cells.append("no preset" if den.startswith("llmc") else "-")
+                peer_ran = any(r["library"] == "llm-compressor" for r in records)
+                cells.append("not run" if peer_ran or not den.startswith("llmc") else "no preset")
                 continue
             cells.append(f"{geomean(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} models)")
         lines.append(f"| {scheme} | {len(models)} | {', '.join(commits)} | " + " | ".join(cells) + " |")
