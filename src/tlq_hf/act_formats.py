@@ -11,6 +11,7 @@ cannot drift apart. Each format also states its compressed-tensors
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -87,17 +88,36 @@ class IntTokenActivations(ActFormat):
 class _GridActivations(ActFormat):
     """Activations on a weight grid's elements with one scale per token (``group=None``) or per group. Ranges,
     scales and the division happen in the activation's dtype with torch's type promotion, as compressed-tensors'
-    dynamic quantization does them, so a reloaded checkpoint computes exactly what calibration saw."""
+    dynamic quantization does them, so a reloaded checkpoint computes exactly what calibration saw. The
+    compressed-tensors arguments follow from the grid: its element type, bits and scale dtype; per-token scales, or
+    the grid's grouped strategy; ``dynamic="local"`` where a calibrated global scale sits above the dynamic ones."""
 
     grid: ClassVar[str]
     group: ClassVar[int | None] = None
 
-    def fake_quantize(self, x: torch.Tensor, global_scale: torch.Tensor | None = None) -> torch.Tensor:
-        from .qtypes import QuantScheme
+    @functools.cached_property
+    def _scheme(self):
+        """The weight-grid scheme whose rounding the activations use (built once, not per forward)."""
+        from .qtypes import QuantScheme  # qtypes imports this module's registry
 
+        return QuantScheme(bits=self.bits, group_size=self.group or -1, grid=self.grid)
+
+    def ct_args(self) -> dict[str, Any]:
         grid = GRIDS[self.grid]
+        args = {
+            "num_bits": self.bits,
+            "type": grid.ct_type,
+            "symmetric": True,
+            "strategy": "token" if self.group is None else grid.ct_group_strategy,
+            "group_size": self.group,
+            "dynamic": "local" if self.has_global_scale else True,
+            "scale_dtype": grid.ct_scale_dtype,
+        }
+        return {k: v for k, v in args.items() if v is not None}
+
+    def fake_quantize(self, x: torch.Tensor, global_scale: torch.Tensor | None = None) -> torch.Tensor:
+        grid, scheme = GRIDS[self.grid], self._scheme
         groups = _per_group(x, self.group)
-        scheme = QuantScheme(bits=grid.bits, group_size=self.group or -1, grid=self.grid)
         if grid.has_global_scale and global_scale is None:
             global_scale = grid.global_scale(groups)
         qp = grid.qparams(groups, scheme, x.dtype, global_scale=global_scale)
@@ -115,9 +135,6 @@ class FP8TokenActivations(_GridActivations):
     label = "A8-fp8"
     description = "dynamic per-token FP8 (E4M3) activations"
     grid = "fp8"
-
-    def ct_args(self) -> dict[str, Any]:
-        return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
 
 
 @ACT_FORMATS.register
@@ -137,17 +154,6 @@ class NVFP4Activations(_GridActivations):
     def global_scale(self, absmax: torch.Tensor) -> torch.Tensor:
         return GRIDS[self.grid].global_scale(absmax.reshape(1))
 
-    def ct_args(self) -> dict[str, Any]:
-        return {
-            "num_bits": 4,
-            "type": "float",
-            "symmetric": True,
-            "strategy": "tensor_group",
-            "group_size": 16,
-            "dynamic": "local",
-            "scale_dtype": torch.float8_e4m3fn,
-        }
-
 
 @ACT_FORMATS.register
 class MXFP4Activations(_GridActivations):
@@ -160,14 +166,3 @@ class MXFP4Activations(_GridActivations):
     description = "FP4 (E2M1) activations in groups of 32, dynamic power-of-two scales"
     grid = "mxfp4"
     group = 32
-
-    def ct_args(self) -> dict[str, Any]:
-        return {
-            "num_bits": 4,
-            "type": "float",
-            "symmetric": True,
-            "strategy": "group",
-            "group_size": 32,
-            "dynamic": True,
-            "scale_dtype": torch.uint8,
-        }
